@@ -1,0 +1,94 @@
+"""Checkpoints: the train state as an Orbax pytree, plus JSON metadata beside it.
+
+    out_dir/checkpoints/latest/<step>/   written at every evaluation and at the end (resume)
+    out_dir/checkpoints/best/<step>/     written when the val loss improves (sampling)
+
+The metadata holds everything needed to use a checkpoint on its own: the model config, the
+train config, the tokenizer metadata, the step, the best val loss and the RNG/data state
+(batches and dropout masks are derived from the seed and the step). Orbax writes each step
+to a temporary directory and renames it when complete, so a crash never leaves a half
+checkpoint in place of a good one.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+from jaxgpt.config import UserError
+
+KINDS = ("latest", "best")
+
+
+def checkpoint_dir(out_dir: str, kind: str) -> str:
+    return os.path.abspath(os.path.join(out_dir, "checkpoints", kind))
+
+
+class Checkpointer:
+    """Saves and restores (state, metadata) under out_dir for one kind ('latest' or 'best')."""
+
+    def __init__(self, out_dir: str, kind: str, max_to_keep: int = 1):
+        assert kind in KINDS
+        self.manager = ocp.CheckpointManager(
+            checkpoint_dir(out_dir, kind),
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+
+    def save(self, step: int, state, meta: dict[str, Any]) -> None:
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def restore_meta(self, step: int | None = None) -> dict[str, Any]:
+        step = self.latest_step() if step is None else step
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def restore(self, abstract_state, step: int | None = None):
+        """Restores the state into the shapes, dtypes and shardings of `abstract_state`."""
+        step = self.latest_step() if step is None else step
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        return out["state"], out["meta"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def find_checkpoint(out_dir: str, prefer: str = "best") -> tuple[Checkpointer, int]:
+    """The checkpoint to sample from: `prefer` if it exists, else the other kind."""
+    order = [prefer] + [k for k in KINDS if k != prefer]
+    for kind in order:
+        if os.path.isdir(checkpoint_dir(out_dir, kind)):
+            ckpt = Checkpointer(out_dir, kind)
+            step = ckpt.latest_step()
+            if step is not None:
+                return ckpt, step
+            ckpt.close()
+    raise UserError(f"no checkpoint in {out_dir}; train one first with "
+                    f"python train.py --config ... --out_dir={out_dir}")
+
+
+def load_model(out_dir: str, prefer: str = "best"):
+    """Rebuilds a trained model from a checkpoint alone.
+
+    Returns (graphdef, params, model_config, tokenizer, meta); `nnx.merge(graphdef, params)`
+    is the model.
+    """
+    from jaxgpt.config import Config
+    from jaxgpt.model import ModelConfig
+    from jaxgpt.step import abstract_state
+    from jaxgpt.tokenizer import tokenizer_from_meta
+
+    ckpt, step = find_checkpoint(out_dir, prefer)
+    meta = ckpt.restore_meta(step)
+    model_cfg = ModelConfig.from_dict(meta["model_config"])
+    graphdef, abstract, _ = abstract_state(model_cfg, Config(**meta["train_config"]))
+    state, meta = ckpt.restore(abstract, step)
+    ckpt.close()
+    return graphdef, state.params, model_cfg, tokenizer_from_meta(meta["tokenizer"]), meta

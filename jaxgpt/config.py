@@ -1,0 +1,229 @@
+"""One typed configuration with nanoGPT's key names, config files and --key=value flags.
+
+    cfg = parse_args(["--config", "configs/shakespeare_char_cpu.py", "--max_iters=100"])
+
+A config file is Python-shaped but never executed: it may only hold assignments
+``name = value`` where the value is a literal or simple arithmetic on literals
+(``batch_size = 12``, ``gradient_accumulation_steps = 5 * 8``). Unknown keys and
+values of the wrong type stop with a `UserError` that lists the valid keys.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import json
+import operator
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Sequence
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for; scripts print it as one line, no traceback."""
+
+
+@dataclass
+class Config:
+    """Training configuration. Names and meanings follow nanoGPT's train.py."""
+
+    # I/O
+    out_dir: str = "out"
+    eval_interval: int = 2000
+    log_interval: int = 1
+    eval_iters: int = 200
+    eval_only: bool = False
+    always_save_checkpoint: bool = True  # latest is always kept for resume; see README
+    init_from: str = "scratch"  # 'scratch' | 'resume'
+    # data
+    dataset: str = "shakespeare_char"
+    data_dir: str = ""  # default: data/<dataset>
+    input_file: str = ""  # text file to prepare when data_dir holds no prepared data
+    gradient_accumulation_steps: int = 1
+    batch_size: int = 12
+    block_size: int = 1024
+    # model
+    model_type: str = "gpt"  # 'gpt' | 'bigram'
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = False
+    # AdamW
+    learning_rate: float = 6e-4
+    max_iters: int = 600000
+    weight_decay: float = 1e-1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    # learning-rate schedule
+    decay_lr: bool = True
+    warmup_iters: int = 2000
+    lr_decay_iters: int = 600000
+    min_lr: float = 6e-5
+    # system
+    dtype: str = "float32"  # compute dtype: 'float32' | 'bfloat16' (params stay float32)
+    seed: int = 1337
+
+    def resolved_data_dir(self) -> str:
+        return self.data_dir or os.path.join("data", self.dataset)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "Config":
+        check_choice("model_type", self.model_type, ("gpt", "bigram"))
+        check_choice("init_from", self.init_from, ("scratch", "resume"))
+        check_choice("dtype", self.dtype, ("float32", "bfloat16"))
+        for name in ("batch_size", "block_size", "n_layer", "n_head", "n_embd",
+                     "gradient_accumulation_steps", "eval_iters", "eval_interval", "log_interval"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_iters < 0:
+            raise UserError(f"max_iters must be >= 0, got {self.max_iters}")
+        if self.model_type == "gpt" and self.n_embd % self.n_head:
+            raise UserError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
+                            f"pick e.g. n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
+        return self
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        raise UserError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+# ----------------------------------------------------------------------------- parsing
+
+def _field_types(cls) -> dict[str, type]:
+    hints = {"int": int, "float": float, "bool": bool, "str": str}
+    return {f.name: hints[f.type] if isinstance(f.type, str) else f.type for f in fields(cls)}
+
+
+def _unknown_key(key: str, cls, where: str) -> UserError:
+    valid = [f.name for f in fields(cls)]
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return UserError(f"unknown config key '{key}'{where}; {hint}valid keys: {', '.join(valid)}")
+
+
+def coerce(key: str, value: Any, typ: type) -> Any:
+    """Converts a value from a flag (a string) or a config file to the field's type, strictly."""
+    if isinstance(value, str) and typ is not str:
+        text = value.strip()
+        if typ is bool:
+            low = text.lower()
+            if low in ("true", "1", "yes"):
+                return True
+            if low in ("false", "0", "no"):
+                return False
+        else:
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                pass
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if typ is bool and not isinstance(value, bool):
+        raise UserError(f"{key} expects True or False, got {value!r}")
+    if typ is int and (isinstance(value, bool) or not isinstance(value, int)):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise UserError(f"{key} expects an integer, got {value!r}")
+    if typ is float and not isinstance(value, float):
+        raise UserError(f"{key} expects a number, got {value!r}")
+    if typ is str and not isinstance(value, str):
+        raise UserError(f"{key} expects a string, got {value!r}")
+    return value
+
+
+_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+           ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Pow: operator.pow,
+           ast.Mod: operator.mod}
+
+
+def _literal(node: ast.AST) -> Any:
+    """Evaluates literals and arithmetic on them; nothing else (no names, no calls)."""
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        v = _literal(node.operand)
+        return -v if isinstance(node.op, ast.USub) else +v
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+        return _BINOPS[type(node.op)](_literal(node.left), _literal(node.right))
+    raise ValueError("only literals and arithmetic on them are allowed")
+
+
+def load_config_file(path: str, cls=Config) -> dict[str, Any]:
+    """Reads `name = value` assignments from a config file without executing it."""
+    if not os.path.isfile(path):
+        raise UserError(f"config file not found: {path}; pass an existing file, e.g. --config configs/shakespeare_char_cpu.py")
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    try:
+        tree = ast.parse(source, filename=path)
+    except SyntaxError as e:
+        raise UserError(f"{path}:{e.lineno}: syntax error in config file: {e.msg}") from None
+    types = _field_types(cls)
+    values: dict[str, Any] = {}
+    for stmt in tree.body:
+        if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant):
+            continue  # docstring or bare string
+        if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1
+                and isinstance(stmt.targets[0], ast.Name)):
+            raise UserError(f"{path}:{stmt.lineno}: config files may only contain 'name = value' lines")
+        key = stmt.targets[0].id
+        if key not in types:
+            raise _unknown_key(key, cls, f" in {path}:{stmt.lineno}")
+        try:
+            raw = _literal(stmt.value)
+        except ValueError as e:
+            raise UserError(f"{path}:{stmt.lineno}: {key}: {e}") from None
+        values[key] = coerce(key, raw, types[key])
+    return values
+
+
+def parse_args(argv: Sequence[str], cls=Config):
+    """Builds a `cls` from defaults, then config files (in order), then --key=value flags.
+
+    `--config FILE`, `--config=FILE` and a bare FILE argument (nanoGPT style) all load a file.
+    """
+    types = _field_types(cls)
+    values: dict[str, Any] = {}
+    overrides: list[tuple[str, str]] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--config":
+            if i + 1 >= len(args):
+                raise UserError("--config needs a file path, e.g. --config configs/shakespeare_char_cpu.py")
+            values.update(load_config_file(args[i + 1], cls))
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            values.update(load_config_file(arg.split("=", 1)[1], cls))
+        elif arg.startswith("--"):
+            if "=" not in arg:
+                raise UserError(f"flags take the form --key=value; got '{arg}'")
+            key, value = arg[2:].split("=", 1)
+            overrides.append((key, value))
+        else:
+            values.update(load_config_file(arg, cls))
+        i += 1
+    for key, value in overrides:
+        if key not in types:
+            raise _unknown_key(key, cls, "")
+        values[key] = coerce(key, value, types[key])
+    return cls(**values)
+
+
+def format_config(cfg) -> str:
+    return "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(cfg).items())
+
+
+def save_config(cfg, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=2)

@@ -1,0 +1,174 @@
+"""Models in Flax NNX: the bigram baseline and GPT, with GPT-2 parameter names.
+
+Shape letters: B batch, T time (sequence), C channels (n_embd), V vocabulary, H heads,
+hs head size (C // H). Both models map token ids (B, T) to float32 logits (B, T, V).
+
+Randomness is explicit: dropout draws from a `dropout_key` argument (None = no dropout),
+so the model holds nothing but parameters and a train step stays a pure function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+F32 = jnp.float32
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_type: str = "gpt"  # 'gpt' | 'bigram'
+    vocab_size: int = 65
+    block_size: int = 256
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    dropout: float = 0.0
+    bias: bool = False
+    dtype: str = "float32"  # compute dtype; parameters are always float32
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout; identity when key is None or rate is 0."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def _split(key: jax.Array | None, n: int):
+    return [None] * n if key is None else list(jax.random.split(key, n))
+
+
+def causal_attention(q, k, v, *, dropout_rate: float = 0.0, dropout_key=None):
+    """softmax(q kᵀ / sqrt(hs) + causal mask) v, with scores and softmax in float32.
+
+    q, k, v: (B, T, H, hs) -> (B, T, H, hs).
+    """
+    T, hs = q.shape[1], q.shape[-1]
+    att = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=F32) / math.sqrt(hs)  # (B, H, T, T)
+    mask = jnp.tril(jnp.ones((T, T), dtype=bool))
+    att = jnp.where(mask, att, -jnp.inf)
+    att = jax.nn.softmax(att, axis=-1)
+    att = dropout(att, dropout_rate, dropout_key)
+    return jnp.einsum("bhts,bshd->bthd", att.astype(v.dtype), v)  # (B, T, H, hs)
+
+
+class CausalSelfAttention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        dt = jnp.dtype(cfg.dtype)
+        init = nnx.initializers.normal(0.02)
+        proj_init = nnx.initializers.normal(0.02 / math.sqrt(2 * cfg.n_layer))
+        self.c_attn = nnx.Linear(cfg.n_embd, 3 * cfg.n_embd, use_bias=cfg.bias, dtype=dt,
+                                 kernel_init=init, rngs=rngs)
+        self.c_proj = nnx.Linear(cfg.n_embd, cfg.n_embd, use_bias=cfg.bias, dtype=dt,
+                                 kernel_init=proj_init, rngs=rngs)
+        self.n_head = cfg.n_head
+        self.dropout = cfg.dropout
+
+    def __call__(self, x, dropout_key=None):
+        B, T, C = x.shape
+        H = self.n_head
+        k_att, k_res = _split(dropout_key, 2)
+        q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)  # (B, T, 3C) -> 3 x (B, T, C)
+        q, k, v = (t.reshape(B, T, H, C // H) for t in (q, k, v))  # (B, T, H, hs)
+        y = causal_attention(q, k, v, dropout_rate=self.dropout, dropout_key=k_att)
+        y = y.reshape(B, T, C)  # (B, T, H, hs) -> (B, T, C)
+        return dropout(self.c_proj(y), self.dropout, k_res)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        dt = jnp.dtype(cfg.dtype)
+        self.c_fc = nnx.Linear(cfg.n_embd, 4 * cfg.n_embd, use_bias=cfg.bias, dtype=dt,
+                               kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+        self.c_proj = nnx.Linear(4 * cfg.n_embd, cfg.n_embd, use_bias=cfg.bias, dtype=dt,
+                                 kernel_init=nnx.initializers.normal(0.02 / math.sqrt(2 * cfg.n_layer)),
+                                 rngs=rngs)
+        self.dropout = cfg.dropout
+
+    def __call__(self, x, dropout_key=None):
+        h = jax.nn.gelu(self.c_fc(x), approximate=False)  # (B, T, 4C); exact GELU as in nanoGPT
+        return dropout(self.c_proj(h), self.dropout, dropout_key)
+
+
+class Block(nnx.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        dt = jnp.dtype(cfg.dtype)
+        self.ln_1 = nnx.LayerNorm(cfg.n_embd, epsilon=1e-5, use_bias=cfg.bias, dtype=dt, rngs=rngs)
+        self.attn = CausalSelfAttention(cfg, rngs=rngs)
+        self.ln_2 = nnx.LayerNorm(cfg.n_embd, epsilon=1e-5, use_bias=cfg.bias, dtype=dt, rngs=rngs)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, dropout_key=None):
+        k_attn, k_mlp = _split(dropout_key, 2)
+        x = x + self.attn(self.ln_1(x), k_attn)
+        return x + self.mlp(self.ln_2(x), k_mlp)
+
+
+class GPT(nnx.Module):
+    """GPT-2-style decoder. Init recipe: every weight normal(0.02), the residual output
+    projections (attn.c_proj, mlp.c_proj) normal(0.02 / sqrt(2 * n_layer)), biases zero,
+    LayerNorm scale one; the output head is the token embedding (tied)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        init = nnx.initializers.normal(0.02)
+        self.wte = nnx.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=init, rngs=rngs)
+        self.wpe = nnx.Embed(cfg.block_size, cfg.n_embd, embedding_init=init, rngs=rngs)
+        self.h = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
+        self.ln_f = nnx.LayerNorm(cfg.n_embd, epsilon=1e-5, use_bias=cfg.bias,
+                                  dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+
+    def __call__(self, idx, dropout_key=None):
+        cfg = self.config
+        B, T = idx.shape
+        keys = _split(dropout_key, cfg.n_layer + 1)
+        x = self.wte(idx) + self.wpe(jnp.arange(T))  # (B, T, C)
+        x = dropout(x.astype(cfg.dtype), cfg.dropout, keys[0])
+        for block, k in zip(self.h, keys[1:]):
+            x = block(x, k)
+        x = self.ln_f(x)
+        return self.lm_head(x)
+
+    def lm_head(self, x):
+        """Tied output head: logits (B, T, V) accumulated and returned in float32."""
+        w = self.wte.embedding[...].astype(x.dtype)  # (V, C)
+        return jnp.einsum("btc,vc->btv", x, w, preferred_element_type=F32)
+
+
+class Bigram(nnx.Module):
+    """The lecture's first model: row `i` of a V x V table is the logits of the token after `i`."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.wte = nnx.Embed(cfg.vocab_size, cfg.vocab_size,
+                             embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+
+    def __call__(self, idx, dropout_key=None):
+        return self.wte(idx).astype(F32)  # (B, T) -> (B, T, V)
+
+
+def build_model(cfg: ModelConfig, seed: int | jax.Array = 0):
+    rngs = nnx.Rngs(params=seed)
+    return {"gpt": GPT, "bigram": Bigram}[cfg.model_type](cfg, rngs=rngs)
+
+
+def num_params(params) -> int:
+    return sum(x.size for x in jax.tree.leaves(params))

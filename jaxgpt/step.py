@@ -1,0 +1,103 @@
+"""Train state, loss, and the pure train / eval steps.
+
+`make_train_step` returns `train_step(state, batch, key) -> (state, metrics)`, jit-compiled
+once with the state donated. The model enters as (graphdef, params): `nnx.split` happens once
+outside, `nnx.merge` inside the traced function, so no Python object graph is walked per call.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxgpt.config import Config
+from jaxgpt.model import ModelConfig, build_model
+from jaxgpt.optim import lr_schedule, make_optimizer
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: Any  # nnx.State of the model's parameters
+    opt_state: Any
+
+
+def cross_entropy(logits, targets):
+    """Mean next-token cross-entropy; logits (B, T, V) taken in float32, targets (B, T)."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
+
+
+def init_state(model_cfg: ModelConfig, cfg: Config, key: jax.Array):
+    """Builds the model and optimizer; returns (graphdef, TrainState, optimizer)."""
+    model = build_model(model_cfg, key)
+    graphdef, params = nnx.split(model, nnx.Param)
+    optimizer = make_optimizer(cfg)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+    return graphdef, state, optimizer
+
+
+def abstract_state(model_cfg: ModelConfig, cfg: Config):
+    """Shapes and dtypes of the train state without allocating it (a restore target)."""
+    out = {}
+
+    def build(key):
+        graphdef, state, optimizer = init_state(model_cfg, cfg, key)
+        out.update(graphdef=graphdef, optimizer=optimizer)
+        return state
+
+    shapes = jax.eval_shape(build, jax.random.key(0))
+    return out["graphdef"], shapes, out["optimizer"]
+
+
+def make_loss_fn(graphdef) -> Callable:
+    def loss_fn(params, x, y, dropout_key=None):
+        model = nnx.merge(graphdef, params)
+        return cross_entropy(model(x, dropout_key), y)
+
+    return loss_fn
+
+
+def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Config):
+    """The train step for batches of shape (A, B, T), A = gradient_accumulation_steps.
+
+    `key` is the run's dropout key; the step derives its own with fold_in(key, state.step)
+    and one more fold_in per micro-batch. Gradients are averaged over the micro-batches.
+    """
+    grad_fn = jax.value_and_grad(make_loss_fn(graphdef))
+    schedule = lr_schedule(cfg)
+    use_dropout = cfg.dropout > 0
+
+    def train_step(state: TrainState, batch, key):
+        xs, ys = batch  # (A, B, T) each
+        step_key = jax.random.fold_in(key, state.step)
+
+        def micro(i, x, y):
+            return grad_fn(state.params, x, y, jax.random.fold_in(step_key, i) if use_dropout else None)
+
+        if xs.shape[0] == 1:
+            loss, grads = micro(0, xs[0], ys[0])
+        else:
+            def body(acc, inp):
+                loss, grads = micro(*inp)
+                return jax.tree.map(jnp.add, acc, (loss, grads)), None
+
+            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+            (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(xs.shape[0]), xs, ys))
+            loss, grads = jax.tree.map(lambda t: t / xs.shape[0], (loss, grads))
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "lr": schedule(state.step), "grad_norm": optax.global_norm(grads)}
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return jax.jit(train_step, donate_argnums=0)
+
+
+def make_eval_step(graphdef):
+    """eval_step(params, (x, y)) -> mean loss, without dropout."""
+    loss_fn = make_loss_fn(graphdef)
+    return jax.jit(lambda params, batch: loss_fn(params, *batch))

@@ -1,0 +1,268 @@
+"""The training loop: data, model, optimizer, evaluation, logging and checkpoints.
+
+`train(cfg)` runs a whole training run as `python train.py` does and returns a summary.
+The loop never waits on the device except at log and eval points: metrics of a log step
+are read one step later, after the next step has been dispatched.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from jaxgpt import data as data_lib
+from jaxgpt.checkpoint import Checkpointer
+from jaxgpt.config import Config, UserError, save_config
+from jaxgpt.model import ModelConfig, num_params
+from jaxgpt.optim import lr_schedule
+from jaxgpt.step import abstract_state, init_state, make_eval_step, make_train_step
+
+# Token arrays up to this size are copied to the device once and batches are cut there,
+# inside jit; larger corpora stay in the memmap and batches are read on the host.
+RESIDENT_BYTES = 1 << 30
+ARCH_KEYS = ("model_type", "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias")
+
+
+def model_config(cfg: Config, vocab_size: int) -> ModelConfig:
+    return ModelConfig(model_type=cfg.model_type, vocab_size=vocab_size, block_size=cfg.block_size,
+                       n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                       dropout=cfg.dropout, bias=cfg.bias, dtype=cfg.dtype)
+
+
+def run_keys(seed: int) -> dict[str, jax.Array]:
+    """Every random stream of a run, derived from the seed (the run's whole RNG state)."""
+    root = jax.random.key(seed)
+    return {name: jax.random.fold_in(root, i) for i, name in enumerate(("init", "data", "dropout", "eval"))}
+
+
+def make_batch_fn(tokens: np.ndarray, batch_size: int, block_size: int, accum: int) -> Callable:
+    """batch(key) -> (x, y), each (accum, B, T); cut on the device when the corpus fits there."""
+    if tokens.shape[0] < block_size + 2:
+        raise UserError(f"a data split has {tokens.shape[0]} tokens, fewer than block_size + 1 = "
+                        f"{block_size + 1}; use a larger corpus or a smaller --block_size")
+    if tokens.nbytes <= RESIDENT_BYTES:
+        dev = jnp.asarray(tokens)
+
+        @jax.jit
+        def batch(key):
+            keys = jax.random.split(key, accum)
+            return jax.vmap(lambda k: data_lib.get_batch(k, dev, batch_size, block_size))(keys)
+        return batch
+
+    def host_batch(key):
+        pairs = [data_lib.get_batch(k, tokens, batch_size, block_size) for k in jax.random.split(key, accum)]
+        return tuple(jnp.asarray(np.stack(p)) for p in zip(*pairs))
+    return host_batch
+
+
+@dataclass
+class Run:
+    """What a training run is made of, before the loop starts."""
+    cfg: Config
+    model_cfg: ModelConfig
+    tok_meta: dict[str, Any]
+    batches: dict[str, Callable]  # split -> batch(key) with accumulation steps
+    eval_batches: dict[str, Callable]  # split -> batch(key) with a single micro-batch
+
+
+def setup(cfg: Config) -> Run:
+    cfg.validate()
+    data_dir = cfg.resolved_data_dir()
+    meta = data_lib.ensure_prepared(data_dir, cfg.dataset, cfg.input_file)
+    model_cfg = model_config(cfg, meta["vocab_size"])
+    batches, eval_batches = {}, {}
+    for split in data_lib.SPLITS:
+        tokens = data_lib.load_split(data_dir, split, meta)
+        batches[split] = make_batch_fn(tokens, cfg.batch_size, cfg.block_size, cfg.gradient_accumulation_steps)
+        one = make_batch_fn(tokens, cfg.batch_size, cfg.block_size, 1)
+        eval_batches[split] = (lambda f: lambda key: tuple(t[0] for t in f(key)))(one)
+    tok_meta = {k: v for k, v in meta.items() if k not in ("train_tokens", "val_tokens", "source", "dtype")}
+    return Run(cfg, model_cfg, tok_meta, batches, eval_batches)
+
+
+def check_resume_compatible(model_cfg: ModelConfig, ckpt_meta: dict[str, Any], tok_meta: dict[str, Any]) -> None:
+    saved = ckpt_meta["model_config"]
+    diffs = [f"{k}: checkpoint {saved[k]!r}, config {getattr(model_cfg, k)!r}"
+             for k in ARCH_KEYS if saved.get(k) != getattr(model_cfg, k)]
+    if diffs:
+        raise UserError("cannot resume: the model differs from the checkpoint's (" + "; ".join(diffs)
+                        + "); use the run's original settings or a new --out_dir")
+    if ckpt_meta["tokenizer"] != tok_meta:
+        raise UserError("cannot resume: the data's tokenizer differs from the checkpoint's; "
+                        "point --data_dir at the data the run was trained on")
+
+
+class StopFlag:
+    """SIGINT / SIGTERM set a flag; the loop finishes its step, checkpoints and stops."""
+
+    def __init__(self):
+        self.stop = False
+        self._old = {}
+
+    def __enter__(self):
+        if hasattr(signal, "SIGTERM"):
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    self._old[sig] = signal.signal(sig, self._handle)
+                except ValueError:  # not the main thread
+                    pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.stop:  # a second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        self.stop = True
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def plot_losses(metrics_path: str, png_path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(metrics_path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if not rows:
+        return
+    it = [r["iter"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(it, [r["train_loss"] for r in rows], label="train")
+    ax.plot(it, [r["val_loss"] for r in rows], label="val")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def train(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
+    run = setup(cfg)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    save_config(cfg, os.path.join(cfg.out_dir, "config.json"))
+    keys = run_keys(cfg.seed)
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+
+    graphdef, state, optimizer = init_state(run.model_cfg, cfg, keys["init"])
+    latest, best = Checkpointer(cfg.out_dir, "latest", max_to_keep=2), Checkpointer(cfg.out_dir, "best")
+    best_val = math.inf
+    if cfg.init_from == "resume":
+        step = latest.latest_step()
+        if step is None:
+            raise UserError(f"init_from=resume but {cfg.out_dir} has no checkpoint; "
+                            f"train from scratch first or fix --out_dir")
+        check_resume_compatible(run.model_cfg, latest.restore_meta(step), run.tok_meta)
+        state, meta = latest.restore(jax.eval_shape(lambda s: s, state), step)
+        best_val = meta["best_val_loss"]
+        log(f"resuming from {cfg.out_dir} at iter {step} (best val loss {best_val:.4f})")
+    elif os.path.exists(metrics_path):
+        os.remove(metrics_path)  # a fresh run starts a fresh log
+
+    n_params = num_params(state.params)
+    log(f"model: {cfg.model_type}, {n_params / 1e6:.2f}M parameters")
+    train_step = make_train_step(graphdef, optimizer, cfg)
+    eval_step = make_eval_step(graphdef)
+    schedule = lr_schedule(cfg)
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+
+    def evaluate(params, it: int) -> dict[str, float]:
+        ek = jax.random.fold_in(keys["eval"], it)
+        out = {}
+        for s, split in enumerate(data_lib.SPLITS):
+            losses = [eval_step(params, run.eval_batches[split](jax.random.fold_in(ek, s * cfg.eval_iters + i)))
+                      for i in range(cfg.eval_iters)]
+            out[split] = float(jnp.mean(jnp.stack(losses)))
+        return out
+
+    def checkpoint_meta(it: int) -> dict[str, Any]:
+        return {"step": it, "best_val_loss": best_val, "model_config": run.model_cfg.to_dict(),
+                "train_config": cfg.to_dict(), "tokenizer": run.tok_meta,
+                "rng": {"seed": cfg.seed, "derivation": "fold_in(key(seed), stream); per step fold_in(stream_key, step)"},
+                "data_state": {"step": it}}
+
+    start = int(state.step)
+    if cfg.eval_only:
+        losses = evaluate(state.params, start)
+        log(f"iter {start}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        return {"iter": start, "train_loss": losses["train"], "val_loss": losses["val"], "best_val_loss": best_val}
+
+    bar = tqdm(total=cfg.max_iters, initial=start, dynamic_ncols=True, disable=None, file=sys.stderr)
+    say = bar.write if not bar.disable else log
+    summary: dict[str, Any] = {"n_params": n_params}
+    pending = None  # (iter, metrics on device) of the last log step, read one step later
+    t_mark, steps_since_mark, ms_per_iter = time.perf_counter(), 0, float("nan")
+    it, resumed = start, cfg.init_from == "resume"
+    with StopFlag() as stop:
+        while True:
+            due = it % cfg.eval_interval == 0 or it == cfg.max_iters
+            if due and not (resumed and it == start):  # a resumed step was evaluated before
+                jax.block_until_ready(state)
+                if steps_since_mark:
+                    ms_per_iter = 1000 * (time.perf_counter() - t_mark) / steps_since_mark
+                losses = evaluate(state.params, it)
+                if losses["val"] < best_val:
+                    best_val = losses["val"]
+                    best.save(it, state, checkpoint_meta(it))
+                latest.save(it, state, checkpoint_meta(it))
+                row = {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"],
+                       "lr": float(schedule(it)), "ms_per_iter": ms_per_iter,
+                       "tokens_per_s": tokens_per_iter / ms_per_iter * 1000 if steps_since_mark else float("nan"),
+                       "best_val_loss": best_val}
+                with open(metrics_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(row) + "\n")
+                say(f"iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+                    + (f", {ms_per_iter:.1f} ms/iter" if steps_since_mark else ""))
+                summary.update(row)
+                t_mark, steps_since_mark = time.perf_counter(), 0
+            if it >= cfg.max_iters:
+                break
+            if stop.stop:
+                jax.block_until_ready(state)
+                latest.save(it, state, checkpoint_meta(it))
+                say(f"stopped at iter {it}; checkpoint saved. Continue with --init_from=resume "
+                    f"--out_dir={cfg.out_dir}")
+                summary["stopped_at"] = it
+                break
+
+            batch = run.batches["train"](jax.random.fold_in(keys["data"], it))
+            state, metrics = train_step(state, batch, keys["dropout"])
+            if pending is not None:
+                p_it, p_metrics = pending
+                loss, lr = float(p_metrics["loss"]), float(p_metrics["lr"])
+                if bar.disable:
+                    log(f"iter {p_it}: loss {loss:.4f}, lr {lr:.2e}")
+                else:
+                    bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {ms_per_iter:.1f} ms/iter "
+                                        f"{tokens_per_iter / ms_per_iter * 1000:,.0f} tok/s")
+                pending = None
+            if it % cfg.log_interval == 0:
+                pending = (it, metrics)
+            if it == start:  # exclude compilation from the timing
+                jax.block_until_ready(state)
+                t_mark, steps_since_mark = time.perf_counter(), -1
+            it += 1
+            steps_since_mark += 1
+            bar.update(1)
+    bar.close()
+    latest.wait()
+    best.wait()
+    latest.close()
+    best.close()
+    plot_losses(metrics_path, os.path.join(cfg.out_dir, "loss.png"))
+    summary["iter"] = it
+    return summary

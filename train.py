@@ -1,0 +1,34 @@
+"""Train a character-level GPT (or the bigram baseline) on a text corpus.
+
+    python train.py --config configs/shakespeare_char_cpu.py [--key=value ...]
+
+Config keys follow nanoGPT's train.py (see jaxgpt/config.py). Checkpoints, metrics.jsonl,
+config.json and loss.png go to out_dir; resume with --init_from=resume.
+"""
+
+import sys
+
+from jaxgpt.config import UserError, format_config, parse_args
+from jaxgpt.trainer import train
+
+
+def main(argv):
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        cfg = parse_args(argv).validate()
+        print("config:\n" + format_config(cfg))
+        summary = train(cfg)
+    except UserError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if "best_val_loss" in summary:
+        print(f"done: iter {summary['iter']}, best val loss {summary['best_val_loss']:.4f}; "
+              f"sample with: python sample.py --out_dir={cfg.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
