@@ -1,0 +1,38 @@
+"""Shared fixtures: a small synthetic corpus and a tiny config, so tests run fast on a CPU."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+WORDS = ("to be or not that is the question whether tis nobler in mind suffer slings and arrows "
+         "of outrageous fortune take arms against a sea troubles ROMEO JULIET KING").split()
+
+
+def make_corpus(n_words: int = 6000, seed: int = 0) -> str:
+    rng = np.random.default_rng(seed)
+    lines, words = [], rng.choice(WORDS, size=n_words)
+    for i in range(0, n_words, 8):
+        lines.append(" ".join(words[i:i + 8]) + ("." if i % 3 else ","))
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def corpus_file(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(make_corpus(), encoding="utf-8")
+    return str(path)
+
+
+def tiny_args(tmp_path, corpus_file, **overrides) -> list[str]:
+    """--key=value flags for a 2-layer, 32-channel GPT on the synthetic corpus."""
+    base = dict(out_dir=str(tmp_path / "out"), data_dir=str(tmp_path / "data"), input_file=corpus_file,
+                n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=4, eval_iters=2,
+                eval_interval=5, log_interval=1, max_iters=10, warmup_iters=2, lr_decay_iters=10,
+                learning_rate=1e-2, min_lr=1e-3, dropout=0.0)
+    base.update(overrides)
+    return [f"--{k}={v}" for k, v in base.items()]

@@ -1,0 +1,77 @@
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxgpt import data
+from jaxgpt.config import UserError
+from jaxgpt.tokenizer import CharTokenizer, tokenizer_from_meta
+
+
+def test_char_tokenizer_round_trip():
+    text = "Hello, World!\nÀ bientôt."
+    tok = CharTokenizer.from_text(text)
+    assert tok.chars == sorted(set(text))
+    assert tok.decode(tok.encode(text)) == text
+    assert tokenizer_from_meta(tok.meta()).encode("Hello") == tok.encode("Hello")
+
+
+def test_unknown_characters_are_named():
+    tok = CharTokenizer.from_text("abc")
+    with pytest.raises(UserError, match=r"2 character\(s\) outside the vocabulary: 'x', 'z'"):
+        tok.encode("abzcx")
+
+
+def test_prepare_writes_splits_and_meta(tmp_path, corpus_file):
+    meta = data.prepare(corpus_file, str(tmp_path / "d"), verbose=False)
+    text = open(corpus_file, encoding="utf-8").read()
+    tok = CharTokenizer.from_text(text)
+    ids = np.array(tok.encode(text))
+    n = int(0.9 * len(ids))
+    train = data.load_split(str(tmp_path / "d"), "train", meta)
+    val = data.load_split(str(tmp_path / "d"), "val", meta)
+    assert train.dtype == np.uint16 and isinstance(train, np.memmap)
+    np.testing.assert_array_equal(train, ids[:n])
+    np.testing.assert_array_equal(val, ids[n:])
+    on_disk = json.load(open(tmp_path / "d" / "meta.json"))
+    assert on_disk["vocab_size"] == tok.vocab_size and on_disk["chars"] == tok.chars
+    assert data.token_dtype(70000) == np.uint32
+
+
+def test_bad_input_files(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(UserError, match="empty"):
+        data.prepare(str(empty), str(tmp_path / "d"))
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(UserError, match="not UTF-8"):
+        data.prepare(str(latin), str(tmp_path / "d"))
+    with pytest.raises(UserError, match="not found"):
+        data.prepare(str(tmp_path / "missing.txt"), str(tmp_path / "d"))
+
+
+def test_offline_download_error_says_what_to_do(tmp_path, monkeypatch):
+    def no_network(*a, **k):
+        raise data.urllib.error.URLError("no network")
+    monkeypatch.setattr(data.urllib.request, "urlopen", no_network)
+    with pytest.raises(UserError, match="--input_file=PATH"):
+        data.ensure_prepared(str(tmp_path / "d"), "shakespeare_char")
+
+
+def test_batches_shift_by_one_and_match_host_and_device():
+    tokens = np.arange(1000, dtype=np.uint16)
+    key = jax.random.key(3)
+    x, y = data.get_batch(key, tokens, 8, 16)
+    assert x.shape == y.shape == (8, 16)
+    np.testing.assert_array_equal(x[:, 1:], y[:, :-1])
+    np.testing.assert_array_equal(y, x + 1)  # arange corpus: the next token is token + 1
+    xd, yd = jax.jit(lambda k, d: data.get_batch(k, d, 8, 16))(key, jnp.asarray(tokens))
+    np.testing.assert_array_equal(x, xd)
+    np.testing.assert_array_equal(y, yd)
+    x2, _ = data.get_batch(jax.random.key(4), tokens, 8, 16)
+    assert not np.array_equal(x, x2)
+    assert x.max() < 1000 - 1 and y.max() <= 999

@@ -1,0 +1,120 @@
+"""End-to-end: train.py and sample.py on a tiny model and a synthetic corpus."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT, tiny_args
+from jaxgpt.checkpoint import Checkpointer, load_model
+from jaxgpt.config import UserError, parse_args
+from jaxgpt.step import abstract_state
+from jaxgpt.trainer import model_config, train
+
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_train_writes_metrics_checkpoints_and_plot(tmp_path, corpus_file):
+    cfg = parse_args(tiny_args(tmp_path, corpus_file))
+    summary = train(cfg, log=lambda s: None)
+    out = cfg.out_dir
+    rows = read_metrics(out)
+    assert [r["iter"] for r in rows] == [0, 5, 10]
+    for key in ("train_loss", "val_loss", "lr", "ms_per_iter", "tokens_per_s"):
+        assert key in rows[-1]
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"]
+    assert summary["best_val_loss"] == min(r["val_loss"] for r in rows)
+    assert os.path.getsize(os.path.join(out, "loss.png")) > 1000
+    assert json.load(open(os.path.join(out, "config.json")))["n_embd"] == 32
+    assert Checkpointer(out, "latest").latest_step() == 10
+
+
+def test_checkpoint_save_restore_is_exact(tmp_path, corpus_file):
+    cfg = parse_args(tiny_args(tmp_path, corpus_file, max_iters=3, eval_interval=3))
+    train(cfg, log=lambda s: None)
+    ckpt = Checkpointer(cfg.out_dir, "latest")
+    meta = ckpt.restore_meta()
+    assert meta["step"] == 3 and meta["tokenizer"]["tokenizer"] == "char"
+    assert meta["model_config"]["n_layer"] == 2 and meta["train_config"]["batch_size"] == 4
+    _, abstract, _ = abstract_state(model_config(cfg, meta["tokenizer"]["vocab_size"]), cfg)
+    state, _ = ckpt.restore(abstract)
+    # save the restored state elsewhere and restore again: bit-identical
+    other = Checkpointer(str(tmp_path / "copy"), "latest")
+    other.save(3, state, meta)
+    other.wait()
+    again, meta2 = other.restore(abstract)
+    assert meta2 == meta
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(again)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(again.step) == 3 and jax.tree.leaves(again.opt_state)
+
+
+@pytest.mark.parametrize("extra", [{}, {"dropout": 0.1, "gradient_accumulation_steps": 2}])
+def test_resume_matches_uninterrupted_run(tmp_path, corpus_file, extra):
+    full = parse_args(tiny_args(tmp_path / "a", corpus_file, max_iters=8, eval_interval=4, **extra))
+    train(full, log=lambda s: None)
+    half = parse_args(tiny_args(tmp_path / "b", corpus_file, max_iters=4, eval_interval=4, **extra))
+    train(half, log=lambda s: None)
+    resumed = parse_args(tiny_args(tmp_path / "b", corpus_file, max_iters=8, eval_interval=4,
+                                   init_from="resume", **extra))
+    train(resumed, log=lambda s: None)
+    a, b = read_metrics(full.out_dir), read_metrics(half.out_dir)
+    assert [r["iter"] for r in a] == [r["iter"] for r in b] == [0, 4, 8]
+    for ra, rb in zip(a, b):
+        assert (ra["train_loss"], ra["val_loss"]) == (rb["train_loss"], rb["val_loss"])
+    _, pa, *_ = load_model(full.out_dir, "latest")
+    _, pb, *_ = load_model(half.out_dir, "latest")
+    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_resume_errors(tmp_path, corpus_file):
+    with pytest.raises(UserError, match="no checkpoint"):
+        train(parse_args(tiny_args(tmp_path, corpus_file, init_from="resume")), log=lambda s: None)
+    train(parse_args(tiny_args(tmp_path, corpus_file, max_iters=2)), log=lambda s: None)
+    with pytest.raises(UserError, match="n_layer: checkpoint 2, config 3"):
+        train(parse_args(tiny_args(tmp_path, corpus_file, init_from="resume", n_layer=3)), log=lambda s: None)
+
+
+def test_too_short_corpus(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("abcdefghij" * 3)
+    with pytest.raises(UserError, match="fewer than block_size"):
+        train(parse_args(tiny_args(tmp_path, str(short))), log=lambda s: None)
+
+
+def run_script(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_scripts_end_to_end(tmp_path, corpus_file):
+    r = run_script("train.py", *tiny_args(tmp_path, corpus_file, max_iters=6, eval_interval=3))
+    assert r.returncode == 0, r.stderr
+    assert "best val loss" in r.stdout and "config:" in r.stdout
+    out = str(tmp_path / "out")
+    r = run_script("sample.py", f"--out_dir={out}", "--start=to be", "--num_samples=2", "--max_new_tokens=20")
+    assert r.returncode == 0, r.stderr
+    samples = r.stdout.split("---------------\n")
+    assert len(samples) == 3 and all(s.startswith("to be") and len(s) >= 25 for s in samples[:2])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train.py", "--n_layers=2"], "did you mean 'n_layer'"),
+    (["train.py", "--max_iters=ten"], "max_iters expects an integer"),
+    (["train.py", "--config", "nope.py"], "config file not found"),
+    (["train.py", "--n_embd=10", "--n_head=3"], "divisible by n_head"),
+    (["sample.py", "--out_dir=/nonexistent/run"], "no checkpoint in /nonexistent/run"),
+    (["sample.py", "--temperature=-1"], "temperature must be >= 0"),
+])
+def test_script_errors_are_one_line(args, message):
+    r = run_script(*args)
+    assert r.returncode == 2
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
