@@ -54,15 +54,18 @@ def _split(key: jax.Array | None, n: int):
     return [None] * n if key is None else list(jax.random.split(key, n))
 
 
-def causal_attention(q, k, v, *, dropout_rate: float = 0.0, dropout_key=None):
+def causal_attention(q, k, v, *, q_pos=None, k_pos=None, dropout_rate: float = 0.0, dropout_key=None):
     """softmax(q kᵀ / sqrt(hs) + causal mask) v, with scores and softmax in float32.
 
-    q, k, v: (B, T, H, hs) -> (B, T, H, hs).
+    q: (B, T, H, hs); k, v: (B, S, H, hs) -> (B, T, H, hs). Query t may attend to key s when
+    k_pos[s] <= q_pos[t]; positions default to 0..T-1 and 0..S-1 (plain causal self-attention).
+    With a KV cache, q_pos are the new tokens' positions and S is the cache length.
     """
-    T, hs = q.shape[1], q.shape[-1]
-    att = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=F32) / math.sqrt(hs)  # (B, H, T, T)
-    mask = jnp.tril(jnp.ones((T, T), dtype=bool))
-    att = jnp.where(mask, att, -jnp.inf)
+    T, S, hs = q.shape[1], k.shape[1], q.shape[-1]
+    q_pos = jnp.arange(T) if q_pos is None else q_pos
+    k_pos = jnp.arange(S) if k_pos is None else k_pos
+    att = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=F32) / math.sqrt(hs)  # (B, H, T, S)
+    att = jnp.where(k_pos[None, :] <= q_pos[:, None], att, -jnp.inf)
     att = jax.nn.softmax(att, axis=-1)
     att = dropout(att, dropout_rate, dropout_key)
     return jnp.einsum("bhts,bshd->bthd", att.astype(v.dtype), v)  # (B, T, H, hs)
@@ -80,15 +83,24 @@ class CausalSelfAttention(nnx.Module):
         self.n_head = cfg.n_head
         self.dropout = cfg.dropout
 
-    def __call__(self, x, dropout_key=None):
+    def __call__(self, x, dropout_key=None, cache=None, pos=None):
+        """x (B, T, C) -> (B, T, C). With `cache` = (k, v), each (B, S, H, hs), the new tokens sit
+        at positions pos..pos+T-1: their keys and values are written into the cache, they attend
+        over it, and the updated cache is returned as a second value."""
         B, T, C = x.shape
         H = self.n_head
         k_att, k_res = _split(dropout_key, 2)
         q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)  # (B, T, 3C) -> 3 x (B, T, C)
         q, k, v = (t.reshape(B, T, H, C // H) for t in (q, k, v))  # (B, T, H, hs)
-        y = causal_attention(q, k, v, dropout_rate=self.dropout, dropout_key=k_att)
-        y = y.reshape(B, T, C)  # (B, T, H, hs) -> (B, T, C)
-        return dropout(self.c_proj(y), self.dropout, k_res)
+        if cache is None:
+            y = causal_attention(q, k, v, dropout_rate=self.dropout, dropout_key=k_att)
+        else:
+            k_cache = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, pos, 0, 0))
+            v_cache = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, pos, 0, 0))
+            cache = (k_cache, v_cache)
+            y = causal_attention(q, k_cache, v_cache, q_pos=pos + jnp.arange(T))  # (B, T, H, hs)
+        y = dropout(self.c_proj(y.reshape(B, T, C)), self.dropout, k_res)  # (B, T, H, hs) -> (B, T, C)
+        return y if cache is None else (y, cache)
 
 
 class MLP(nnx.Module):
@@ -116,10 +128,15 @@ class Block(nnx.Module):
         self.ln_2 = nnx.LayerNorm(cfg.n_embd, epsilon=1e-5, use_bias=cfg.bias, dtype=dt, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, dropout_key=None):
+    def __call__(self, x, dropout_key=None, cache=None, pos=None):
         k_attn, k_mlp = _split(dropout_key, 2)
-        x = x + self.attn(self.ln_1(x), k_attn)
-        return x + self.mlp(self.ln_2(x), k_mlp)
+        if cache is None:
+            x = x + self.attn(self.ln_1(x), k_attn)
+        else:
+            y, cache = self.attn(self.ln_1(x), cache=cache, pos=pos)
+            x = x + y
+        x = x + self.mlp(self.ln_2(x), k_mlp)
+        return x if cache is None else (x, cache)
 
 
 class GPT(nnx.Module):
@@ -137,6 +154,7 @@ class GPT(nnx.Module):
                                   dtype=jnp.dtype(cfg.dtype), rngs=rngs)
 
     def __call__(self, idx, dropout_key=None):
+        """Training and plain evaluation: token ids (B, T) -> logits (B, T, V)."""
         cfg = self.config
         B, T = idx.shape
         keys = _split(dropout_key, cfg.n_layer + 1)
@@ -144,8 +162,28 @@ class GPT(nnx.Module):
         x = dropout(x.astype(cfg.dtype), cfg.dropout, keys[0])
         for block, k in zip(self.h, keys[1:]):
             x = block(x, k)
-        x = self.ln_f(x)
-        return self.lm_head(x)
+        return self.lm_head(self.ln_f(x))
+
+    def init_cache(self, batch_size: int, length: int):
+        """An empty KV cache: per layer (k, v), each (B, S, H, hs) in the compute dtype."""
+        cfg = self.config
+        shape = (batch_size, length, cfg.n_head, cfg.n_embd // cfg.n_head)
+        return tuple((jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)) for _ in range(cfg.n_layer))
+
+    def decode(self, idx, cache, pos, last=None):
+        """Cached forward: tokens (B, T) at positions pos..pos+T-1 attend to the cache and to
+        each other. Returns (logits, cache); with `last` (an index into T) only the logits at
+        that position, (B, V), are computed."""
+        x = self.wte(idx) + self.wpe(pos + jnp.arange(idx.shape[1]))  # (B, T, C)
+        x = x.astype(self.config.dtype)
+        new_cache = []
+        for block, layer_cache in zip(self.h, cache):
+            x, layer_cache = block(x, cache=layer_cache, pos=pos)
+            new_cache.append(layer_cache)
+        if last is not None:
+            x = jax.lax.dynamic_index_in_dim(x, last, axis=1)  # (B, 1, C)
+        logits = self.lm_head(self.ln_f(x))
+        return (logits if last is None else logits[:, 0]), tuple(new_cache)
 
     def lm_head(self, x):
         """Tied output head: logits (B, T, V) accumulated and returned in float32."""
@@ -163,6 +201,13 @@ class Bigram(nnx.Module):
 
     def __call__(self, idx, dropout_key=None):
         return self.wte(idx).astype(F32)  # (B, T) -> (B, T, V)
+
+    def init_cache(self, batch_size: int, length: int):
+        return ()  # the next token depends on the current one only
+
+    def decode(self, idx, cache, pos, last=None):
+        logits = self(idx)
+        return (logits if last is None else jax.lax.dynamic_index_in_dim(logits, last, 1, keepdims=False)), cache
 
 
 def build_model(cfg: ModelConfig, seed: int | jax.Array = 0):
