@@ -81,13 +81,16 @@ def load_model(out_dir: str, prefer: str = "best"):
     is the model.
     """
     from jaxgpt.config import Config
-    from jaxgpt.model import ModelConfig
+    import dataclasses
+
+    from jaxgpt.model import ModelConfig, pick_attention
     from jaxgpt.step import abstract_state
     from jaxgpt.tokenizer import tokenizer_from_meta
 
     ckpt, step = find_checkpoint(out_dir, prefer)
     meta = ckpt.restore_meta(step)
-    model_cfg = ModelConfig.from_dict(meta["model_config"])
+    # the attention implementation is the one that works here, not where the run trained
+    model_cfg = dataclasses.replace(ModelConfig.from_dict(meta["model_config"]), attn_impl=pick_attention("auto"))
     graphdef, abstract, _ = abstract_state(model_cfg, Config(**meta["train_config"]))
     state, meta = ckpt.restore(abstract, step)
     ckpt.close()

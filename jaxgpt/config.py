@@ -64,6 +64,7 @@ class Config:
     min_lr: float = 6e-5
     # system
     dtype: str = "float32"  # compute dtype: 'float32' | 'bfloat16' (params stay float32)
+    attn_impl: str = "auto"  # 'auto' | 'explicit' | 'xla' | 'cudnn' (auto: cudnn on NVIDIA if it works)
     seed: int = 1337
 
     def resolved_data_dir(self) -> str:
@@ -76,6 +77,7 @@ class Config:
         check_choice("model_type", self.model_type, ("gpt", "bigram"))
         check_choice("init_from", self.init_from, ("scratch", "resume"))
         check_choice("dtype", self.dtype, ("float32", "bfloat16"))
+        check_choice("attn_impl", self.attn_impl, ("auto", "explicit", "xla", "cudnn"))
         for name in ("batch_size", "block_size", "n_layer", "n_head", "n_embd",
                      "gradient_accumulation_steps", "eval_iters", "eval_interval", "log_interval"):
             if getattr(self, name) < 1:

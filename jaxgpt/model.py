@@ -32,6 +32,7 @@ class ModelConfig:
     dropout: float = 0.0
     bias: bool = False
     dtype: str = "float32"  # compute dtype; parameters are always float32
+    attn_impl: str = "explicit"  # 'explicit' | 'xla' | 'cudnn': see attention()
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
@@ -50,6 +51,15 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+def dense(layer: nnx.Linear, x):
+    """Applies a Linear to (..., C_in) as one 2-D matmul (N, C_in) @ (C_in, C_out).
+
+    XLA's CPU backend differentiates a 2-D matmul far faster than one whose weight gradient
+    contracts over two leading dims (B and T): 2.6x on the MLP of the laptop recipe."""
+    lead = x.shape[:-1]
+    return layer(x.reshape(-1, x.shape[-1])).reshape(*lead, -1)
+
+
 def _split(key: jax.Array | None, n: int):
     return [None] * n if key is None else list(jax.random.split(key, n))
 
@@ -65,10 +75,53 @@ def causal_attention(q, k, v, *, q_pos=None, k_pos=None, dropout_rate: float = 0
     q_pos = jnp.arange(T) if q_pos is None else q_pos
     k_pos = jnp.arange(S) if k_pos is None else k_pos
     att = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=F32) / math.sqrt(hs)  # (B, H, T, S)
-    att = jnp.where(k_pos[None, :] <= q_pos[:, None], att, -jnp.inf)
+    # an additive mask: its backward pass is the identity, unlike a select's
+    att = att + jnp.where(k_pos[None, :] <= q_pos[:, None], 0.0, -jnp.inf).astype(F32)
     att = jax.nn.softmax(att, axis=-1)
     att = dropout(att, dropout_rate, dropout_key)
     return jnp.einsum("bhts,bshd->bthd", att.astype(v.dtype), v)  # (B, T, H, hs)
+
+
+ATTN_IMPLS = ("explicit", "xla", "cudnn")
+
+
+def attention(q, k, v, impl: str = "explicit", *, dropout_rate: float = 0.0, dropout_key=None):
+    """Causal self-attention (B, T, H, hs) -> (B, T, H, hs) by the chosen implementation.
+
+    'xla' and 'cudnn' go through jax.nn.dot_product_attention (cudnn: flash attention on NVIDIA
+    GPUs). It has no attention-weight dropout, so training with dropout > 0 takes the explicit
+    path, which is also the fastest on CPU (measured: its backward is 1.5x faster there).
+    """
+    if impl == "explicit" or (dropout_key is not None and dropout_rate > 0):
+        return causal_attention(q, k, v, dropout_rate=dropout_rate, dropout_key=dropout_key)
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl).astype(v.dtype)
+
+
+_PICKED: dict[str, str] = {}
+
+
+def pick_attention(requested: str = "auto", log=print) -> str:
+    """Resolves attn_impl='auto': cuDNN flash attention on NVIDIA GPUs if a probe compiles, runs
+    and agrees with the XLA implementation, else XLA; on CPU the explicit form. Probed once."""
+    if requested != "auto":
+        return requested
+    if "auto" in _PICKED:
+        return _PICKED["auto"]
+    platform = jax.devices()[0].platform
+    choice = "explicit" if platform == "cpu" else "xla"
+    if platform == "gpu":
+        try:
+            q = jax.random.normal(jax.random.key(0), (2, 128, 4, 64), jnp.bfloat16)
+            fast = jax.jit(lambda q: jax.nn.dot_product_attention(q, q, q, is_causal=True, implementation="cudnn"))(q)
+            ref = jax.nn.dot_product_attention(q, q, q, is_causal=True, implementation="xla")
+            err = float(jnp.max(jnp.abs(fast.astype(F32) - ref.astype(F32))))
+            if err > 2e-2:
+                raise RuntimeError(f"cuDNN attention differs from XLA by {err:.3g}")
+            choice = "cudnn"
+        except Exception as e:  # noqa: BLE001 -- any failure means: use the XLA implementation
+            log(f"note: cuDNN flash attention unavailable ({type(e).__name__}: {str(e)[:120]}); using XLA attention")
+    _PICKED["auto"] = choice
+    return choice
 
 
 class CausalSelfAttention(nnx.Module):
@@ -82,6 +135,7 @@ class CausalSelfAttention(nnx.Module):
                                  kernel_init=proj_init, rngs=rngs)
         self.n_head = cfg.n_head
         self.dropout = cfg.dropout
+        self.attn_impl = cfg.attn_impl
 
     def __call__(self, x, dropout_key=None, cache=None, pos=None):
         """x (B, T, C) -> (B, T, C). With `cache` = (k, v), each (B, S, H, hs), the new tokens sit
@@ -90,16 +144,16 @@ class CausalSelfAttention(nnx.Module):
         B, T, C = x.shape
         H = self.n_head
         k_att, k_res = _split(dropout_key, 2)
-        q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)  # (B, T, 3C) -> 3 x (B, T, C)
+        q, k, v = jnp.split(dense(self.c_attn, x), 3, axis=-1)  # (B, T, 3C) -> 3 x (B, T, C)
         q, k, v = (t.reshape(B, T, H, C // H) for t in (q, k, v))  # (B, T, H, hs)
         if cache is None:
-            y = causal_attention(q, k, v, dropout_rate=self.dropout, dropout_key=k_att)
+            y = attention(q, k, v, self.attn_impl, dropout_rate=self.dropout, dropout_key=k_att)
         else:
             k_cache = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, pos, 0, 0))
             v_cache = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, pos, 0, 0))
             cache = (k_cache, v_cache)
             y = causal_attention(q, k_cache, v_cache, q_pos=pos + jnp.arange(T))  # (B, T, H, hs)
-        y = dropout(self.c_proj(y.reshape(B, T, C)), self.dropout, k_res)  # (B, T, H, hs) -> (B, T, C)
+        y = dropout(dense(self.c_proj, y.reshape(B, T, C)), self.dropout, k_res)  # (B, T, H, hs) -> (B, T, C)
         return y if cache is None else (y, cache)
 
 
@@ -114,8 +168,8 @@ class MLP(nnx.Module):
         self.dropout = cfg.dropout
 
     def __call__(self, x, dropout_key=None):
-        h = jax.nn.gelu(self.c_fc(x), approximate=False)  # (B, T, 4C); exact GELU as in nanoGPT
-        return dropout(self.c_proj(h), self.dropout, dropout_key)
+        h = jax.nn.gelu(dense(self.c_fc, x), approximate=False)  # (B, T, 4C); exact GELU as in nanoGPT
+        return dropout(dense(self.c_proj, h), self.dropout, dropout_key)
 
 
 class Block(nnx.Module):
@@ -188,7 +242,9 @@ class GPT(nnx.Module):
     def lm_head(self, x):
         """Tied output head: logits (B, T, V) accumulated and returned in float32."""
         w = self.wte.embedding[...].astype(x.dtype)  # (V, C)
-        return jnp.einsum("btc,vc->btv", x, w, preferred_element_type=F32)
+        lead = x.shape[:-1]
+        logits = jnp.einsum("nc,vc->nv", x.reshape(-1, x.shape[-1]), w, preferred_element_type=F32)
+        return logits.reshape(*lead, -1)  # (B*T, V) -> (B, T, V)
 
 
 class Bigram(nnx.Module):

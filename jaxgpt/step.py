@@ -23,7 +23,7 @@ from jaxgpt.optim import lr_schedule, make_optimizer
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array  # int32 scalar: optimizer steps taken
-    params: Any  # nnx.State of the model's parameters
+    params: Any  # the model's parameters as a nested dict of arrays (GPT-2 names)
     opt_state: Any
 
 
@@ -36,6 +36,8 @@ def init_state(model_cfg: ModelConfig, cfg: Config, key: jax.Array):
     """Builds the model and optimizer; returns (graphdef, TrainState, optimizer)."""
     model = build_model(model_cfg, key)
     graphdef, params = nnx.split(model, nnx.Param)
+    # A plain nested dict of arrays: jit flattens it per call far faster than nnx Variables.
+    params = nnx.to_pure_dict(params)
     optimizer = make_optimizer(cfg)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
     return graphdef, state, optimizer

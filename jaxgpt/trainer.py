@@ -22,9 +22,10 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxgpt import data as data_lib
+from jaxgpt.benchmark import device_peak, flops_per_token
 from jaxgpt.checkpoint import Checkpointer
 from jaxgpt.config import Config, UserError, save_config
-from jaxgpt.model import ModelConfig, num_params
+from jaxgpt.model import ModelConfig, num_params, pick_attention
 from jaxgpt.optim import lr_schedule
 from jaxgpt.step import abstract_state, init_state, make_eval_step, make_train_step
 
@@ -32,12 +33,14 @@ from jaxgpt.step import abstract_state, init_state, make_eval_step, make_train_s
 # inside jit; larger corpora stay in the memmap and batches are read on the host.
 RESIDENT_BYTES = 1 << 30
 ARCH_KEYS = ("model_type", "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias")
+# note: dtype and attn_impl may change on resume (e.g. a run moved from GPU to CPU)
 
 
-def model_config(cfg: Config, vocab_size: int) -> ModelConfig:
+def model_config(cfg: Config, vocab_size: int, log=print) -> ModelConfig:
     return ModelConfig(model_type=cfg.model_type, vocab_size=vocab_size, block_size=cfg.block_size,
                        n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                       dropout=cfg.dropout, bias=cfg.bias, dtype=cfg.dtype)
+                       dropout=cfg.dropout, bias=cfg.bias, dtype=cfg.dtype,
+                       attn_impl=pick_attention(cfg.attn_impl, log))
 
 
 def run_keys(seed: int) -> dict[str, jax.Array]:
@@ -174,7 +177,10 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
         os.remove(metrics_path)  # a fresh run starts a fresh log
 
     n_params = num_params(state.params)
-    log(f"model: {cfg.model_type}, {n_params / 1e6:.2f}M parameters")
+    peak, peak_src = device_peak("float32" if jax.devices()[0].platform == "cpu" else cfg.dtype)
+    fpt = flops_per_token(run.model_cfg, n_params)
+    log(f"model: {cfg.model_type}, {n_params / 1e6:.2f}M parameters, attention {run.model_cfg.attn_impl}; "
+        f"MFU peak {peak_src}")
     train_step = make_train_step(graphdef, optimizer, cfg)
     eval_step = make_eval_step(graphdef)
     schedule = lr_schedule(cfg)
@@ -222,11 +228,12 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
                 row = {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"],
                        "lr": float(schedule(it)), "ms_per_iter": ms_per_iter,
                        "tokens_per_s": tokens_per_iter / ms_per_iter * 1000 if steps_since_mark else float("nan"),
+                       "mfu": fpt * tokens_per_iter / (ms_per_iter / 1000) / peak if steps_since_mark else float("nan"),
                        "best_val_loss": best_val}
                 with open(metrics_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(row) + "\n")
                 say(f"iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-                    + (f", {ms_per_iter:.1f} ms/iter" if steps_since_mark else ""))
+                    + (f", {ms_per_iter:.1f} ms/iter, MFU {100 * row['mfu']:.1f}%" if steps_since_mark else ""))
                 summary.update(row)
                 t_mark, steps_since_mark = time.perf_counter(), 0
             if it >= cfg.max_iters:

@@ -108,3 +108,22 @@ def test_dropout_key_changes_output_and_none_is_deterministic():
     a, b = model(idx, jax.random.key(1)), model(idx, jax.random.key(2))
     assert not np.allclose(a, b)
     np.testing.assert_array_equal(a, model(idx, jax.random.key(1)))
+
+
+def test_attention_implementations_agree_with_the_explicit_reference():
+    from jaxgpt.model import attention, pick_attention
+    q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 16, 4, 8))
+    ref = causal_attention(q, k, v)
+    np.testing.assert_allclose(attention(q, k, v, "xla"), ref, atol=1e-5)
+    impl = pick_attention("auto", log=lambda s: None)
+    assert impl in ("explicit", "xla", "cudnn")
+    if jax.devices()[0].platform == "cpu":
+        assert impl == "explicit"  # no cuDNN on a CPU: the probe must fall back
+    if impl == "cudnn":  # on an NVIDIA GPU the flash path must match too (bf16 tolerance)
+        b = lambda t: t.astype(jnp.bfloat16)
+        np.testing.assert_allclose(attention(b(q), b(k), b(v), "cudnn").astype(jnp.float32), ref, atol=3e-2)
+    # a whole model gives the same logits with either implementation
+    idx = jax.random.randint(jax.random.key(1), (2, 16), 0, TINY.vocab_size)
+    m_explicit = build_model(TINY, 0)
+    m_xla = build_model(ModelConfig(**{**TINY.to_dict(), "attn_impl": "xla"}), 0)
+    np.testing.assert_allclose(m_explicit(idx), m_xla(idx), atol=1e-5)

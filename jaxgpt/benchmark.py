@@ -1,0 +1,88 @@
+"""Training-step benchmark and MFU: what bench.py prints and train.py logs.
+
+MFU = achieved FLOP/s / the device's peak. FLOPs per token follow the nanoGPT / PaLM
+estimate 6 N + 12 L H hs T (N parameters without the position embedding, L layers, H heads,
+hs head size, T block size); a step processes batch_size * block_size * accumulation tokens.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxgpt.model import ModelConfig
+
+# bf16 dense peak FLOP/s by device kind (substring of jax's device_kind, lower case).
+PEAK_FLOPS = [("h100", 989e12), ("h200", 989e12), ("a100", 312e12), ("v6 lite", 918e12), ("v6e", 918e12),
+              ("v5 lite", 197e12), ("v5e", 197e12), ("v5p", 459e12), ("v5", 459e12), ("v4", 275e12)]
+
+
+def flops_per_token(cfg: ModelConfig, n_params: int) -> float:
+    if cfg.model_type != "gpt":
+        return 6.0 * n_params
+    n = n_params - cfg.block_size * cfg.n_embd  # without wpe
+    return 6.0 * n + 12.0 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * cfg.block_size
+
+
+def measured_matmul_peak(n: int = 1024, dtype=jnp.float32, repeats: int = 10) -> float:
+    """FLOP/s of an n x n x n matmul on the default device: the CPU's practical peak."""
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / min(times)
+
+
+_PEAK: dict[str, tuple[float, str]] = {}
+
+
+def device_peak(dtype: str = "float32") -> tuple[float, str]:
+    """(peak FLOP/s, where it came from) for the first device; measured once on a CPU."""
+    dev = jax.devices()[0]
+    kind = dev.device_kind.lower()
+    for name, flops in PEAK_FLOPS:
+        if name in kind:
+            return flops, f"table: {dev.device_kind} bf16 dense {flops / 1e12:.0f} TFLOP/s"
+    if dtype not in _PEAK:
+        flops = measured_matmul_peak(dtype=jnp.dtype(dtype))
+        _PEAK[dtype] = (flops, f"measured: {dtype} 1024^3 matmul on {dev.platform} = {flops / 1e9:.1f} GFLOP/s")
+    return _PEAK[dtype]
+
+
+def peak_memory_bytes() -> int | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def time_steps(step_fn, state, make_batch, key, n_steps: int, warmup: int = 2) -> tuple[Any, list[float], float]:
+    """Runs warmup + n_steps steps, each timed to completion; returns (state, seconds, compile s)."""
+    t0 = time.perf_counter()
+    state, m = step_fn(state, make_batch(0), key)
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t0
+    for i in range(1, warmup):
+        state, m = step_fn(state, make_batch(i), key)
+    jax.block_until_ready(m)
+    times = []
+    for i in range(n_steps):
+        batch = make_batch(warmup + i)
+        jax.block_until_ready(batch)
+        t0 = time.perf_counter()
+        state, m = step_fn(state, batch, key)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t0)
+    return state, times, compile_s
+
+
+def summarize(times: list[float], tokens_per_iter: int, fpt: float, peak: float) -> dict[str, float]:
+    sec = statistics.median(times)
+    return {"ms_per_iter": 1000 * sec, "tokens_per_s": tokens_per_iter / sec,
+            "mfu": fpt * tokens_per_iter / sec / peak}
