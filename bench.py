@@ -1,8 +1,9 @@
 """Benchmark the training step of a config: ms/iter, tokens/s, compile time, memory, MFU.
 
-    python bench.py --config configs/shakespeare_char_cpu.py [--key=value ...] [--steps=50]
+    python bench.py --config configs/shakespeare_char_cpu.py [--key=value ...] [--steps=50] [--vocab_size=65]
 
-Uses synthetic batches (no data needed); the model and optimizer are the config's.
+Uses synthetic batches (no data needed); the model and optimizer are the config's. For GPT-2
+124M: --n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --vocab_size=50304 --dtype=bfloat16.
 """
 
 import json
@@ -18,20 +19,16 @@ from jaxgpt.trainer import model_config
 
 
 def main(argv):
-    steps = 50
+    # bench.py's own flags; everything else is a training config flag
+    opts = {"steps": 50, "vocab_size": 65}
     rest = []
     for a in argv:
-        if a.startswith("--steps="):
-            steps = int(a.split("=", 1)[1])
-        elif a.startswith("--vocab_size="):
-            rest.append(a)
+        key = a[2:].split("=", 1)[0] if a.startswith("--") else None
+        if key in opts and "=" in a:
+            opts[key] = int(a.split("=", 1)[1])
         else:
             rest.append(a)
-    vocab = 65
-    for a in list(rest):
-        if a.startswith("--vocab_size="):
-            vocab = int(a.split("=", 1)[1])
-            rest.remove(a)
+    steps, vocab = opts["steps"], opts["vocab_size"]
     try:
         cfg = parse_args(rest).validate()
     except UserError as e:

@@ -60,6 +60,12 @@ def dense(layer: nnx.Linear, x):
     return layer(x.reshape(-1, x.shape[-1])).reshape(*lead, -1)
 
 
+def gelu(x):
+    """Exact GELU, x * Phi(x), as nanoGPT's nn.GELU(). Written with erf: XLA's CPU erfc, which
+    jax.nn.gelu(approximate=False) uses, is 2x slower and costs 6 ms of a 48 ms laptop step."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
+
+
 def _split(key: jax.Array | None, n: int):
     return [None] * n if key is None else list(jax.random.split(key, n))
 
@@ -168,7 +174,7 @@ class MLP(nnx.Module):
         self.dropout = cfg.dropout
 
     def __call__(self, x, dropout_key=None):
-        h = jax.nn.gelu(dense(self.c_fc, x), approximate=False)  # (B, T, 4C); exact GELU as in nanoGPT
+        h = gelu(dense(self.c_fc, x))  # (B, T, 4C)
         return dropout(dense(self.c_proj, h), self.dropout, dropout_key)
 
 

@@ -103,6 +103,12 @@ def test_scripts_end_to_end(tmp_path, corpus_file):
     assert r.returncode == 0, r.stderr
     samples = r.stdout.split("---------------\n")
     assert len(samples) == 3 and all(s.startswith("to be") and len(s) >= 25 for s in samples[:2])
+    assert "tokens/s" in r.stderr and "generated 40 tokens" in r.stderr
+    r = run_script("sample.py", f"--out_dir={out}", "--start=to", "--num_samples=2", "--max_new_tokens=200",
+                   "--stop= ", "--stream=True", "--top_p=0.9", "--temperature=1.0")
+    assert r.returncode == 0, r.stderr
+    streamed, second = r.stdout.split("---------------\n")[:2]
+    assert streamed.startswith("to") and second.startswith("to") and " " not in second.strip()
 
 
 @pytest.mark.parametrize("args, message", [
