@@ -50,21 +50,23 @@ def run_keys(seed: int) -> dict[str, jax.Array]:
 
 
 def make_batch_fn(tokens: np.ndarray, batch_size: int, block_size: int, accum: int) -> Callable:
-    """batch(key) -> (x, y), each (accum, B, T); cut on the device when the corpus fits there."""
+    """batch(key, i) -> (x, y), each (accum, B, T), from fold_in(key, i); cut on the device
+    (inside jit) when the corpus fits there, else read from the memmap on the host."""
     if tokens.shape[0] < block_size + 2:
         raise UserError(f"a data split has {tokens.shape[0]} tokens, fewer than block_size + 1 = "
                         f"{block_size + 1}; use a larger corpus or a smaller --block_size")
+
+    def cut(key, data):
+        keys = jax.random.split(key, accum)
+        return [data_lib.get_batch(k, data, batch_size, block_size) for k in keys]
+
     if tokens.nbytes <= RESIDENT_BYTES:
         dev = jnp.asarray(tokens)
+        stacked = jax.jit(lambda data, key, i: jax.tree.map(lambda *t: jnp.stack(t), *cut(jax.random.fold_in(key, i), data)))
+        return lambda key, i: stacked(dev, key, i)
 
-        @jax.jit
-        def batch(key):
-            keys = jax.random.split(key, accum)
-            return jax.vmap(lambda k: data_lib.get_batch(k, dev, batch_size, block_size))(keys)
-        return batch
-
-    def host_batch(key):
-        pairs = [data_lib.get_batch(k, tokens, batch_size, block_size) for k in jax.random.split(key, accum)]
+    def host_batch(key, i):
+        pairs = cut(jax.random.fold_in(key, i), tokens)
         return tuple(jnp.asarray(np.stack(p)) for p in zip(*pairs))
     return host_batch
 
@@ -75,8 +77,8 @@ class Run:
     cfg: Config
     model_cfg: ModelConfig
     tok_meta: dict[str, Any]
-    batches: dict[str, Callable]  # split -> batch(key) with accumulation steps
-    eval_batches: dict[str, Callable]  # split -> batch(key) with a single micro-batch
+    batches: dict[str, Callable]  # split -> batch(key, i) with accumulation steps
+    eval_batches: dict[str, Callable]  # split -> batch(key, i) with a single micro-batch
 
 
 def setup(cfg: Config) -> Run:
@@ -89,7 +91,7 @@ def setup(cfg: Config) -> Run:
         tokens = data_lib.load_split(data_dir, split, meta)
         batches[split] = make_batch_fn(tokens, cfg.batch_size, cfg.block_size, cfg.gradient_accumulation_steps)
         one = make_batch_fn(tokens, cfg.batch_size, cfg.block_size, 1)
-        eval_batches[split] = (lambda f: lambda key: tuple(t[0] for t in f(key)))(one)
+        eval_batches[split] = (lambda f: lambda key, i: tuple(t[0] for t in f(key, i)))(one)
     tok_meta = {k: v for k, v in meta.items() if k not in ("train_tokens", "val_tokens", "source", "dtype")}
     return Run(cfg, model_cfg, tok_meta, batches, eval_batches)
 
@@ -190,7 +192,7 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
         ek = jax.random.fold_in(keys["eval"], it)
         out = {}
         for s, split in enumerate(data_lib.SPLITS):
-            losses = [eval_step(params, run.eval_batches[split](jax.random.fold_in(ek, s * cfg.eval_iters + i)))
+            losses = [eval_step(params, run.eval_batches[split](ek, s * cfg.eval_iters + i))
                       for i in range(cfg.eval_iters)]
             out[split] = float(jnp.mean(jnp.stack(losses)))
         return out
@@ -246,7 +248,7 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
                 summary["stopped_at"] = it
                 break
 
-            batch = run.batches["train"](jax.random.fold_in(keys["data"], it))
+            batch = run.batches["train"](keys["data"], it)
             state, metrics = train_step(state, batch, keys["dropout"])
             if pending is not None:
                 p_it, p_metrics = pending
