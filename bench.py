@@ -9,12 +9,15 @@ Uses synthetic batches (no data needed); the model and optimizer are the config'
 import json
 import sys
 
+from functools import partial
+
 import jax
 
+from jaxgpt import parallel
 from jaxgpt.benchmark import device_peak, flops_per_token, peak_memory_bytes, summarize, time_steps
 from jaxgpt.config import UserError, parse_args
 from jaxgpt.model import num_params
-from jaxgpt.step import init_state, make_train_step
+from jaxgpt.step import abstract_state, init_state, make_train_step
 from jaxgpt.trainer import model_config
 
 
@@ -34,23 +37,34 @@ def main(argv):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    parallel.set_cpu_devices(cfg.cpu_devices)
+    try:
+        mesh = parallel.make_mesh(cfg.sharding, cfg.mesh_shape)
+        parallel.check_batch(mesh, cfg.batch_size)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     mcfg = model_config(cfg, vocab)
-    graphdef, state, optimizer = init_state(mcfg, cfg, jax.random.key(cfg.seed))
+    graphdef, abstract, optimizer = abstract_state(mcfg, cfg)
+    state_sh = parallel.state_shardings(abstract, mesh)
+    state = jax.jit(lambda k: init_state(mcfg, cfg, k)[1], out_shardings=state_sh)(jax.random.key(cfg.seed))
     n = num_params(state.params)
-    step = make_train_step(graphdef, optimizer, cfg)
+    batch_sh = parallel.batch_sharding(mesh, 3)
+    step = make_train_step(graphdef, optimizer, cfg, state_sh, batch_sh, parallel.replicated(mesh))
     A, B, T = cfg.gradient_accumulation_steps, cfg.batch_size, cfg.block_size
 
-    @jax.jit
+    @partial(jax.jit, out_shardings=(batch_sh, batch_sh))
     def make_batch(i):
         idx = jax.random.randint(jax.random.fold_in(jax.random.key(0), i), (A, B, T + 1), 0, vocab)
         return idx[..., :-1], idx[..., 1:]
 
-    peak, peak_src = device_peak(cfg.dtype)
+    peak, peak_src = device_peak("float32" if jax.devices()[0].platform == "cpu" else cfg.dtype, mesh.devices.flat)
     state, times, compile_s = time_steps(step, state, make_batch, jax.random.key(1), steps)
     res = summarize(times, A * B * T, flops_per_token(mcfg, n), peak)
-    res.update(compile_s=compile_s, params=n, device=jax.devices()[0].device_kind,
+    res.update(compile_s=compile_s, params=n, device=jax.devices()[0].device_kind, devices=mesh.devices.size,
+               sharding=cfg.sharding,
                peak_memory_bytes=peak_memory_bytes(), peak_source=peak_src, dtype=cfg.dtype, steps=steps)
-    print(f"device {res['device']}; peak {peak_src}")
+    print(f"device {res['device']} x {mesh.devices.size} ({cfg.sharding}); peak {peak_src}")
     print(f"{res['ms_per_iter']:.2f} ms/iter (median of {steps}), {res['tokens_per_s']:,.0f} tokens/s, "
           f"MFU {100 * res['mfu']:.1f}%, compile {compile_s:.1f} s, peak memory "
           + (f"{res['peak_memory_bytes'] / 2**20:.0f} MiB" if res["peak_memory_bytes"] else "not reported"))

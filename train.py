@@ -9,6 +9,7 @@ config.json and loss.png go to out_dir; resume with --init_from=resume.
 import sys
 
 from jaxgpt.config import UserError, format_config, parse_args
+from jaxgpt.parallel import maybe_initialize_distributed, set_cpu_devices
 from jaxgpt.trainer import train
 
 
@@ -17,7 +18,11 @@ def main(argv):
     argv = [a for a in argv if a != "--debug"]
     try:
         cfg = parse_args(argv).validate()
-        print("config:\n" + format_config(cfg))
+        set_cpu_devices(cfg.cpu_devices)  # before JAX starts its backends
+        maybe_initialize_distributed()  # several processes (a pod slice, GPU nodes): one program
+        import jax
+        if jax.process_index() == 0:
+            print("config:\n" + format_config(cfg))
         summary = train(cfg)
     except UserError as e:
         if debug:

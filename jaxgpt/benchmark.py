@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxgpt.model import ModelConfig
 
@@ -28,33 +29,41 @@ def flops_per_token(cfg: ModelConfig, n_params: int) -> float:
     return 6.0 * n + 12.0 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * cfg.block_size
 
 
-def measured_matmul_peak(n: int = 1024, dtype=jnp.float32, repeats: int = 10) -> float:
-    """FLOP/s of an n x n x n matmul on the default device: the CPU's practical peak."""
-    a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x: x @ x)
+def measured_matmul_peak(devices, n: int = 1024, dtype=jnp.float32, repeats: int = 10) -> float:
+    """FLOP/s of n x n x n matmuls running at once on all `devices` (a CPU's practical peak;
+    a CPU split into several JAX devices is measured as a whole)."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    mesh = Mesh(np.asarray(devices), ("d",))
+    a = jax.device_put(jnp.ones((len(devices), n, n), dtype), NamedSharding(mesh, P("d")))
+    f = jax.jit(lambda x: jnp.einsum("bij,bjk->bik", x, x))
     f(a).block_until_ready()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         f(a).block_until_ready()
         times.append(time.perf_counter() - t0)
-    return 2 * n**3 / min(times)
+    return len(devices) * 2 * n**3 / min(times)
 
 
-_PEAK: dict[str, tuple[float, str]] = {}
+_PEAK: dict = {}
 
 
-def device_peak(dtype: str = "float32") -> tuple[float, str]:
-    """(peak FLOP/s, where it came from) for the first device; measured once on a CPU."""
-    dev = jax.devices()[0]
+def device_peak(dtype: str = "float32", devices=None) -> tuple[float, str]:
+    """(peak FLOP/s of `devices` together, where it came from): a table for accelerators,
+    measured once for CPUs."""
+    devices = list(devices or jax.devices()[:1])
+    dev = devices[0]
     kind = dev.device_kind.lower()
     for name, flops in PEAK_FLOPS:
         if name in kind:
-            return flops, f"table: {dev.device_kind} bf16 dense {flops / 1e12:.0f} TFLOP/s"
-    if dtype not in _PEAK:
-        flops = measured_matmul_peak(dtype=jnp.dtype(dtype))
-        _PEAK[dtype] = (flops, f"measured: {dtype} 1024^3 matmul on {dev.platform} = {flops / 1e9:.1f} GFLOP/s")
-    return _PEAK[dtype]
+            return len(devices) * flops, f"table: {len(devices)} x {dev.device_kind} bf16 dense {flops / 1e12:.0f} TFLOP/s"
+    key = (dtype, len(devices))
+    if key not in _PEAK:
+        flops = measured_matmul_peak(devices, dtype=jnp.dtype(dtype))
+        _PEAK[key] = (flops, f"measured: {dtype} 1024^3 matmuls on {len(devices)} {dev.platform} device(s) "
+                             f"= {flops / 1e9:.1f} GFLOP/s")
+    return _PEAK[key]
 
 
 def peak_memory_bytes() -> int | None:

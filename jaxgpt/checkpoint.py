@@ -91,7 +91,12 @@ def load_model(out_dir: str, prefer: str = "best"):
     meta = ckpt.restore_meta(step)
     # the attention implementation is the one that works here, not where the run trained
     model_cfg = dataclasses.replace(ModelConfig.from_dict(meta["model_config"]), attn_impl=pick_attention("auto"))
-    graphdef, abstract, _ = abstract_state(model_cfg, Config(**meta["train_config"]))
-    state, meta = ckpt.restore(abstract, step)
+    from jaxgpt import parallel
+
+    train_cfg = Config(**{k: v for k, v in meta["train_config"].items() if k in Config.__dataclass_fields__})
+    graphdef, abstract, _ = abstract_state(model_cfg, train_cfg)
+    # onto one device, whatever mesh the run was trained on
+    one = parallel.make_mesh("dp", "1")
+    state, meta = ckpt.restore(parallel.with_shardings(abstract, parallel.state_shardings(abstract, one)), step)
     ckpt.close()
     return graphdef, state.params, model_cfg, tokenizer_from_meta(meta["tokenizer"]), meta

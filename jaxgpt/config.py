@@ -66,6 +66,10 @@ class Config:
     dtype: str = "float32"  # compute dtype: 'float32' | 'bfloat16' (params stay float32)
     attn_impl: str = "auto"  # 'auto' | 'explicit' | 'xla' | 'cudnn' (auto: cudnn on NVIDIA if it works)
     seed: int = 1337
+    # devices
+    sharding: str = "dp"  # 'dp' (replicated params) | 'fsdp' (params and optimizer state sharded)
+    mesh_shape: str = ""  # '' = all visible devices; 'N' = N devices; 'DxF' = D-way data x F-way fsdp
+    cpu_devices: int = 0  # split the CPU into N devices (data parallel over its cores); 0 = one
 
     def resolved_data_dir(self) -> str:
         return self.data_dir or os.path.join("data", self.dataset)
@@ -78,6 +82,7 @@ class Config:
         check_choice("init_from", self.init_from, ("scratch", "resume"))
         check_choice("dtype", self.dtype, ("float32", "bfloat16"))
         check_choice("attn_impl", self.attn_impl, ("auto", "explicit", "xla", "cudnn"))
+        check_choice("sharding", self.sharding, ("dp", "fsdp"))
         for name in ("batch_size", "block_size", "n_layer", "n_head", "n_embd",
                      "gradient_accumulation_steps", "eval_iters", "eval_interval", "log_interval"):
             if getattr(self, name) < 1:

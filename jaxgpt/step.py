@@ -64,7 +64,8 @@ def make_loss_fn(graphdef) -> Callable:
     return loss_fn
 
 
-def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Config):
+def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Config,
+                    state_sharding=None, batch_sharding=None, out_sharding=None):
     """The train step for batches of shape (A, B, T), A = gradient_accumulation_steps.
 
     `key` is the run's dropout key; the step derives its own with fold_in(key, state.step)
@@ -96,10 +97,16 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Conf
         metrics = {"loss": loss, "lr": schedule(state.step), "grad_norm": optax.tree.norm(grads)}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    return jax.jit(train_step, donate_argnums=0)
+    if state_sharding is None:
+        return jax.jit(train_step, donate_argnums=0)
+    return jax.jit(train_step, donate_argnums=0, in_shardings=(state_sharding, batch_sharding, None),
+                   out_shardings=(state_sharding, out_sharding))
 
 
-def make_eval_step(graphdef):
+def make_eval_step(graphdef, param_sharding=None, batch_sharding=None, out_sharding=None):
     """eval_step(params, (x, y)) -> mean loss, without dropout."""
     loss_fn = make_loss_fn(graphdef)
-    return jax.jit(lambda params, batch: loss_fn(params, *batch))
+    fn = lambda params, batch: loss_fn(params, *batch)
+    if param_sharding is None:
+        return jax.jit(fn)
+    return jax.jit(fn, in_shardings=(param_sharding, batch_sharding), out_shardings=out_sharding)

@@ -22,12 +22,14 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxgpt import data as data_lib
+from jaxgpt import parallel
 from jaxgpt.benchmark import device_peak, flops_per_token
 from jaxgpt.checkpoint import Checkpointer
 from jaxgpt.config import Config, UserError, save_config
 from jaxgpt.model import ModelConfig, num_params, pick_attention
 from jaxgpt.optim import lr_schedule
 from jaxgpt.step import abstract_state, init_state, make_eval_step, make_train_step
+from jax.sharding import Mesh, NamedSharding
 
 # Token arrays up to this size are copied to the device once and batches are cut there,
 # inside jit; larger corpora stay in the memmap and batches are read on the host.
@@ -49,25 +51,46 @@ def run_keys(seed: int) -> dict[str, jax.Array]:
     return {name: jax.random.fold_in(root, i) for i, name in enumerate(("init", "data", "dropout", "eval"))}
 
 
-def make_batch_fn(tokens: np.ndarray, batch_size: int, block_size: int, accum: int) -> Callable:
-    """batch(key, i) -> (x, y), each (accum, B, T), from fold_in(key, i); cut on the device
-    (inside jit) when the corpus fits there, else read from the memmap on the host."""
+def make_batch_fn(tokens: np.ndarray, batch_size: int, block_size: int, accum: int,
+                  sharding: NamedSharding) -> Callable:
+    """batch(key, i) -> (x, y), each (accum, B, T) (or (B, T) with accum=0), from fold_in(key, i).
+
+    The batch is the same on any number of devices; it is laid out with `sharding`. A corpus
+    that fits is copied to the devices once and cut there, inside jit; a larger one stays in
+    the memmap and each process reads only the rows of its own devices.
+    """
     if tokens.shape[0] < block_size + 2:
         raise UserError(f"a data split has {tokens.shape[0]} tokens, fewer than block_size + 1 = "
                         f"{block_size + 1}; use a larger corpus or a smaller --block_size")
-
-    def cut(key, data):
-        keys = jax.random.split(key, accum)
-        return [data_lib.get_batch(k, data, batch_size, block_size) for k in keys]
+    n_micro = max(accum, 1)
+    squeeze = (lambda t: t[0]) if accum == 0 else (lambda t: t)
 
     if tokens.nbytes <= RESIDENT_BYTES:
-        dev = jnp.asarray(tokens)
-        stacked = jax.jit(lambda data, key, i: jax.tree.map(lambda *t: jnp.stack(t), *cut(jax.random.fold_in(key, i), data)))
+        dev = jax.device_put(tokens, parallel.replicated(sharding.mesh))
+
+        def cut(data, key, i):
+            keys = jax.random.split(jax.random.fold_in(key, i), n_micro)
+            xs, ys = jax.vmap(lambda k: data_lib.get_batch(k, data, batch_size, block_size))(keys)
+            return squeeze(xs), squeeze(ys)
+
+        stacked = jax.jit(cut, out_shardings=(sharding, sharding))
         return lambda key, i: stacked(dev, key, i)
 
+    n = tokens.shape[0]
+    shape = (n_micro, batch_size, block_size) if accum else (batch_size, block_size)
+
     def host_batch(key, i):
-        pairs = cut(jax.random.fold_in(key, i), tokens)
-        return tuple(jnp.asarray(np.stack(p)) for p in zip(*pairs))
+        keys = jax.random.split(jax.random.fold_in(key, i), n_micro)
+        offsets = np.stack([np.asarray(jax.random.randint(k, (batch_size,), 0, n - block_size)) for k in keys])
+        offsets = offsets if accum else offsets[0]  # (A, B) or (B,)
+
+        def rows(index, shift):  # the block of one device: read only its rows from the memmap
+            starts = offsets[index[:-1]] + shift
+            block = np.asarray(tokens[starts[..., None] + np.arange(block_size)]).astype(np.int32)
+            return block[..., index[-1]]
+
+        return tuple(parallel.global_batch_from_host(lambda idx, s=s: rows(idx, s), shape, sharding)
+                     for s in (0, 1))
     return host_batch
 
 
@@ -79,21 +102,25 @@ class Run:
     tok_meta: dict[str, Any]
     batches: dict[str, Callable]  # split -> batch(key, i) with accumulation steps
     eval_batches: dict[str, Callable]  # split -> batch(key, i) with a single micro-batch
+    mesh: Mesh
 
 
 def setup(cfg: Config) -> Run:
     cfg.validate()
+    mesh = parallel.make_mesh(cfg.sharding, cfg.mesh_shape)
+    parallel.check_batch(mesh, cfg.batch_size)
     data_dir = cfg.resolved_data_dir()
     meta = data_lib.ensure_prepared(data_dir, cfg.dataset, cfg.input_file)
     model_cfg = model_config(cfg, meta["vocab_size"])
     batches, eval_batches = {}, {}
     for split in data_lib.SPLITS:
         tokens = data_lib.load_split(data_dir, split, meta)
-        batches[split] = make_batch_fn(tokens, cfg.batch_size, cfg.block_size, cfg.gradient_accumulation_steps)
-        one = make_batch_fn(tokens, cfg.batch_size, cfg.block_size, 1)
-        eval_batches[split] = (lambda f: lambda key, i: tuple(t[0] for t in f(key, i)))(one)
+        batches[split] = make_batch_fn(tokens, cfg.batch_size, cfg.block_size, cfg.gradient_accumulation_steps,
+                                       parallel.batch_sharding(mesh, 3))
+        eval_batches[split] = make_batch_fn(tokens, cfg.batch_size, cfg.block_size, 0,
+                                            parallel.batch_sharding(mesh, 2))
     tok_meta = {k: v for k, v in meta.items() if k not in ("train_tokens", "val_tokens", "source", "dtype")}
-    return Run(cfg, model_cfg, tok_meta, batches, eval_batches)
+    return Run(cfg, model_cfg, tok_meta, batches, eval_batches, mesh)
 
 
 def check_resume_compatible(model_cfg: ModelConfig, ckpt_meta: dict[str, Any], tok_meta: dict[str, Any]) -> None:
@@ -157,13 +184,20 @@ def plot_losses(metrics_path: str, png_path: str) -> None:
 
 
 def train(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
+    main = jax.process_index() == 0  # only process 0 writes logs, metrics and plots
+    if not main:
+        log = lambda s: None  # noqa: E731
     run = setup(cfg)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    save_config(cfg, os.path.join(cfg.out_dir, "config.json"))
+    if main:
+        save_config(cfg, os.path.join(cfg.out_dir, "config.json"))
     keys = run_keys(cfg.seed)
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
 
-    graphdef, state, optimizer = init_state(run.model_cfg, cfg, keys["init"])
+    # the state is created directly in its shardings: no device ever holds a whole fsdp model
+    graphdef, abstract, optimizer = abstract_state(run.model_cfg, cfg)
+    state_sh = parallel.state_shardings(abstract, run.mesh)
+    state = jax.jit(lambda k: init_state(run.model_cfg, cfg, k)[1], out_shardings=state_sh)(keys["init"])
     latest, best = Checkpointer(cfg.out_dir, "latest", max_to_keep=2), Checkpointer(cfg.out_dir, "best")
     best_val = math.inf
     if cfg.init_from == "resume":
@@ -172,29 +206,38 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
             raise UserError(f"init_from=resume but {cfg.out_dir} has no checkpoint; "
                             f"train from scratch first or fix --out_dir")
         check_resume_compatible(run.model_cfg, latest.restore_meta(step), run.tok_meta)
-        state, meta = latest.restore(jax.eval_shape(lambda s: s, state), step)
+        state, meta = latest.restore(parallel.with_shardings(abstract, state_sh), step)
         best_val = meta["best_val_loss"]
         log(f"resuming from {cfg.out_dir} at iter {step} (best val loss {best_val:.4f})")
-    elif os.path.exists(metrics_path):
+    elif main and os.path.exists(metrics_path):
         os.remove(metrics_path)  # a fresh run starts a fresh log
 
     n_params = num_params(state.params)
-    peak, peak_src = device_peak("float32" if jax.devices()[0].platform == "cpu" else cfg.dtype)
+    peak, peak_src = device_peak("float32" if jax.devices()[0].platform == "cpu" else cfg.dtype,
+                                 run.mesh.devices.flat)  # MFU of the whole mesh
     fpt = flops_per_token(run.model_cfg, n_params)
     log(f"model: {cfg.model_type}, {n_params / 1e6:.2f}M parameters, attention {run.model_cfg.attn_impl}; "
         f"MFU peak {peak_src}")
-    train_step = make_train_step(graphdef, optimizer, cfg)
-    eval_step = make_eval_step(graphdef)
+    log(f"devices: {run.mesh.devices.size} ({jax.devices()[0].device_kind}), sharding {cfg.sharding}, "
+        f"mesh data={run.mesh.shape['data']} x fsdp={run.mesh.shape['fsdp']}, {jax.process_count()} process(es)")
+    repl = parallel.replicated(run.mesh)
+    train_step = make_train_step(graphdef, optimizer, cfg, state_sh, parallel.batch_sharding(run.mesh, 3), repl)
+    eval_step = make_eval_step(graphdef, state_sh.params, parallel.batch_sharding(run.mesh, 2), repl)
     schedule = lr_schedule(cfg)
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+
+    sync_steps = parallel.needs_step_sync(run.mesh)
 
     def evaluate(params, it: int) -> dict[str, float]:
         ek = jax.random.fold_in(keys["eval"], it)
         out = {}
         for s, split in enumerate(data_lib.SPLITS):
-            losses = [eval_step(params, run.eval_batches[split](ek, s * cfg.eval_iters + i))
-                      for i in range(cfg.eval_iters)]
-            out[split] = float(jnp.mean(jnp.stack(losses)))
+            losses = []
+            for i in range(cfg.eval_iters):
+                losses.append(eval_step(params, run.eval_batches[split](ek, s * cfg.eval_iters + i)))
+                if sync_steps:
+                    jax.block_until_ready(losses[-1])
+            out[split] = float(np.mean([parallel.host_value(l) for l in losses]))
         return out
 
     def checkpoint_meta(it: int) -> dict[str, Any]:
@@ -209,7 +252,8 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
         log(f"iter {start}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         return {"iter": start, "train_loss": losses["train"], "val_loss": losses["val"], "best_val_loss": best_val}
 
-    bar = tqdm(total=cfg.max_iters, initial=start, dynamic_ncols=True, disable=None, file=sys.stderr)
+    bar = tqdm(total=cfg.max_iters, initial=start, dynamic_ncols=True, disable=None if main else True,
+               file=sys.stderr)
     say = bar.write if not bar.disable else log
     summary: dict[str, Any] = {"n_params": n_params}
     pending = None  # (iter, metrics on device) of the last log step, read one step later
@@ -232,8 +276,9 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
                        "tokens_per_s": tokens_per_iter / ms_per_iter * 1000 if steps_since_mark else float("nan"),
                        "mfu": fpt * tokens_per_iter / (ms_per_iter / 1000) / peak if steps_since_mark else float("nan"),
                        "best_val_loss": best_val}
-                with open(metrics_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(row) + "\n")
+                if main:
+                    with open(metrics_path, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(row) + "\n")
                 say(f"iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
                     + (f", {ms_per_iter:.1f} ms/iter, MFU {100 * row['mfu']:.1f}%" if steps_since_mark else ""))
                 summary.update(row)
@@ -250,9 +295,11 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
 
             batch = run.batches["train"](keys["data"], it)
             state, metrics = train_step(state, batch, keys["dropout"])
+            if sync_steps:
+                jax.block_until_ready(metrics)
             if pending is not None:
                 p_it, p_metrics = pending
-                loss, lr = float(p_metrics["loss"]), float(p_metrics["lr"])
+                loss, lr = float(parallel.host_value(p_metrics["loss"])), float(parallel.host_value(p_metrics["lr"]))
                 if bar.disable:
                     log(f"iter {p_it}: loss {loss:.4f}, lr {lr:.2e}")
                 else:
@@ -272,6 +319,7 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
     best.wait()
     latest.close()
     best.close()
-    plot_losses(metrics_path, os.path.join(cfg.out_dir, "loss.png"))
+    if main:
+        plot_losses(metrics_path, os.path.join(cfg.out_dir, "loss.png"))
     summary["iter"] = it
     return summary
