@@ -13,6 +13,7 @@ checkpoint in place of a good one.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import orbax.checkpoint as ocp
@@ -36,6 +37,9 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
 
     def save(self, step: int, state, meta: dict[str, Any]) -> None:
+        if step in self.manager.all_steps():  # a rerun of steps after falling back to an older checkpoint
+            self.manager.wait_until_finished()
+            self.manager.delete(step)
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
@@ -52,6 +56,46 @@ class Checkpointer:
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         return out["state"], out["meta"]
+
+    def all_steps(self) -> list[int]:
+        """Completed checkpoints, newest first (an interrupted write is never listed)."""
+        return sorted(self.manager.all_steps(), reverse=True)
+
+    def restore_intact(self, abstract_state, check_meta=lambda meta: None, log=print):
+        """Restores the newest checkpoint that reads back whole; warns about each broken one.
+
+        check_meta(meta) may raise UserError (an incompatible run): that is not corruption and
+        stops at once. With no intact checkpoint left this is an error, never a silent restart.
+        """
+        from jaxgpt.config import UserError
+
+        steps = self.all_steps()
+        for step in steps:
+            try:
+                meta = self.restore_meta(step)
+            except Exception as e:  # noqa: BLE001 -- any read failure means a broken checkpoint
+                self._set_aside(step, e, log)
+                continue
+            check_meta(meta)
+            try:
+                state, meta = self.restore(abstract_state, step)
+                return state, meta, step
+            except Exception as e:  # noqa: BLE001
+                self._set_aside(step, e, log)
+        raise UserError(f"no intact checkpoint to resume from in {self.manager.directory} (tried iters "
+                        f"{', '.join(map(str, steps)) or 'none'}); start a new run with --init_from=scratch "
+                        f"and another --out_dir")
+
+    def _set_aside(self, step: int, error: Exception, log) -> None:
+        """Moves a broken checkpoint to checkpoints/broken/ (kept for inspection, out of the way)."""
+        src = os.path.join(str(self.manager.directory), str(step))
+        dst = os.path.join(os.path.dirname(str(self.manager.directory)), "broken",
+                           f"{os.path.basename(str(self.manager.directory))}-{step}-{int(time.time())}")
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        os.replace(src, dst)
+        self.manager.reload()
+        log(f"warning: checkpoint at iter {step} is unreadable ({type(error).__name__}: {str(error)[:100]}); "
+            f"moved it to {dst} and trying an older one")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

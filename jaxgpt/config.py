@@ -40,6 +40,7 @@ class Config:
     dataset: str = "shakespeare_char"
     data_dir: str = ""  # default: data/<dataset>
     input_file: str = ""  # text file to prepare when data_dir holds no prepared data
+    tokenizer: str = "char"  # the tokenizer data_dir must have been prepared with
     gradient_accumulation_steps: int = 1
     batch_size: int = 12
     block_size: int = 1024
@@ -57,6 +58,7 @@ class Config:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 disables clipping
+    on_nonfinite: str = "stop"  # a NaN/inf loss: 'stop' (keep the last good checkpoint) | 'skip' the step
     # learning-rate schedule
     decay_lr: bool = True
     warmup_iters: int = 2000
@@ -83,6 +85,8 @@ class Config:
         check_choice("dtype", self.dtype, ("float32", "bfloat16"))
         check_choice("attn_impl", self.attn_impl, ("auto", "explicit", "xla", "cudnn"))
         check_choice("sharding", self.sharding, ("dp", "fsdp"))
+        check_choice("on_nonfinite", self.on_nonfinite, ("stop", "skip"))
+        check_choice("tokenizer", self.tokenizer, ("char",))
         for name in ("batch_size", "block_size", "n_layer", "n_head", "n_embd",
                      "gradient_accumulation_steps", "eval_iters", "eval_interval", "log_interval"):
             if getattr(self, name) < 1:

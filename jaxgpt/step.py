@@ -22,9 +22,11 @@ from jaxgpt.optim import lr_schedule, make_optimizer
 
 @flax.struct.dataclass
 class TrainState:
-    step: jax.Array  # int32 scalar: optimizer steps taken
+    step: jax.Array  # int32 scalar: steps taken (skipped non-finite ones included)
     params: Any  # the model's parameters as a nested dict of arrays (GPT-2 names)
     opt_state: Any
+    first_nonfinite: jax.Array  # int32: the first step whose loss or gradient was not finite, or -1
+    skipped: jax.Array  # int32: steps whose update was skipped because they were not finite
 
 
 def cross_entropy(logits, targets):
@@ -39,7 +41,8 @@ def init_state(model_cfg: ModelConfig, cfg: Config, key: jax.Array):
     # A plain nested dict of arrays: jit flattens it per call far faster than nnx Variables.
     params = nnx.to_pure_dict(params)
     optimizer = make_optimizer(cfg)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                       first_nonfinite=jnp.full((), -1, jnp.int32), skipped=jnp.zeros((), jnp.int32))
     return graphdef, state, optimizer
 
 
@@ -92,10 +95,20 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Conf
             zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
             (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(xs.shape[0]), xs, ys))
             loss, grads = jax.tree.map(lambda t: t / xs.shape[0], (loss, grads))
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "lr": schedule(state.step), "grad_norm": optax.tree.norm(grads)}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        def update(_):
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            return optax.apply_updates(state.params, updates), opt_state
+
+        # a non-finite step leaves parameters and optimizer state as they were
+        params, opt_state = jax.lax.cond(finite, update, lambda _: (state.params, state.opt_state), None)
+        first_bad = jnp.where((state.first_nonfinite < 0) & ~finite, state.step, state.first_nonfinite)
+        metrics = {"loss": loss, "lr": schedule(state.step), "grad_norm": grad_norm,
+                   "first_nonfinite": first_bad}
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, first_nonfinite=first_bad,
+                             skipped=state.skipped + (~finite).astype(jnp.int32)), metrics
 
     if state_sharding is None:
         return jax.jit(train_step, donate_argnums=0)

@@ -111,6 +111,9 @@ def setup(cfg: Config) -> Run:
     parallel.check_batch(mesh, cfg.batch_size)
     data_dir = cfg.resolved_data_dir()
     meta = data_lib.ensure_prepared(data_dir, cfg.dataset, cfg.input_file)
+    if meta.get("tokenizer") != cfg.tokenizer:
+        raise UserError(f"{data_dir} was prepared with the {meta.get('tokenizer')!r} tokenizer, not {cfg.tokenizer!r}; "
+                        f"pass --tokenizer={meta.get('tokenizer')} or a --data_dir prepared for {cfg.tokenizer!r}")
     model_cfg = model_config(cfg, meta["vocab_size"])
     batches, eval_batches = {}, {}
     for split in data_lib.SPLITS:
@@ -133,6 +136,26 @@ def check_resume_compatible(model_cfg: ModelConfig, ckpt_meta: dict[str, Any], t
     if ckpt_meta["tokenizer"] != tok_meta:
         raise UserError("cannot resume: the data's tokenizer differs from the checkpoint's; "
                         "point --data_dir at the data the run was trained on")
+
+
+class NonFiniteLoss(UserError):
+    """The loss or gradient became NaN or inf (with on_nonfinite=stop)."""
+
+
+class _finish:
+    """Closes the progress bar and lets checkpoint writes complete, also when the loop fails."""
+
+    def __init__(self, *closables):
+        self.closables = closables
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for c in self.closables:
+            if hasattr(c, "wait"):
+                c.wait()
+            c.close()
 
 
 class StopFlag:
@@ -201,12 +224,12 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
     latest, best = Checkpointer(cfg.out_dir, "latest", max_to_keep=2), Checkpointer(cfg.out_dir, "best")
     best_val = math.inf
     if cfg.init_from == "resume":
-        step = latest.latest_step()
-        if step is None:
+        if not latest.all_steps():
             raise UserError(f"init_from=resume but {cfg.out_dir} has no checkpoint; "
                             f"train from scratch first or fix --out_dir")
-        check_resume_compatible(run.model_cfg, latest.restore_meta(step), run.tok_meta)
-        state, meta = latest.restore(parallel.with_shardings(abstract, state_sh), step)
+        state, meta, step = latest.restore_intact(
+            parallel.with_shardings(abstract, state_sh),
+            lambda m: check_resume_compatible(run.model_cfg, m, run.tok_meta), log)
         best_val = meta["best_val_loss"]
         log(f"resuming from {cfg.out_dir} at iter {step} (best val loss {best_val:.4f})")
     elif main and os.path.exists(metrics_path):
@@ -246,7 +269,16 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
                 "rng": {"seed": cfg.seed, "derivation": "fold_in(key(seed), stream); per step fold_in(stream_key, step)"},
                 "data_state": {"step": it}}
 
-    start = int(state.step)
+    start = last_saved = int(state.step)
+
+    def check_finite(first_bad) -> None:
+        """on_nonfinite=stop: end the run, saving nothing, once a step was not finite."""
+        bad = int(parallel.host_value(first_bad))
+        if cfg.on_nonfinite == "stop" and bad >= 0:
+            raise NonFiniteLoss(f"the loss became non-finite (NaN or inf) at iter {bad}; stopped without saving, "
+                                f"so the latest checkpoint (iter {last_saved}) is the last good one. Lower "
+                                f"--learning_rate, check the data, or pass --on_nonfinite=skip")
+
     if cfg.eval_only:
         losses = evaluate(state.params, start)
         log(f"iter {start}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
@@ -259,23 +291,25 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
     pending = None  # (iter, metrics on device) of the last log step, read one step later
     t_mark, steps_since_mark, ms_per_iter = time.perf_counter(), 0, float("nan")
     it, resumed = start, cfg.init_from == "resume"
-    with StopFlag() as stop:
+    with StopFlag() as stop, _finish(latest, best, bar):
         while True:
             due = it % cfg.eval_interval == 0 or it == cfg.max_iters
             if due and not (resumed and it == start):  # a resumed step was evaluated before
                 jax.block_until_ready(state)
                 if steps_since_mark:
                     ms_per_iter = 1000 * (time.perf_counter() - t_mark) / steps_since_mark
+                check_finite(state.first_nonfinite)
                 losses = evaluate(state.params, it)
                 if losses["val"] < best_val:
                     best_val = losses["val"]
                     best.save(it, state, checkpoint_meta(it))
                 latest.save(it, state, checkpoint_meta(it))
+                last_saved = it
                 row = {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"],
                        "lr": float(schedule(it)), "ms_per_iter": ms_per_iter,
                        "tokens_per_s": tokens_per_iter / ms_per_iter * 1000 if steps_since_mark else float("nan"),
                        "mfu": fpt * tokens_per_iter / (ms_per_iter / 1000) / peak if steps_since_mark else float("nan"),
-                       "best_val_loss": best_val}
+                       "best_val_loss": best_val, "skipped_steps": int(parallel.host_value(state.skipped))}
                 if main:
                     with open(metrics_path, "a", encoding="utf-8") as f:
                         f.write(json.dumps(row) + "\n")
@@ -287,6 +321,7 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
                 break
             if stop.stop:
                 jax.block_until_ready(state)
+                check_finite(state.first_nonfinite)
                 latest.save(it, state, checkpoint_meta(it))
                 say(f"stopped at iter {it}; checkpoint saved. Continue with --init_from=resume "
                     f"--out_dir={cfg.out_dir}")
@@ -299,6 +334,7 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
                 jax.block_until_ready(metrics)
             if pending is not None:
                 p_it, p_metrics = pending
+                check_finite(p_metrics["first_nonfinite"])
                 loss, lr = float(parallel.host_value(p_metrics["loss"])), float(parallel.host_value(p_metrics["lr"]))
                 if bar.disable:
                     log(f"iter {p_it}: loss {loss:.4f}, lr {lr:.2e}")
@@ -314,11 +350,6 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
             it += 1
             steps_since_mark += 1
             bar.update(1)
-    bar.close()
-    latest.wait()
-    best.wait()
-    latest.close()
-    best.close()
     if main:
         plot_losses(metrics_path, os.path.join(cfg.out_dir, "loss.png"))
     summary["iter"] = it

@@ -1,0 +1,227 @@
+"""Bad input gets one clear line and a non-zero exit; interruptions and faults never lose a run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sample as sample_script
+import train as train_script
+from conftest import ROOT, tiny_args
+from jaxgpt import step as step_lib
+from jaxgpt.checkpoint import Checkpointer, load_model
+from jaxgpt.config import UserError, parse_args
+from jaxgpt.trainer import train
+
+
+def run_main(main, argv, capsys):
+    rc = main(argv)
+    err = capsys.readouterr().err
+    return rc, err
+
+
+def assert_one_line(rc, err, message):
+    assert rc == 2, err
+    assert message in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: ")
+
+
+@pytest.fixture
+def trained(tmp_path, corpus_file):
+    """A tiny run with checkpoints at iters 0, 2, 4 (latest keeps 2 and 4)."""
+    cfg = parse_args(tiny_args(tmp_path, corpus_file, max_iters=4, eval_interval=2))
+    train(cfg, log=lambda s: None)
+    return cfg
+
+
+def write(tmp_path, name, data: bytes):
+    p = tmp_path / name
+    p.write_bytes(data)
+    return str(p)
+
+
+def test_train_bad_inputs(tmp_path, corpus_file, capsys):
+    t = lambda **kw: tiny_args(tmp_path, corpus_file, **kw)  # noqa: E731
+    cases = [
+        (["--n_layers=2"], "did you mean 'n_layer'"),
+        (["--max_iters=ten"], "max_iters expects an integer"),
+        (["--config", str(tmp_path / "missing.py")], "config file not found"),
+        (t(n_embd=10, n_head=3), "n_embd (10) must be divisible by n_head (3)"),
+        (t(input_file=str(tmp_path / "none.txt"), data_dir=str(tmp_path / "d1")), "input file not found"),
+        (t(input_file=write(tmp_path, "empty.txt", b""), data_dir=str(tmp_path / "d2")), "is empty"),
+        (t(input_file=write(tmp_path, "latin.txt", "caf\xe9 " .encode("latin-1") * 50), data_dir=str(tmp_path / "d3")),
+         "is not UTF-8"),
+        (t(input_file=write(tmp_path, "short.txt", b"abc" * 10), data_dir=str(tmp_path / "d4")), "fewer than block_size + 1"),
+        (t(init_from="resume", out_dir=str(tmp_path / "nothing")), "has no checkpoint"),
+        (t(dtype="float16"), "dtype must be one of float32, bfloat16"),
+        (t(mesh_shape="2"), "needs 2 devices but 1 are visible"),
+        (t(on_nonfinite="ignore"), "on_nonfinite must be one of stop, skip"),
+    ]
+    for argv, message in cases:
+        assert_one_line(*run_main(train_script.main, argv, capsys), message)
+
+
+def test_other_tokenizer_and_larger_block_size(trained, tmp_path, corpus_file, capsys):
+    meta_path = os.path.join(trained.data_dir, "meta.json")
+    meta = json.load(open(meta_path))
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in ("train.bin", "val.bin"):
+        (other / f).write_bytes(open(os.path.join(trained.data_dir, f), "rb").read())
+    json.dump({**meta, "tokenizer": "gpt2"}, open(other / "meta.json", "w"))
+    assert_one_line(*run_main(train_script.main, tiny_args(tmp_path, corpus_file, data_dir=str(other)), capsys),
+                    "prepared with the 'gpt2' tokenizer, not 'char'")
+    assert_one_line(*run_main(train_script.main, tiny_args(tmp_path, corpus_file, init_from="resume", block_size=32,
+                                                          max_iters=6), capsys),
+                    "block_size: checkpoint 16, config 32")
+
+
+def test_sample_bad_inputs(trained, tmp_path, capsys):
+    out = f"--out_dir={trained.out_dir}"
+    cases = [
+        ([f"--out_dir={tmp_path / 'empty'}"], "no checkpoint in"),
+        ([out, "--start=to be€"], "outside the vocabulary: '€'"),
+        ([out, "--max_new_tokens=0"], "max_new_tokens must be >= 1"),
+        ([out, "--temperature=-0.5"], "temperature must be >= 0"),
+        ([out, "--top_k=-3"], "top_k must be >= 1"),
+        ([out, "--top_p=0"], "top_p must be in (0, 1]"),
+        ([out, "--top_p=1.5"], "top_p must be in (0, 1]"),
+        ([out, f"--start=FILE:{tmp_path / 'nope.txt'}"], "cannot read prompt file"),
+        ([out, "--which=first"], "which must be one of best, latest"),
+    ]
+    for argv, message in cases:
+        assert_one_line(*run_main(sample_script.main, argv, capsys), message)
+
+
+def test_debug_flag_shows_the_traceback(capsys):
+    with pytest.raises(UserError, match="did you mean"):
+        train_script.main(["--n_layers=2", "--debug"])
+
+
+def test_batch_that_devices_cannot_split():
+    r = subprocess.run([sys.executable, "train.py", "--cpu_devices=2", "--batch_size=3"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "batch_size 3 cannot be split over 2 devices" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def nan_loss(monkeypatch):
+    real = step_lib.cross_entropy
+    monkeypatch.setattr(step_lib, "cross_entropy", lambda logits, targets: real(logits, targets) * jnp.nan)
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(trained, monkeypatch):
+    nan_loss(monkeypatch)
+    cfg = parse_args(tiny_args_from(trained, init_from="resume", max_iters=8))
+    with pytest.raises(UserError, match="non-finite .* at iter 4; stopped without saving, so the latest checkpoint "
+                                        r"\(iter 4\) is the last good one"):
+        train(cfg, log=lambda s: None)
+    assert Checkpointer(trained.out_dir, "latest").all_steps() == [4, 2]
+
+
+def test_nonfinite_steps_can_be_skipped(trained, monkeypatch):
+    _, before, *_ = load_model(trained.out_dir, "latest")
+    nan_loss(monkeypatch)
+    summary = train(parse_args(tiny_args_from(trained, init_from="resume", max_iters=8, on_nonfinite="skip")),
+                    log=lambda s: None)
+    assert summary["iter"] == 8 and summary["skipped_steps"] == 4
+    _, after, *_ = load_model(trained.out_dir, "latest")
+    for a, b in zip(np.asarray(jnp.concatenate([x.ravel() for x in jax_leaves(before)])),
+                    np.asarray(jnp.concatenate([x.ravel() for x in jax_leaves(after)]))):
+        assert a == b
+
+
+def jax_leaves(tree):
+    import jax
+    return jax.tree.leaves(tree)
+
+
+def tiny_args_from(cfg, **kw):
+    base = {k: getattr(cfg, k) for k in ("out_dir", "data_dir", "input_file", "n_layer", "n_head", "n_embd",
+                                         "block_size", "batch_size", "eval_iters", "eval_interval", "log_interval",
+                                         "warmup_iters", "lr_decay_iters", "learning_rate", "min_lr")}
+    base.update(kw)
+    return [f"--{k}={v}" for k, v in base.items()]
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(trained, capsys):
+    ckpt_dir = os.path.join(trained.out_dir, "checkpoints", "latest", "4")
+    broken = 0
+    for root, _, files in os.walk(ckpt_dir):
+        for f in files:
+            if "state" in root:
+                with open(os.path.join(root, f), "r+b") as fh:
+                    fh.truncate(0)
+                broken += 1
+    assert broken
+    logs = []
+    summary = train(parse_args(tiny_args_from(trained, init_from="resume", max_iters=6)), log=logs.append)
+    assert any("checkpoint at iter 4 is unreadable" in line for line in logs), logs
+    assert any("resuming from" in line and "at iter 2" in line for line in logs), logs
+    assert summary["iter"] == 6
+
+
+def start_training(tmp_path, corpus_file, **kw):
+    args = tiny_args(tmp_path, corpus_file, **{"max_iters": 100000, "eval_interval": 1000, "log_interval": 1, **kw})
+    return subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def wait_for(proc, predicate, timeout=120):
+    """Reads the process's output until a line satisfies predicate; returns that line."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if predicate(line):
+            return line
+    proc.kill()
+    raise AssertionError("the training process never printed the expected line")
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, corpus_file):
+    proc = start_training(tmp_path, corpus_file)
+    wait_for(proc, lambda l: l.startswith("iter 5: loss"))
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "Continue with --init_from=resume" in out and "Traceback" not in out
+    stopped = int(out.split("stopped at iter ")[1].split(";")[0])
+    assert stopped >= 6
+    assert Checkpointer(str(tmp_path / "out"), "latest").all_steps()[0] == stopped
+    summary = train(parse_args(tiny_args(tmp_path, corpus_file, init_from="resume", max_iters=stopped + 2,
+                                         eval_interval=1000)), log=lambda s: None)
+    assert summary["iter"] == stopped + 2
+
+
+def test_sigkill_at_any_moment_never_loses_a_completed_checkpoint(tmp_path, corpus_file):
+    out_dir = str(tmp_path / "out")
+    completed = -1
+    # kill right after an evaluation line (a checkpoint write is in flight) and between steps
+    for target, when in [("iter 3: train loss", 0.0), ("iter 6: train loss", 0.05), ("iter 8: loss", 0.0),
+                         ("iter 12: train loss", 0.2)]:
+        proc = start_training(tmp_path, corpus_file, eval_interval=3,
+                              init_from="resume" if completed >= 0 else "scratch")
+        wait_for(proc, lambda l: l.startswith(target.split(":")[0] + ":") and target.split(": ")[1] in l)
+        time.sleep(when)
+        proc.kill()
+        proc.wait(timeout=30)
+        steps = Checkpointer(out_dir, "latest").all_steps()
+        assert steps and steps[0] >= completed, (steps, completed)  # never goes back
+        completed = steps[0]
+        # what is listed reads back whole
+        _, params, *_ = load_model(out_dir, "latest")
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax_leaves(params))
+    logs = []
+    summary = train(parse_args(tiny_args(tmp_path, corpus_file, init_from="resume", max_iters=completed + 3,
+                                         eval_interval=3)), log=logs.append)
+    assert any(f"resuming from {out_dir} at iter {completed}" in line for line in logs), logs
+    assert summary["iter"] == completed + 3
