@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
 from tqdm import tqdm
 
 from jaxgpt import data as data_lib
@@ -29,7 +29,6 @@ from jaxgpt.config import Config, UserError, save_config
 from jaxgpt.model import ModelConfig, num_params, pick_attention
 from jaxgpt.optim import lr_schedule
 from jaxgpt.step import abstract_state, init_state, make_eval_step, make_train_step
-from jax.sharding import Mesh, NamedSharding
 
 # Token arrays up to this size are copied to the device once and batches are cut there,
 # inside jit; larger corpora stay in the memmap and batches are read on the host.

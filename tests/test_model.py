@@ -7,7 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxgpt.model import GPT, Bigram, ModelConfig, build_model, causal_attention
+from jaxgpt.model import GPT, ModelConfig, build_model, causal_attention
 from jaxgpt.step import cross_entropy
 
 TINY = ModelConfig(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=32)
