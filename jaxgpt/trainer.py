@@ -90,7 +90,25 @@ def make_batch_fn(tokens: np.ndarray, batch_size: int, block_size: int, accum: i
 
         return tuple(parallel.global_batch_from_host(lambda idx, s=s: rows(idx, s), shape, sharding)
                      for s in (0, 1))
-    return host_batch
+    return Prefetched(host_batch)
+
+
+class Prefetched:
+    """Reads batch i + 1 from the memmap in a background thread while step i runs."""
+
+    def __init__(self, fn: Callable):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.fn, self.pool, self.ahead = fn, ThreadPoolExecutor(max_workers=1), None
+
+    def __call__(self, key, i):
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None and ahead[0] is key and ahead[1] == i:
+            batch = ahead[2].result()
+        else:
+            batch = self.fn(key, i)
+        self.ahead = (key, i + 1, self.pool.submit(self.fn, key, i + 1))
+        return batch
 
 
 @dataclass
@@ -288,6 +306,7 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
     say = bar.write if not bar.disable else log
     summary: dict[str, Any] = {"n_params": n_params}
     pending = None  # (iter, metrics on device) of the last log step, read one step later
+    log_mark, recent_ms = None, None  # (time, iter) of the last log line; ms/iter since then
     t_mark, steps_since_mark, ms_per_iter = time.perf_counter(), 0, float("nan")
     it, resumed = start, cfg.init_from == "resume"
     with StopFlag() as stop, _finish(latest, best, bar):
@@ -335,11 +354,16 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
                 p_it, p_metrics = pending
                 check_finite(p_metrics["first_nonfinite"])
                 loss, lr = float(parallel.host_value(p_metrics["loss"])), float(parallel.host_value(p_metrics["lr"]))
+                now = time.perf_counter()
+                if log_mark is not None and p_it > log_mark[1]:
+                    recent_ms = 1000 * (now - log_mark[0]) / (p_it - log_mark[1])
+                log_mark = (now, p_it)
+                speed = (f"{recent_ms:.1f} ms/iter, {tokens_per_iter / recent_ms * 1000:,.0f} tok/s"
+                         if recent_ms else "compiling")
                 if bar.disable:
-                    log(f"iter {p_it}: loss {loss:.4f}, lr {lr:.2e}")
+                    log(f"iter {p_it}: loss {loss:.4f}, lr {lr:.2e}, {speed}")
                 else:
-                    bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {ms_per_iter:.1f} ms/iter "
-                                        f"{tokens_per_iter / ms_per_iter * 1000:,.0f} tok/s")
+                    bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {speed}")
                 pending = None
             if it % cfg.log_interval == 0:
                 pending = (it, metrics)

@@ -124,3 +124,21 @@ def test_script_errors_are_one_line(args, message):
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_memmap_path_trains_like_the_device_resident_path(tmp_path, corpus_file, monkeypatch):
+    """Corpora too big for the devices are read from the memmap on the host (prefetched);
+    the batches, and so the losses, are the same as when the corpus sits on the device."""
+    import jaxgpt.trainer as trainer
+
+    resident = parse_args(tiny_args(tmp_path / "a", corpus_file, max_iters=6, eval_interval=3,
+                                    gradient_accumulation_steps=2))
+    train(resident, log=lambda s: None)
+    monkeypatch.setattr(trainer, "RESIDENT_BYTES", 0)
+    host = parse_args(tiny_args(tmp_path / "b", corpus_file, max_iters=6, eval_interval=3,
+                                gradient_accumulation_steps=2))
+    batch = trainer.setup(host).batches["train"]
+    assert isinstance(batch, trainer.Prefetched)
+    train(host, log=lambda s: None)
+    a, b = read_metrics(resident.out_dir), read_metrics(host.out_dir)
+    assert [(r["train_loss"], r["val_loss"]) for r in a] == [(r["train_loss"], r["val_loss"]) for r in b]
