@@ -237,7 +237,6 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
     # the state is created directly in its shardings: no device ever holds a whole fsdp model
     graphdef, abstract, optimizer = abstract_state(run.model_cfg, cfg)
     state_sh = parallel.state_shardings(abstract, run.mesh)
-    state = jax.jit(lambda k: init_state(run.model_cfg, cfg, k)[1], out_shardings=state_sh)(keys["init"])
     latest, best = Checkpointer(cfg.out_dir, "latest", max_to_keep=2), Checkpointer(cfg.out_dir, "best")
     best_val = math.inf
     if cfg.init_from == "resume":
@@ -249,8 +248,10 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
             lambda m: check_resume_compatible(run.model_cfg, m, run.tok_meta), log)
         best_val = meta["best_val_loss"]
         log(f"resuming from {cfg.out_dir} at iter {step} (best val loss {best_val:.4f})")
-    elif main and os.path.exists(metrics_path):
-        os.remove(metrics_path)  # a fresh run starts a fresh log
+    else:
+        state = jax.jit(lambda k: init_state(run.model_cfg, cfg, k)[1], out_shardings=state_sh)(keys["init"])
+        if main and os.path.exists(metrics_path):
+            os.remove(metrics_path)  # a fresh run starts a fresh log
 
     n_params = num_params(state.params)
     peak, peak_src = device_peak("float32" if jax.devices()[0].platform == "cpu" else cfg.dtype,
