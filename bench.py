@@ -15,13 +15,13 @@ import jax
 
 from jaxgpt import parallel
 from jaxgpt.benchmark import device_peak, flops_per_token, peak_memory_bytes, summarize, time_steps
-from jaxgpt.config import UserError, parse_args
+from jaxgpt.config import parse_args, run_cli
 from jaxgpt.model import num_params
 from jaxgpt.step import abstract_state, init_state, make_train_step
 from jaxgpt.trainer import model_config
 
 
-def main(argv):
+def bench_main(argv):
     # bench.py's own flags; everything else is a training config flag
     opts = {"steps": 50, "vocab_size": 65}
     rest = []
@@ -32,18 +32,10 @@ def main(argv):
         else:
             rest.append(a)
     steps, vocab = opts["steps"], opts["vocab_size"]
-    try:
-        cfg = parse_args(rest).validate()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = parse_args(rest).validate()
     parallel.set_cpu_devices(cfg.cpu_devices)
-    try:
-        mesh = parallel.make_mesh(cfg.sharding, cfg.mesh_shape)
-        parallel.check_batch(mesh, cfg.batch_size)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    mesh = parallel.make_mesh(cfg.sharding, cfg.mesh_shape)
+    parallel.check_batch(mesh, cfg.batch_size)
     mcfg = model_config(cfg, vocab)
     graphdef, abstract, optimizer = abstract_state(mcfg, cfg)
     state_sh = parallel.state_shardings(abstract, mesh)
@@ -70,6 +62,10 @@ def main(argv):
           + (f"{res['peak_memory_bytes'] / 2**20:.0f} MiB" if res["peak_memory_bytes"] else "not reported"))
     print(json.dumps(res))
     return 0
+
+
+def main(argv):
+    return run_cli(bench_main, argv)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from jaxgpt.checkpoint import load_model
-from jaxgpt.config import UserError, check_choice, parse_args
+from jaxgpt.config import UserError, check_choice, parse_args, run_cli
 from jaxgpt.sampling import Engine, check_sampling_args
 
 SEPARATOR = "---------------"
@@ -49,37 +49,29 @@ def read_prompt(start: str) -> str:
     return start
 
 
-def main(argv):
-    debug = "--debug" in argv
-    argv = [a for a in argv if a != "--debug"]
-    try:
-        sc = parse_args(argv, SampleConfig)
-        check_choice("which", sc.which, ("best", "latest"))
-        top_k = sc.top_k or None
-        check_sampling_args(sc.max_new_tokens, sc.temperature, top_k, sc.top_p)
-        graphdef, params, model_cfg, tok, meta = load_model(sc.out_dir, sc.which)
-        prompt_text = read_prompt(sc.start)
-        prompt = tok.encode(prompt_text)
-        stop = tok.encode(sc.stop) if sc.stop else None
-        engine = Engine(graphdef, params, model_cfg.block_size)
-        printed = 0
+def sample_main(argv):
+    sc = parse_args(argv, SampleConfig)
+    check_choice("which", sc.which, ("best", "latest"))
+    top_k = sc.top_k or None
+    check_sampling_args(sc.max_new_tokens, sc.temperature, top_k, sc.top_p)
+    graphdef, params, model_cfg, tok, meta = load_model(sc.out_dir, sc.which)
+    prompt_text = read_prompt(sc.start)
+    prompt = tok.encode(prompt_text)
+    stop = tok.encode(sc.stop) if sc.stop else None
+    engine = Engine(graphdef, params, model_cfg.block_size)
+    printed = 0
 
-        def stream(tokens: np.ndarray):  # prints the first sample's new text as chunks arrive
-            nonlocal printed
-            if printed == 0:
-                print(prompt_text, end="")
-            print(tok.decode(tokens[0, printed:]), end="", flush=True)
-            printed = tokens.shape[1]
+    def stream(tokens: np.ndarray):  # prints the first sample's new text as chunks arrive
+        nonlocal printed
+        if printed == 0:
+            print(prompt_text, end="")
+        print(tok.decode(tokens[0, printed:]), end="", flush=True)
+        printed = tokens.shape[1]
 
-        result = engine.generate(prompt, max_new_tokens=sc.max_new_tokens, num_samples=sc.num_samples,
-                                 temperature=sc.temperature, top_k=top_k, top_p=sc.top_p,
-                                 key=jax.random.key(sc.seed), window_keep=sc.window_keep, stop=stop,
-                                 on_chunk=stream if sc.stream else None)
-    except UserError as e:
-        if debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    result = engine.generate(prompt, max_new_tokens=sc.max_new_tokens, num_samples=sc.num_samples,
+                             temperature=sc.temperature, top_k=top_k, top_p=sc.top_p,
+                             key=jax.random.key(sc.seed), window_keep=sc.window_keep, stop=stop,
+                             on_chunk=stream if sc.stream else None)
     if sc.stream:
         print("\n" + SEPARATOR)
     for i, row in enumerate(result.tokens):
@@ -96,6 +88,9 @@ def main(argv):
           file=sys.stderr)
     return 0
 
+
+def main(argv):
+    return run_cli(sample_main, argv)
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

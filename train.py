@@ -8,32 +8,27 @@ config.json and loss.png go to out_dir; resume with --init_from=resume.
 
 import sys
 
-from jaxgpt.config import UserError, format_config, parse_args
+from jaxgpt.config import format_config, parse_args, run_cli
 from jaxgpt.parallel import maybe_initialize_distributed, set_cpu_devices
 from jaxgpt.trainer import train
 
 
-def main(argv):
-    debug = "--debug" in argv
-    argv = [a for a in argv if a != "--debug"]
-    try:
-        cfg = parse_args(argv).validate()
-        set_cpu_devices(cfg.cpu_devices)  # before JAX starts its backends
-        maybe_initialize_distributed()  # several processes (a pod slice, GPU nodes): one program
-        import jax
-        if jax.process_index() == 0:
-            print("config:\n" + format_config(cfg))
-        summary = train(cfg)
-    except UserError as e:
-        if debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def train_main(argv):
+    cfg = parse_args(argv).validate()
+    set_cpu_devices(cfg.cpu_devices)  # before JAX starts its backends
+    maybe_initialize_distributed()  # several processes (a pod slice, GPU nodes): one program
+    import jax
+    if jax.process_index() == 0:
+        print("config:\n" + format_config(cfg))
+    summary = train(cfg)
     if "best_val_loss" in summary:
         print(f"done: iter {summary['iter']}, best val loss {summary['best_val_loss']:.4f}; "
               f"sample with: python sample.py --out_dir={cfg.out_dir}")
     return 0
 
+
+def main(argv):
+    return run_cli(train_main, argv)
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -101,6 +101,21 @@ class Config:
         return self
 
 
+def run_cli(body, argv: Sequence[str]) -> int:
+    """Runs a script's body(argv); a UserError becomes one 'error: ...' line on stderr and exit
+    code 2. `--debug` anywhere in argv shows the full traceback instead."""
+    import sys
+
+    debug = "--debug" in argv
+    try:
+        return body([a for a in argv if a != "--debug"])
+    except UserError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
     if value not in choices:
         raise UserError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")

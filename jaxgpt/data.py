@@ -118,14 +118,18 @@ def load_split(data_dir: str, split: str, meta: dict[str, Any]) -> np.ndarray:
     return np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.dtype(meta["dtype"]), mode="r")
 
 
+def batch_offsets(key: jax.Array, n_tokens: int, batch_size: int, block_size: int) -> jax.Array:
+    """Start offsets (B,) of the windows of one batch: the one source of batch randomness."""
+    return jax.random.randint(key, (batch_size,), 0, n_tokens - block_size)
+
+
 def get_batch(key: jax.Array, data, batch_size: int, block_size: int):
     """Samples `batch_size` random windows; returns (x, y) of shape (B, T), y = x shifted by one.
 
     `data` is a jax array (pure, usable inside jit) or a numpy array / memmap (the offsets come
     from the same key, the windows are read on the host). Both give the same batch for a key.
     """
-    n = data.shape[0]
-    offsets = jax.random.randint(key, (batch_size,), 0, n - block_size)  # (B,)
+    offsets = batch_offsets(key, data.shape[0], batch_size, block_size)  # (B,)
     if isinstance(data, jax.Array):
         idx = offsets[:, None] + jnp.arange(block_size + 1)  # (B, T+1)
         chunk = data[idx].astype(jnp.int32)

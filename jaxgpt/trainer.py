@@ -80,7 +80,7 @@ def make_batch_fn(tokens: np.ndarray, batch_size: int, block_size: int, accum: i
 
     def host_batch(key, i):
         keys = jax.random.split(jax.random.fold_in(key, i), n_micro)
-        offsets = np.stack([np.asarray(jax.random.randint(k, (batch_size,), 0, n - block_size)) for k in keys])
+        offsets = np.stack([np.asarray(data_lib.batch_offsets(k, n, batch_size, block_size)) for k in keys])
         offsets = offsets if accum else offsets[0]  # (A, B) or (B,)
 
         def rows(index, shift):  # the block of one device: read only its rows from the memmap
