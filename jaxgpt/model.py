@@ -33,6 +33,7 @@ class ModelConfig:
     bias: bool = False
     dtype: str = "float32"  # compute dtype; parameters are always float32
     attn_impl: str = "explicit"  # 'explicit' | 'xla' | 'cudnn': see attention()
+    gelu: str = "exact"  # 'exact' (nanoGPT's nn.GELU) | 'tanh' (OpenAI GPT-2's approximation)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
@@ -60,9 +61,13 @@ def dense(layer: nnx.Linear, x):
     return layer(x.reshape(-1, x.shape[-1])).reshape(*lead, -1)
 
 
-def gelu(x):
-    """Exact GELU, x * Phi(x), as nanoGPT's nn.GELU(). Written with erf: XLA's CPU erfc, which
-    jax.nn.gelu(approximate=False) uses, is 2x slower and costs 6 ms of a 48 ms laptop step."""
+def gelu(x, kind: str = "exact"):
+    """GELU. 'exact' is x * Phi(x), as nanoGPT's nn.GELU(), written with erf: XLA's CPU erfc, which
+    jax.nn.gelu(approximate=False) uses, is 2x slower and costs 6 ms of a 48 ms laptop step.
+    'tanh' is the approximation OpenAI's GPT-2 was trained with (Hugging Face's gelu_new):
+    pretrained GPT-2 weights need it to give the reference logits."""
+    if kind == "tanh":
+        return jax.nn.gelu(x, approximate=True)
     return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
 
 
@@ -172,9 +177,10 @@ class MLP(nnx.Module):
                                  kernel_init=nnx.initializers.normal(0.02 / math.sqrt(2 * cfg.n_layer)),
                                  rngs=rngs)
         self.dropout = cfg.dropout
+        self.gelu = cfg.gelu
 
     def __call__(self, x, dropout_key=None):
-        h = gelu(dense(self.c_fc, x))  # (B, T, 4C)
+        h = gelu(dense(self.c_fc, x), self.gelu)  # (B, T, 4C)
         return dropout(dense(self.c_proj, h), self.dropout, dropout_key)
 
 

@@ -1,0 +1,334 @@
+"""GPT-2 weights in and out: OpenAI's checkpoints, Hugging Face directories, nanoGPT's ckpt.pt.
+
+    from jaxgpt.pretrained import load_pretrained
+    model, model_config = load_pretrained("gpt2")      # or a directory, a ckpt.pt, a jaxgpt out_dir
+    logits = model(idx)                                 # (B, T) -> (B, T, V), evaluation mode
+
+Sources `load_weights` understands (`init_from` in a training config takes the same):
+  gpt2 | gpt2-medium | gpt2-large | gpt2-xl   the Hugging Face cache, else a download
+  a Hugging Face GPT-2 directory               config.json + model.safetensors or pytorch_model.bin
+  a nanoGPT checkpoint, .../ckpt.pt            PyTorch state dict; the `_orig_mod.` prefix is stripped
+  a jaxgpt out_dir                             its best (else latest) checkpoint's weights
+
+Every source is read into one flat table of numpy arrays under the Hugging Face names
+(`h.0.attn.c_attn.weight`, ...), with every matrix laid out (in, out) as in GPT-2's Conv1D;
+`to_params` maps that table name by name onto jaxgpt's parameter tree, and `export_hf` maps a
+jaxgpt checkpoint back to a Hugging Face directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from jaxgpt.config import UserError
+
+# name -> (n_layer, n_head, n_embd); all have a 1024-token context and 50257 tokens
+GPT2_SIZES = {
+    "gpt2": (12, 12, 768),  # 124M parameters
+    "gpt2-medium": (24, 16, 1024),  # 350M
+    "gpt2-large": (36, 20, 1280),  # 774M
+    "gpt2-xl": (48, 25, 1600),  # 1558M
+}
+GPT2_VOCAB, GPT2_CONTEXT = 50257, 1024
+HUB_REPOS = {name: f"openai-community/{name}" for name in GPT2_SIZES}
+HF_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt")
+# Hugging Face's activation names -> ours
+HF_GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "exact"}
+
+# one transformer block: (our path inside h.<i>, Hugging Face name inside h.<i>)
+BLOCK_TABLE = [
+    (("ln_1", "scale"), "ln_1.weight"), (("ln_1", "bias"), "ln_1.bias"),
+    (("attn", "c_attn", "kernel"), "attn.c_attn.weight"), (("attn", "c_attn", "bias"), "attn.c_attn.bias"),
+    (("attn", "c_proj", "kernel"), "attn.c_proj.weight"), (("attn", "c_proj", "bias"), "attn.c_proj.bias"),
+    (("ln_2", "scale"), "ln_2.weight"), (("ln_2", "bias"), "ln_2.bias"),
+    (("mlp", "c_fc", "kernel"), "mlp.c_fc.weight"), (("mlp", "c_fc", "bias"), "mlp.c_fc.bias"),
+    (("mlp", "c_proj", "kernel"), "mlp.c_proj.weight"), (("mlp", "c_proj", "bias"), "mlp.c_proj.bias"),
+]
+TOP_TABLE = [
+    (("wte", "embedding"), "wte.weight"), (("wpe", "embedding"), "wpe.weight"),
+    (("ln_f", "scale"), "ln_f.weight"), (("ln_f", "bias"), "ln_f.bias"),
+]
+LINEARS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+@dataclass
+class Weights:
+    """What a source holds: the flat table, the architecture, and the tokenizer when it has one."""
+    tensors: dict[str, np.ndarray]  # Hugging Face names without 'transformer.', matrices (in, out)
+    n_head: int
+    gelu: str  # 'exact' | 'tanh'
+    source: str
+    tokenizer_meta: dict[str, Any] | None = None  # a jaxgpt checkpoint's tokenizer
+    tokenizer_dir: str = ""  # a directory with vocab.json + merges.txt
+    jaxgpt_meta: dict[str, Any] | None = None  # the checkpoint metadata of a jaxgpt source
+
+
+def is_pretrained_source(init_from: str) -> bool:
+    return init_from not in ("scratch", "resume")
+
+
+# ----------------------------------------------------------------------------- reading sources
+
+def load_weights(name_or_path: str) -> Weights:
+    """Reads any supported source into a `Weights` table (numpy, float32, on the host)."""
+    path = os.path.expanduser(name_or_path)
+    if name_or_path in GPT2_SIZES and not os.path.exists(path):
+        return _read_hf_dir(hub_snapshot(name_or_path), source=name_or_path)
+    if os.path.isfile(path):
+        if path.endswith((".safetensors", ".bin")):
+            return _read_hf_dir(os.path.dirname(path) or ".", source=path)
+        return _read_nanogpt(path)
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return _read_hf_dir(path, source=path)
+        if os.path.isfile(os.path.join(path, "ckpt.pt")):
+            return _read_nanogpt(os.path.join(path, "ckpt.pt"))
+        if os.path.isdir(os.path.join(path, "checkpoints")):
+            return _read_jaxgpt(path)
+        raise UserError(f"{path} holds no GPT-2 weights: expected config.json + model.safetensors (Hugging Face), "
+                        f"ckpt.pt (nanoGPT) or checkpoints/ (a jaxgpt out_dir)")
+    names = ", ".join(GPT2_SIZES)
+    raise UserError(f"init_from={name_or_path!r} is neither scratch, resume, a GPT-2 name ({names}) nor an "
+                    f"existing file or directory; check the path")
+
+
+def hub_snapshot(name: str) -> str:
+    """The local directory of an OpenAI GPT-2 checkpoint: from the Hugging Face cache, else downloaded."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise UserError("loading GPT-2 by name needs huggingface_hub: pip install huggingface_hub") from None
+    repos = (HUB_REPOS[name], name)  # the current repo id, and the old one older caches hold
+    for repo in repos:
+        try:
+            return snapshot_download(repo, allow_patterns=list(HF_FILES), local_files_only=True)
+        except Exception:  # noqa: BLE001 -- not in the cache: try the next id, then the network
+            pass
+    try:
+        return snapshot_download(HUB_REPOS[name], allow_patterns=list(HF_FILES))
+    except Exception as e:  # noqa: BLE001 -- offline, proxy, hub errors: all mean "not here"
+        raise UserError(f"could not download {name} from the Hugging Face Hub ({type(e).__name__}); run once with "
+                        f"network (it is cached after that) or pass a local GPT-2 directory as --init_from=PATH") from None
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _read_hf_dir(path: str, source: str) -> Weights:
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise UserError(f"{path} has no config.json; a Hugging Face GPT-2 directory needs one")
+    hf = _read_json(cfg_path)
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise UserError(f"{path} holds a {hf.get('model_type')!r} model; only GPT-2 checkpoints load here")
+    act = hf.get("activation_function", "gelu_new")
+    if act not in HF_GELU:
+        raise UserError(f"{path} uses activation {act!r}; jaxgpt knows {', '.join(HF_GELU)}")
+    tensors = _read_hf_tensors(path)
+    has_tok = all(os.path.isfile(os.path.join(path, f)) for f in ("vocab.json", "merges.txt"))
+    return Weights(_canonical(tensors, transpose=False), n_head=int(hf["n_head"]), gelu=HF_GELU[act],
+                   source=source, tokenizer_dir=path if has_tok else "")
+
+
+def _read_hf_tensors(path: str) -> dict[str, np.ndarray]:
+    single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(single) or os.path.isfile(index):
+        from safetensors.numpy import load_file
+
+        files = [single] if os.path.isfile(single) else sorted(set(_read_json(index)["weight_map"].values()))
+        out = {}
+        for f in files:
+            out.update(load_file(os.path.join(path, os.path.basename(f))))
+        return out
+    bin_path = os.path.join(path, "pytorch_model.bin")
+    if os.path.isfile(bin_path):
+        return _torch_load(bin_path)
+    raise UserError(f"{path} has no model.safetensors or pytorch_model.bin")
+
+
+def _torch_load(path: str) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise UserError(f"reading {os.path.basename(path)} needs PyTorch (pip install torch); "
+                        f"safetensors directories need no PyTorch") from None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: v.float().numpy() for k, v in state.items()}
+
+
+def _read_nanogpt(path: str) -> Weights:
+    """nanoGPT's ckpt.pt: {'model': state dict, 'model_args': {...}, ...}; nn.Linear weights are
+    (out, in) and torch.compile'd runs prefix every name with `_orig_mod.`."""
+    try:
+        import torch
+    except ImportError:
+        raise UserError("reading a nanoGPT ckpt.pt needs PyTorch: pip install torch") from None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {str(e)[:100]})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        raise UserError(f"{path} is not a nanoGPT checkpoint (expected the keys 'model' and 'model_args')")
+    state = {k.removeprefix("_orig_mod."): v.float().numpy() for k, v in ckpt["model"].items()}
+    return Weights(_canonical(state, transpose=True), n_head=int(ckpt["model_args"]["n_head"]),
+                   gelu="exact", source=path)
+
+
+def _read_jaxgpt(out_dir: str) -> Weights:
+    import jax
+
+    from jaxgpt.checkpoint import load_model
+
+    _, params, model_cfg, _, meta = load_model(out_dir, "best")
+    if model_cfg.model_type != "gpt":
+        raise UserError(f"{out_dir} holds a {model_cfg.model_type} model; only GPT models can be a starting point")
+    params = jax.tree.map(np.asarray, params)
+    return Weights(from_params(params, model_cfg.n_layer, model_cfg.bias), n_head=model_cfg.n_head,
+                   gelu=model_cfg.gelu, source=out_dir, tokenizer_meta=meta["tokenizer"], jaxgpt_meta=meta)
+
+
+def _canonical(state: dict[str, Any], transpose: bool) -> dict[str, np.ndarray]:
+    """Hugging Face / nanoGPT names -> the flat table: drops 'transformer.', the tied lm_head and
+    the attention-mask buffers; transposes nn.Linear weights (out, in) to (in, out)."""
+    out = {}
+    for k, v in state.items():
+        k = k.removeprefix("transformer.")
+        if k == "lm_head.weight" or k.endswith((".attn.bias", ".attn.masked_bias")):
+            continue
+        v = np.asarray(v, dtype=np.float32)
+        if transpose and k.endswith(LINEARS):
+            v = v.T
+        out[k] = v
+    return out
+
+
+# ----------------------------------------------------------------------------- table <-> params
+
+def n_layers(tensors: dict[str, np.ndarray]) -> int:
+    return len({k.split(".")[1] for k in tensors if k.startswith("h.")})
+
+
+def model_config(w: Weights, **overrides):
+    """The ModelConfig of a weights table; block_size, vocab_size, n_layer and n_embd from the shapes."""
+    from jaxgpt.model import ModelConfig
+
+    V, C = w.tensors["wte.weight"].shape
+    cfg = ModelConfig(model_type="gpt", vocab_size=int(V), block_size=int(w.tensors["wpe.weight"].shape[0]),
+                      n_layer=n_layers(w.tensors), n_head=w.n_head, n_embd=int(C), dropout=0.0,
+                      bias="ln_f.bias" in w.tensors, gelu=w.gelu)
+    return dataclasses.replace(cfg, **overrides)
+
+
+def to_params(w: Weights, block_size: int | None = None) -> dict:
+    """The flat table -> jaxgpt's nested parameter dict (numpy), with wpe cropped to block_size."""
+    t, params = w.tensors, {"h": {}}
+
+    def put(tree, path, value):
+        for p in path[:-1]:
+            tree = tree.setdefault(p, {})
+        tree[path[-1]] = value
+
+    bias = "ln_f.bias" in t
+    for path, name in TOP_TABLE:
+        if name.endswith(".bias") and not bias:
+            continue
+        put(params, path, _get(t, name, w.source))
+    for i in range(n_layers(t)):
+        for path, name in BLOCK_TABLE:
+            if name.endswith(".bias") and not bias:
+                continue
+            put(params["h"], (i, *path), _get(t, f"h.{i}.{name}", w.source))
+    if block_size is not None:
+        if block_size > params["wpe"]["embedding"].shape[0]:
+            raise UserError(f"block_size {block_size} is larger than the {w.source} model's context of "
+                            f"{params['wpe']['embedding'].shape[0]}; pass --block_size={params['wpe']['embedding'].shape[0]} or less")
+        params["wpe"]["embedding"] = params["wpe"]["embedding"][:block_size]
+    return params
+
+
+def _get(t, name, source):
+    if name not in t:
+        raise UserError(f"{source} has no tensor {name!r}; is it a GPT-2 checkpoint?")
+    return t[name]
+
+
+def from_params(params: dict, n_layer: int, bias: bool) -> dict[str, np.ndarray]:
+    """jaxgpt's parameter dict -> the flat table. A model without biases gets zero biases, which
+    computes the same function (Hugging Face's GPT-2 always has them)."""
+    out = {}
+
+    def take(tree, path, name):
+        for p in path:
+            if p not in tree:  # a missing bias: zeros as wide as the weight it belongs to
+                return np.zeros(out[name.replace(".bias", ".weight")].shape[-1:], np.float32)
+            tree = tree[p]
+        return np.asarray(tree, np.float32)
+
+    for path, name in TOP_TABLE:
+        out[name] = take(params, path, name)
+    for i in range(n_layer):
+        for path, name in BLOCK_TABLE:
+            out[f"h.{i}.{name}"] = take(params["h"][i], path, f"h.{i}.{name}")
+    return out
+
+
+# ----------------------------------------------------------------------------- public API
+
+def load_params(name_or_path: str, block_size: int | None = None, **overrides):
+    """(params as numpy, ModelConfig, Weights) from any source; block_size crops the context."""
+    w = load_weights(name_or_path)
+    params = to_params(w, block_size)
+    cfg = model_config(w, **({"block_size": block_size} if block_size else {}), **overrides)
+    return params, cfg, w
+
+
+def load_pretrained(name_or_path: str, dtype: str = "float32"):
+    """A ready GPT model (Flax NNX, evaluation mode: no dropout) and its ModelConfig."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxgpt.model import build_model, pick_attention
+
+    params, cfg, _ = load_params(name_or_path, dtype=dtype, attn_impl=pick_attention("auto"))
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(cfg)), nnx.Param)
+    state = nnx.State(abstract)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+    return nnx.merge(graphdef, state), cfg
+
+
+def export_hf(params: dict, model_cfg, directory: str, tokenizer=None) -> str:
+    """Writes a Hugging Face GPT-2 directory (config.json, model.safetensors, and the BPE files when
+    the tokenizer is a BPE one) that transformers' GPT2LMHeadModel.from_pretrained loads."""
+    from safetensors.numpy import save_file
+
+    if model_cfg.model_type != "gpt":
+        raise UserError("only GPT models export to the Hugging Face GPT-2 format (this one is a bigram)")
+    os.makedirs(directory, exist_ok=True)
+    flat = from_params(params, model_cfg.n_layer, model_cfg.bias)
+    save_file({f"transformer.{k}": np.ascontiguousarray(v) for k, v in flat.items()},
+              os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    eot = getattr(tokenizer, "eot", None)
+    hf = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": model_cfg.vocab_size,
+          "n_positions": model_cfg.block_size, "n_embd": model_cfg.n_embd, "n_layer": model_cfg.n_layer,
+          "n_head": model_cfg.n_head, "n_inner": None,
+          "activation_function": "gelu_new" if model_cfg.gelu == "tanh" else "gelu",
+          "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "layer_norm_epsilon": 1e-5,
+          "initializer_range": 0.02, "tie_word_embeddings": True, "use_cache": True,
+          "bos_token_id": eot if eot is not None else 0, "eos_token_id": eot if eot is not None else 0}
+    with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(hf, f, indent=2)
+    if tokenizer is not None and hasattr(tokenizer, "write_hf_files"):
+        tokenizer.write_hf_files(directory)
+    elif tokenizer is not None:  # a char tokenizer has no Hugging Face form: keep jaxgpt's description
+        with open(os.path.join(directory, "jaxgpt_tokenizer.json"), "w", encoding="utf-8") as f:
+            json.dump(tokenizer.meta(), f, ensure_ascii=False)
+    return directory
