@@ -1,7 +1,8 @@
-"""Sample from a trained jaxgpt checkpoint; needs nothing but the out_dir.
+"""Sample from a trained jaxgpt checkpoint (needs nothing but the out_dir) or from GPT-2 weights.
 
     python sample.py --out_dir=out-shakespeare-char-cpu --start="ROMEO:" --num_samples=3 \
         --max_new_tokens=500 --temperature=0.8 --top_k=200 --seed=1337
+    python sample.py --init_from=gpt2 --start="The meaning of life is"   # or a directory / ckpt.pt
 
 --start=FILE:prompt.txt reads the prompt from a file; --top_p=0.9 nucleus sampling;
 --stream prints the first sample as it is generated; --stop=STRING ends each sample at
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
+from jaxgpt import pretrained
 from jaxgpt.checkpoint import load_model
 from jaxgpt.config import UserError, check_choice, parse_args, run_cli
 from jaxgpt.sampling import Engine, check_sampling_args
@@ -24,6 +26,7 @@ SEPARATOR = "---------------"
 
 @dataclass
 class SampleConfig:
+    init_from: str = "resume"  # 'resume' = the out_dir's checkpoint; or a GPT-2 name, directory, ckpt.pt
     out_dir: str = "out"
     start: str = "\n"  # prompt text, or FILE:path to read it from a file
     num_samples: int = 10
@@ -54,11 +57,14 @@ def sample_main(argv):
     check_choice("which", sc.which, ("best", "latest"))
     top_k = sc.top_k or None
     check_sampling_args(sc.max_new_tokens, sc.temperature, top_k, sc.top_p)
-    graphdef, params, model_cfg, tok, meta = load_model(sc.out_dir, sc.which)
+    if sc.init_from == "resume":
+        graphdef, params, model_cfg, tok, _ = load_model(sc.out_dir, sc.which)
+    else:
+        graphdef, params, model_cfg, tok = pretrained.load_model(sc.init_from)
     prompt_text = read_prompt(sc.start)
     prompt = tok.encode(prompt_text)
     stop = tok.encode(sc.stop) if sc.stop else None
-    engine = Engine(graphdef, params, model_cfg.block_size)
+    engine = Engine(graphdef, params, model_cfg.block_size, vocab_size=tok.vocab_size)
     printed = 0
 
     def stream(tokens: np.ndarray):  # prints the first sample's new text as chunks arrive

@@ -57,6 +57,15 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         return out["state"], out["meta"]
 
+    def newest_meta(self) -> dict[str, Any] | None:
+        """The metadata of the newest checkpoint whose metadata reads back, or None."""
+        for step in self.all_steps():
+            try:
+                return self.restore_meta(step)
+            except Exception:  # noqa: BLE001 -- broken: restore_intact sets it aside later
+                continue
+        return None
+
     def all_steps(self) -> list[int]:
         """Completed checkpoints, newest first (an interrupted write is never listed)."""
         return sorted(self.manager.all_steps(), reverse=True)
@@ -119,14 +128,15 @@ def find_checkpoint(out_dir: str, prefer: str = "best") -> tuple[Checkpointer, i
 
 
 def load_model(out_dir: str, prefer: str = "best"):
-    """Rebuilds a trained model from a checkpoint alone.
+    """Rebuilds a trained model from a checkpoint alone (a LoRA run's: base + adapters, merged).
 
     Returns (graphdef, params, model_config, tokenizer, meta); `nnx.merge(graphdef, params)`
     is the model.
     """
-    from jaxgpt.config import Config
     import dataclasses
 
+    from jaxgpt import lora, parallel, pretrained
+    from jaxgpt.config import Config
     from jaxgpt.model import ModelConfig, pick_attention
     from jaxgpt.step import abstract_state
     from jaxgpt.tokenizer import tokenizer_from_meta
@@ -135,12 +145,19 @@ def load_model(out_dir: str, prefer: str = "best"):
     meta = ckpt.restore_meta(step)
     # the attention implementation is the one that works here, not where the run trained
     model_cfg = dataclasses.replace(ModelConfig.from_dict(meta["model_config"]), attn_impl=pick_attention("auto"))
-    from jaxgpt import parallel
-
     train_cfg = Config(**{k: v for k, v in meta["train_config"].items() if k in Config.__dataclass_fields__})
     graphdef, abstract, _ = abstract_state(model_cfg, train_cfg)
+    base = meta.get("lora_base")
+    if base:
+        abstract = abstract.replace(frozen={})  # the checkpoint holds the adapters only
     # onto one device, whatever mesh the run was trained on
     one = parallel.make_mesh("dp", "1")
     state, meta = ckpt.restore(parallel.with_shardings(abstract, parallel.state_shardings(abstract, one)), step)
     ckpt.close()
-    return graphdef, state.params, model_cfg, tokenizer_from_meta(meta["tokenizer"]), meta
+    params = state.params
+    if base:
+        base_params = pretrained.to_params(pretrained.load_weights(base["source"]), model_cfg.block_size)
+        lora.check_base(base, base_params)
+        params, model_cfg = lora.merge(lora.join(params, base_params), model_cfg)
+        graphdef = abstract_state(model_cfg, train_cfg)[0]
+    return graphdef, params, model_cfg, tokenizer_from_meta(meta["tokenizer"]), meta

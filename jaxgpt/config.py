@@ -35,17 +35,30 @@ class Config:
     eval_iters: int = 200
     eval_only: bool = False
     always_save_checkpoint: bool = True  # latest is always kept for resume; see README
-    init_from: str = "scratch"  # 'scratch' | 'resume'
+    # 'scratch' | 'resume' | weights to start from: a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl),
+    # a Hugging Face GPT-2 directory, a nanoGPT ckpt.pt, or another jaxgpt out_dir (fresh optimizer)
+    init_from: str = "scratch"
+    # finetuning: 'full' trains every weight; 'lora' trains low-rank adapters on a frozen base
+    # (init_from), and the run's checkpoints hold only the adapters and a reference to the base
+    finetune_method: str = "full"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0
+    lora_targets: str = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"  # which Linear layers get adapters
     # data
     dataset: str = "shakespeare_char"
     data_dir: str = ""  # default: data/<dataset>
     input_file: str = ""  # text file to prepare when data_dir holds no prepared data
-    tokenizer: str = "char"  # the tokenizer data_dir must have been prepared with
+    tokenizer: str = "char"  # 'char' | 'gpt2' (BPE): the tokenizer data_dir is prepared with
+    tokenizer_dir: str = ""  # gpt2: a directory with vocab.json + merges.txt instead of tiktoken's files
+    include: str = ""  # a directory input_file: comma-separated globs of the files to use ('' = all)
+    exclude: str = ""  # ... and of files to skip, besides hidden ones and __pycache__
     gradient_accumulation_steps: int = 1
     batch_size: int = 12
     block_size: int = 1024
     # model
     model_type: str = "gpt"  # 'gpt' | 'bigram'
+    model_size: str = ""  # 'gpt2' | 'gpt2-medium' | 'gpt2-large' | 'gpt2-xl': sets n_layer, n_head, n_embd
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
@@ -79,14 +92,40 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def globs(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(include, exclude) patterns from their comma-separated forms."""
+        split = lambda s: tuple(p.strip() for p in s.split(",") if p.strip())  # noqa: E731
+        return split(self.include), split(self.exclude)
+
     def validate(self) -> "Config":
         check_choice("model_type", self.model_type, ("gpt", "bigram"))
-        check_choice("init_from", self.init_from, ("scratch", "resume"))
+        if not self.init_from:
+            raise UserError("init_from is empty; use scratch, resume, a GPT-2 name or a path to weights")
+        if self.model_size:
+            from jaxgpt.pretrained import GPT2_SIZES
+
+            check_choice("model_size", self.model_size, tuple(GPT2_SIZES))
+            self.n_layer, self.n_head, self.n_embd = GPT2_SIZES[self.model_size]
         check_choice("dtype", self.dtype, ("float32", "bfloat16"))
         check_choice("attn_impl", self.attn_impl, ("auto", "explicit", "xla", "cudnn"))
         check_choice("sharding", self.sharding, ("dp", "fsdp"))
         check_choice("on_nonfinite", self.on_nonfinite, ("stop", "skip"))
-        check_choice("tokenizer", self.tokenizer, ("char",))
+        check_choice("tokenizer", self.tokenizer, ("char", "gpt2"))
+        check_choice("finetune_method", self.finetune_method, ("full", "lora"))
+        if self.finetune_method == "lora":
+            if self.init_from == "scratch":
+                raise UserError("finetune_method=lora trains adapters on a base model; set --init_from to a GPT-2 "
+                                "name, a Hugging Face directory, a nanoGPT ckpt.pt or a jaxgpt out_dir")
+            if self.model_type != "gpt":
+                raise UserError("finetune_method=lora needs model_type=gpt")
+            if self.lora_rank < 1:
+                raise UserError(f"lora_rank must be >= 1, got {self.lora_rank}")
+            targets = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+            self.lora_targets = ",".join(t.strip() for t in self.lora_targets.split(",") if t.strip())
+            for t in self.lora_targets.split(","):
+                check_choice("each of lora_targets", t, targets)
+            if not 0.0 <= self.lora_dropout < 1.0:
+                raise UserError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         for name in ("batch_size", "block_size", "n_layer", "n_head", "n_embd",
                      "gradient_accumulation_steps", "eval_iters", "eval_interval", "log_interval"):
             if getattr(self, name) < 1:

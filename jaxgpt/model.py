@@ -34,6 +34,11 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; parameters are always float32
     attn_impl: str = "explicit"  # 'explicit' | 'xla' | 'cudnn': see attention()
     gelu: str = "exact"  # 'exact' (nanoGPT's nn.GELU) | 'tanh' (OpenAI GPT-2's approximation)
+    # LoRA adapters (rank 0 = none) on the Linear layers named in lora_targets: see add_lora()
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
@@ -52,13 +57,38 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def dense(layer: nnx.Linear, x):
+def dense(layer: nnx.Linear, x, lora_key=None):
     """Applies a Linear to (..., C_in) as one 2-D matmul (N, C_in) @ (C_in, C_out).
 
     XLA's CPU backend differentiates a 2-D matmul far faster than one whose weight gradient
-    contracts over two leading dims (B and T): 2.6x on the MLP of the laptop recipe."""
+    contracts over two leading dims (B and T): 2.6x on the MLP of the laptop recipe.
+    A layer with LoRA adapters adds scale * dropout(x) @ A @ B (rank r: (N, C_in) -> (N, r) -> (N, C_out))."""
     lead = x.shape[:-1]
-    return layer(x.reshape(-1, x.shape[-1])).reshape(*lead, -1)
+    x = x.reshape(-1, x.shape[-1])  # (N, C_in)
+    y = layer(x)
+    if hasattr(layer, "lora_a"):
+        xa = dropout(x, layer.lora_dropout, lora_key) @ layer.lora_a[...].astype(x.dtype)  # (N, r)
+        y = y + (xa @ layer.lora_b[...].astype(x.dtype)) * layer.lora_scale
+    return y.reshape(*lead, -1)
+
+
+def add_lora(layer: nnx.Linear, name: str, cfg: "ModelConfig", rngs: nnx.Rngs) -> nnx.Linear:
+    """Gives the Linear called `name` (e.g. 'attn.c_attn') low-rank adapters when cfg.lora_targets
+    names it: A (C_in, r) random, B (r, C_out) zero, so a new adapter changes nothing; the layer
+    computes x W + b + (alpha / r) x A B. They are nnx.LoRAParam, named lora_a and lora_b."""
+    if cfg.lora_rank <= 0 or name not in cfg.lora_targets.split(","):
+        return layer
+    c_in, c_out = layer.kernel.shape
+    layer.lora_a = nnx.LoRAParam(nnx.initializers.lecun_normal()(rngs.params(), (c_in, cfg.lora_rank)))
+    layer.lora_b = nnx.LoRAParam(jnp.zeros((cfg.lora_rank, c_out)))
+    layer.lora_scale = cfg.lora_alpha / cfg.lora_rank
+    layer.lora_dropout = cfg.lora_dropout
+    return layer
+
+
+def _lora_key(key, i):
+    """An adapter's dropout key, derived apart from the model's own streams (which stay as they were)."""
+    return None if key is None else jax.random.fold_in(key, 1000 + i)
 
 
 def gelu(x, kind: str = "exact"):
@@ -140,10 +170,10 @@ class CausalSelfAttention(nnx.Module):
         dt = jnp.dtype(cfg.dtype)
         init = nnx.initializers.normal(0.02)
         proj_init = nnx.initializers.normal(0.02 / math.sqrt(2 * cfg.n_layer))
-        self.c_attn = nnx.Linear(cfg.n_embd, 3 * cfg.n_embd, use_bias=cfg.bias, dtype=dt,
-                                 kernel_init=init, rngs=rngs)
-        self.c_proj = nnx.Linear(cfg.n_embd, cfg.n_embd, use_bias=cfg.bias, dtype=dt,
-                                 kernel_init=proj_init, rngs=rngs)
+        self.c_attn = add_lora(nnx.Linear(cfg.n_embd, 3 * cfg.n_embd, use_bias=cfg.bias, dtype=dt,
+                                          kernel_init=init, rngs=rngs), "attn.c_attn", cfg, rngs)
+        self.c_proj = add_lora(nnx.Linear(cfg.n_embd, cfg.n_embd, use_bias=cfg.bias, dtype=dt,
+                                          kernel_init=proj_init, rngs=rngs), "attn.c_proj", cfg, rngs)
         self.n_head = cfg.n_head
         self.dropout = cfg.dropout
         self.attn_impl = cfg.attn_impl
@@ -155,7 +185,7 @@ class CausalSelfAttention(nnx.Module):
         B, T, C = x.shape
         H = self.n_head
         k_att, k_res = _split(dropout_key, 2)
-        q, k, v = jnp.split(dense(self.c_attn, x), 3, axis=-1)  # (B, T, 3C) -> 3 x (B, T, C)
+        q, k, v = jnp.split(dense(self.c_attn, x, _lora_key(dropout_key, 0)), 3, axis=-1)  # (B, T, 3C) -> 3 x (B, T, C)
         q, k, v = (t.reshape(B, T, H, C // H) for t in (q, k, v))  # (B, T, H, hs)
         if cache is None:
             y = attention(q, k, v, self.attn_impl, dropout_rate=self.dropout, dropout_key=k_att)
@@ -164,24 +194,25 @@ class CausalSelfAttention(nnx.Module):
             v_cache = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, pos, 0, 0))
             cache = (k_cache, v_cache)
             y = causal_attention(q, k_cache, v_cache, q_pos=pos + jnp.arange(T))  # (B, T, H, hs)
-        y = dropout(dense(self.c_proj, y.reshape(B, T, C)), self.dropout, k_res)  # (B, T, H, hs) -> (B, T, C)
+        y = dropout(dense(self.c_proj, y.reshape(B, T, C), _lora_key(dropout_key, 1)), self.dropout, k_res)  # (B, T, H, hs) -> (B, T, C)
         return y if cache is None else (y, cache)
 
 
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         dt = jnp.dtype(cfg.dtype)
-        self.c_fc = nnx.Linear(cfg.n_embd, 4 * cfg.n_embd, use_bias=cfg.bias, dtype=dt,
-                               kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
-        self.c_proj = nnx.Linear(4 * cfg.n_embd, cfg.n_embd, use_bias=cfg.bias, dtype=dt,
-                                 kernel_init=nnx.initializers.normal(0.02 / math.sqrt(2 * cfg.n_layer)),
-                                 rngs=rngs)
+        self.c_fc = add_lora(nnx.Linear(cfg.n_embd, 4 * cfg.n_embd, use_bias=cfg.bias, dtype=dt,
+                                        kernel_init=nnx.initializers.normal(0.02), rngs=rngs),
+                             "mlp.c_fc", cfg, rngs)
+        self.c_proj = add_lora(nnx.Linear(4 * cfg.n_embd, cfg.n_embd, use_bias=cfg.bias, dtype=dt,
+                                          kernel_init=nnx.initializers.normal(0.02 / math.sqrt(2 * cfg.n_layer)),
+                                          rngs=rngs), "mlp.c_proj", cfg, rngs)
         self.dropout = cfg.dropout
         self.gelu = cfg.gelu
 
     def __call__(self, x, dropout_key=None):
-        h = gelu(dense(self.c_fc, x), self.gelu)  # (B, T, 4C)
-        return dropout(dense(self.c_proj, h), self.dropout, dropout_key)
+        h = gelu(dense(self.c_fc, x, _lora_key(dropout_key, 2)), self.gelu)  # (B, T, 4C)
+        return dropout(dense(self.c_proj, h, _lora_key(dropout_key, 3)), self.dropout, dropout_key)
 
 
 class Block(nnx.Module):

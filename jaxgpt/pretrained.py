@@ -84,13 +84,13 @@ def load_weights(name_or_path: str) -> Weights:
         if path.endswith((".safetensors", ".bin")):
             return _read_hf_dir(os.path.dirname(path) or ".", source=path)
         return _read_nanogpt(path)
-    if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, "config.json")):
-            return _read_hf_dir(path, source=path)
-        if os.path.isfile(os.path.join(path, "ckpt.pt")):
-            return _read_nanogpt(os.path.join(path, "ckpt.pt"))
+    if os.path.isdir(path):  # a jaxgpt out_dir also holds a config.json (its train config): test it first
         if os.path.isdir(os.path.join(path, "checkpoints")):
             return _read_jaxgpt(path)
+        if os.path.isfile(os.path.join(path, "ckpt.pt")):
+            return _read_nanogpt(os.path.join(path, "ckpt.pt"))
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return _read_hf_dir(path, source=path)
         raise UserError(f"{path} holds no GPT-2 weights: expected config.json + model.safetensors (Hugging Face), "
                         f"ckpt.pt (nanoGPT) or checkpoints/ (a jaxgpt out_dir)")
     names = ", ".join(GPT2_SIZES)
@@ -290,6 +290,27 @@ def load_params(name_or_path: str, block_size: int | None = None, **overrides):
     return params, cfg, w
 
 
+def load_model(name_or_path: str, dtype: str = "float32"):
+    """(graphdef, params, ModelConfig, tokenizer) from any source, for sampling and evaluation.
+
+    The tokenizer is the source's own (a jaxgpt checkpoint's, or a directory's vocab.json +
+    merges.txt), else GPT-2's BPE through tiktoken, as nanoGPT assumes for its checkpoints."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxgpt.model import build_model, pick_attention
+    from jaxgpt.tokenizer import load_bpe, tokenizer_from_meta
+
+    params, cfg, w = load_params(name_or_path, dtype=dtype, attn_impl=pick_attention("auto"))
+    graphdef = nnx.split(nnx.eval_shape(lambda: build_model(cfg)), nnx.Param)[0]
+    if w.tokenizer_meta is not None:
+        tokenizer = tokenizer_from_meta(w.tokenizer_meta)
+    else:
+        tokenizer = load_bpe(w.tokenizer_dir)
+    return graphdef, jax.tree.map(jnp.asarray, params), cfg, tokenizer
+
+
 def load_pretrained(name_or_path: str, dtype: str = "float32"):
     """A ready GPT model (Flax NNX, evaluation mode: no dropout) and its ModelConfig."""
     import jax
@@ -299,8 +320,7 @@ def load_pretrained(name_or_path: str, dtype: str = "float32"):
     from jaxgpt.model import build_model, pick_attention
 
     params, cfg, _ = load_params(name_or_path, dtype=dtype, attn_impl=pick_attention("auto"))
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(cfg)), nnx.Param)
-    state = nnx.State(abstract)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: build_model(cfg)), nnx.Param)
     nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
     return nnx.merge(graphdef, state), cfg
 

@@ -88,10 +88,14 @@ class Result:
 
 
 class Engine:
-    """Batched, jit-compiled generation with a KV cache for a model (GPT or Bigram)."""
+    """Batched, jit-compiled generation with a KV cache for a model (GPT or Bigram).
 
-    def __init__(self, graphdef, params, block_size: int, chunk: int = 32):
+    vocab_size: the tokenizer's vocabulary when the model's is padded (50304 for 50257 BPE
+    tokens): the padded ids, which no text decodes to, are never sampled."""
+
+    def __init__(self, graphdef, params, block_size: int, chunk: int = 32, vocab_size: int | None = None):
         self.graphdef, self.params, self.block_size, self.chunk = graphdef, params, block_size, chunk
+        self.vocab_size = vocab_size
         self._compiled: dict = {}
 
     # -- the two compiled pieces -------------------------------------------------------------
@@ -110,7 +114,7 @@ class Engine:
         return prefill
 
     def _chunk_fn(self, N: int, temperature: float, top_k, top_p: float, keep: int):
-        graphdef, block, chunk = self.graphdef, self.block_size, self.chunk
+        graphdef, block, chunk, V = self.graphdef, self.block_size, self.chunk, self.vocab_size
 
         def run_chunk(params, carry, keys):
             model = nnx.merge(graphdef, params)
@@ -128,7 +132,8 @@ class Engine:
 
             def step(_, c):
                 step_keys = jax.vmap(lambda k: jax.random.fold_in(k, c["n"]))(keys)
-                tok = jax.vmap(lambda k, l: sample_token(k, l, temperature, top_k, top_p))(step_keys, c["logits"])
+                logits = c["logits"] if V is None else c["logits"][:, :V]  # (N, V)
+                tok = jax.vmap(lambda k, l: sample_token(k, l, temperature, top_k, top_p))(step_keys, logits)
                 c = {**c, "buf": jax.lax.dynamic_update_slice(c["buf"], tok[:, None].astype(jnp.int32), (0, c["n"]))}
                 logits, cache, start = jax.lax.cond(c["n"] - c["start"] < block, extend, refill, c)
                 return {**c, "cache": cache, "start": start, "n": c["n"] + 1, "logits": logits}

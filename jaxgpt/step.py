@@ -7,6 +7,7 @@ outside, `nnx.merge` inside the traced function, so no Python object graph is wa
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import flax.struct
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxgpt import lora
 from jaxgpt.config import Config
 from jaxgpt.model import ModelConfig, build_model
 from jaxgpt.optim import lr_schedule, make_optimizer
@@ -27,6 +29,9 @@ class TrainState:
     opt_state: Any
     first_nonfinite: jax.Array  # int32: the first step whose loss or gradient was not finite, or -1
     skipped: jax.Array  # int32: steps whose update was skipped because they were not finite
+    # LoRA: the frozen base model's parameters (no gradient, no optimizer state, not checkpointed
+    # with the run); {} when every parameter trains. The model is lora.join(params, frozen).
+    frozen: Any = dataclasses.field(default_factory=dict)
 
 
 def cross_entropy(logits, targets):
@@ -41,9 +46,16 @@ def init_state(model_cfg: ModelConfig, cfg: Config, key: jax.Array):
     # A plain nested dict of arrays: jit flattens it per call far faster than nnx Variables.
     params = nnx.to_pure_dict(params)
     optimizer = make_optimizer(cfg)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                       first_nonfinite=jnp.full((), -1, jnp.int32), skipped=jnp.zeros((), jnp.int32))
-    return graphdef, state, optimizer
+    return graphdef, state_from_params(params, optimizer, model_cfg.lora_rank > 0), optimizer
+
+
+def state_from_params(params, optimizer: optax.GradientTransformation, lora_only: bool = False) -> TrainState:
+    """A train state at step 0 around given parameters (random or pretrained): fresh optimizer.
+    lora_only: only the adapters train; the rest becomes the frozen base."""
+    params, frozen = lora.split(params) if lora_only else (params, {})
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                      first_nonfinite=jnp.full((), -1, jnp.int32), skipped=jnp.zeros((), jnp.int32),
+                      frozen=frozen)
 
 
 def abstract_state(model_cfg: ModelConfig, cfg: Config):
@@ -60,8 +72,8 @@ def abstract_state(model_cfg: ModelConfig, cfg: Config):
 
 
 def make_loss_fn(graphdef) -> Callable:
-    def loss_fn(params, x, y, dropout_key=None):
-        model = nnx.merge(graphdef, params)
+    def loss_fn(params, x, y, dropout_key=None, frozen=None):
+        model = nnx.merge(graphdef, lora.join(params, frozen) if frozen else params)
         return cross_entropy(model(x, dropout_key), y)
 
     return loss_fn
@@ -83,7 +95,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Conf
         step_key = jax.random.fold_in(key, state.step)
 
         def micro(i, x, y):
-            return grad_fn(state.params, x, y, jax.random.fold_in(step_key, i) if use_dropout else None)
+            return grad_fn(state.params, x, y, jax.random.fold_in(step_key, i) if use_dropout else None, state.frozen)
 
         if xs.shape[0] == 1:
             loss, grads = micro(0, xs[0], ys[0])
@@ -116,10 +128,12 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Conf
                    out_shardings=(state_sharding, out_sharding))
 
 
-def make_eval_step(graphdef, param_sharding=None, batch_sharding=None, out_sharding=None):
-    """eval_step(params, (x, y)) -> mean loss, without dropout."""
+def make_eval_step(graphdef, param_sharding=None, batch_sharding=None, out_sharding=None, frozen_sharding=None):
+    """eval_step(params, (x, y), frozen={}) -> mean loss, without dropout."""
     loss_fn = make_loss_fn(graphdef)
-    fn = lambda params, batch: loss_fn(params, *batch)
+    fn = lambda params, batch, frozen: loss_fn(params, *batch, None, frozen)
     if param_sharding is None:
-        return jax.jit(fn)
-    return jax.jit(fn, in_shardings=(param_sharding, batch_sharding), out_shardings=out_sharding)
+        step = jax.jit(fn)
+    else:
+        step = jax.jit(fn, in_shardings=(param_sharding, batch_sharding, frozen_sharding), out_shardings=out_sharding)
+    return lambda params, batch, frozen=None: step(params, batch, {} if frozen is None else frozen)

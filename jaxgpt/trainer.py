@@ -7,6 +7,7 @@ are read one step later, after the next step has been dispatched.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -22,19 +23,20 @@ from jax.sharding import Mesh, NamedSharding
 from tqdm import tqdm
 
 from jaxgpt import data as data_lib
-from jaxgpt import parallel
+from jaxgpt import lora, parallel, pretrained
 from jaxgpt.benchmark import device_peak, flops_per_token
 from jaxgpt.checkpoint import Checkpointer
 from jaxgpt.config import Config, UserError, save_config
 from jaxgpt.model import ModelConfig, num_params, pick_attention
 from jaxgpt.optim import lr_schedule
-from jaxgpt.step import abstract_state, init_state, make_eval_step, make_train_step
+from jaxgpt.step import abstract_state, init_state, make_eval_step, make_train_step, state_from_params
 
 # Token arrays up to this size are copied to the device once and batches are cut there,
 # inside jit; larger corpora stay in the memmap and batches are read on the host.
 RESIDENT_BYTES = 1 << 30
-ARCH_KEYS = ("model_type", "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias")
-# note: dtype and attn_impl may change on resume (e.g. a run moved from GPU to CPU)
+# settings that shape the model: a resumed run must keep them (dtype, attn_impl, device counts may
+# change, e.g. when a run moves from a GPU to a CPU)
+ARCH_KEYS = ("model_type", "block_size", "n_layer", "n_head", "n_embd", "bias")
 
 
 def model_config(cfg: Config, vocab_size: int, log=print) -> ModelConfig:
@@ -120,18 +122,77 @@ class Run:
     batches: dict[str, Callable]  # split -> batch(key, i) with accumulation steps
     eval_batches: dict[str, Callable]  # split -> batch(key, i) with a single micro-batch
     mesh: Mesh
+    init_params: dict | None = None  # init_from weights (numpy, host); with LoRA the frozen base
+    lora_base: dict | None = None  # LoRA: {"source": where the base comes from, "fingerprint": ...}
 
 
-def setup(cfg: Config) -> Run:
+def padded_vocab(meta: dict[str, Any]) -> int:
+    """A BPE vocabulary trained from scratch is padded to a multiple of 64 (50257 -> 50304), which
+    makes the embedding and head matmuls faster; padded ids never occur in the data. A char
+    vocabulary is left exact."""
+    v = meta["vocab_size"]
+    return v if meta["tokenizer"] == "char" else -(-v // 64) * 64
+
+
+def setup(cfg: Config, log=print) -> Run:
+    """Resolves where the model comes from (scratch, a checkpoint to resume, or pretrained
+    weights), prepares the data with the matching tokenizer, and builds the batch functions."""
     cfg.validate()
     mesh = parallel.make_mesh(cfg.sharding, cfg.mesh_shape)
     parallel.check_batch(mesh, cfg.batch_size)
+    weights, ckpt_meta, tokenizer_dir, base_tok = None, None, cfg.tokenizer_dir, None
+    if cfg.init_from == "resume":
+        ckpt_meta = Checkpointer(cfg.out_dir, "latest").newest_meta()
+        if ckpt_meta is None:
+            raise UserError(f"init_from=resume but {cfg.out_dir} has no checkpoint; "
+                            f"train from scratch first or fix --out_dir")
+        check_resume_compatible(cfg, ckpt_meta)
+        if ckpt_meta.get("lora_base"):  # a LoRA run's checkpoints hold only the adapters
+            weights = pretrained.load_weights(ckpt_meta["lora_base"]["source"])
+    elif pretrained.is_pretrained_source(cfg.init_from):
+        weights = pretrained.load_weights(cfg.init_from)
+        base_tok = weights.tokenizer_meta  # a jaxgpt base: the new data is encoded with its tokenizer
+        if cfg.tokenizer == "gpt2" and not tokenizer_dir:
+            tokenizer_dir = weights.tokenizer_dir  # a Hugging Face directory brings its BPE files
     data_dir = cfg.resolved_data_dir()
-    meta = data_lib.ensure_prepared(data_dir, cfg.dataset, cfg.input_file)
+    include, exclude = cfg.globs()
+    meta = data_lib.ensure_prepared(data_dir, cfg.dataset, cfg.input_file, tokenizer=cfg.tokenizer,
+                                    tokenizer_dir=tokenizer_dir, include=include, exclude=exclude,
+                                    tokenizer_meta=base_tok)
     if meta.get("tokenizer") != cfg.tokenizer:
         raise UserError(f"{data_dir} was prepared with the {meta.get('tokenizer')!r} tokenizer, not {cfg.tokenizer!r}; "
                         f"pass --tokenizer={meta.get('tokenizer')} or a --data_dir prepared for {cfg.tokenizer!r}")
-    model_cfg = model_config(cfg, meta["vocab_size"])
+    tok_meta = {k: v for k, v in meta.items() if k not in data_lib.CORPUS_KEYS}
+    runtime = dict(dropout=cfg.dropout, dtype=cfg.dtype, attn_impl=pick_attention(cfg.attn_impl, log))
+    init_params, lora_base = None, None
+    if ckpt_meta is not None:  # the architecture is the checkpoint's (checked against cfg above)
+        model_cfg = dataclasses.replace(ModelConfig.from_dict(ckpt_meta["model_config"]), **runtime)
+        if weights is not None:
+            init_params = pretrained.to_params(weights, model_cfg.block_size)
+            lora_base = lora.check_base(ckpt_meta["lora_base"], init_params)
+    elif weights is not None:
+        if cfg.model_type != "gpt":
+            raise UserError(f"init_from={cfg.init_from} loads a GPT; drop --model_type={cfg.model_type}")
+        if base_tok is not None and base_tok != tok_meta:
+            raise UserError(f"{data_dir} was prepared with a different tokenizer than the base model in "
+                            f"{cfg.init_from}; use a new --data_dir, which is then encoded with the base's tokenizer")
+        lora_cfg = {}
+        if cfg.finetune_method == "lora":
+            lora_cfg = dict(lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                            lora_targets=cfg.lora_targets)
+        model_cfg = pretrained.model_config(weights, block_size=cfg.block_size, **runtime, **lora_cfg)
+        init_params = pretrained.to_params(weights, cfg.block_size)
+        if lora_cfg:
+            source = cfg.init_from if cfg.init_from in pretrained.GPT2_SIZES else os.path.abspath(cfg.init_from)
+            lora_base = {"source": source, "fingerprint": lora.fingerprint(init_params)}
+        if meta["vocab_size"] > model_cfg.vocab_size:
+            raise UserError(f"the data's tokenizer has {meta['vocab_size']} tokens but the model in {cfg.init_from} "
+                            f"only {model_cfg.vocab_size}; prepare the data with the model's tokenizer")
+        log(f"init_from {cfg.init_from}: {model_cfg.n_layer} layers, {model_cfg.n_head} heads, "
+            f"n_embd {model_cfg.n_embd}, vocab {model_cfg.vocab_size}, context {model_cfg.block_size} "
+            f"(the config's model shape is not used)")
+    else:
+        model_cfg = model_config(cfg, padded_vocab(meta), log)
     batches, eval_batches = {}, {}
     for split in data_lib.SPLITS:
         tokens = data_lib.load_split(data_dir, split, meta)
@@ -139,17 +200,20 @@ def setup(cfg: Config) -> Run:
                                        parallel.batch_sharding(mesh, 3))
         eval_batches[split] = make_batch_fn(tokens, cfg.batch_size, cfg.block_size, 0,
                                             parallel.batch_sharding(mesh, 2))
-    tok_meta = {k: v for k, v in meta.items() if k not in ("train_tokens", "val_tokens", "source", "dtype")}
-    return Run(cfg, model_cfg, tok_meta, batches, eval_batches, mesh)
+    return Run(cfg, model_cfg, tok_meta, batches, eval_batches, mesh, init_params, lora_base)
 
 
-def check_resume_compatible(model_cfg: ModelConfig, ckpt_meta: dict[str, Any], tok_meta: dict[str, Any]) -> None:
-    saved = ckpt_meta["model_config"]
-    diffs = [f"{k}: checkpoint {saved[k]!r}, config {getattr(model_cfg, k)!r}"
-             for k in ARCH_KEYS if saved.get(k) != getattr(model_cfg, k)]
+def check_resume_compatible(cfg: Config, ckpt_meta: dict[str, Any]) -> None:
+    """The run's model-shaping settings must be the ones it was started with."""
+    saved = ckpt_meta["train_config"]
+    diffs = [f"{k}: checkpoint {saved[k]!r}, config {getattr(cfg, k)!r}"
+             for k in ARCH_KEYS if k in saved and saved[k] != getattr(cfg, k)]
     if diffs:
         raise UserError("cannot resume: the model differs from the checkpoint's (" + "; ".join(diffs)
                         + "); use the run's original settings or a new --out_dir")
+
+
+def check_same_tokenizer(ckpt_meta: dict[str, Any], tok_meta: dict[str, Any]) -> None:
     if ckpt_meta["tokenizer"] != tok_meta:
         raise UserError("cannot resume: the data's tokenizer differs from the checkpoint's; "
                         "point --data_dir at the data the run was trained on")
@@ -227,7 +291,7 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
     main = jax.process_index() == 0  # only process 0 writes logs, metrics and plots
     if not main:
         log = lambda s: None  # noqa: E731
-    run = setup(cfg)
+    run = setup(cfg, log)
     os.makedirs(cfg.out_dir, exist_ok=True)
     if main:
         save_config(cfg, os.path.join(cfg.out_dir, "config.json"))
@@ -239,43 +303,56 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
     state_sh = parallel.state_shardings(abstract, run.mesh)
     latest, best = Checkpointer(cfg.out_dir, "latest", max_to_keep=2), Checkpointer(cfg.out_dir, "best")
     best_val = math.inf
+    is_lora = run.lora_base is not None
+    # a LoRA run's checkpoints leave out the frozen base: it is loaded from its source
+    saveable = (lambda st: st.replace(frozen={})) if is_lora else (lambda st: st)
     if cfg.init_from == "resume":
-        if not latest.all_steps():
-            raise UserError(f"init_from=resume but {cfg.out_dir} has no checkpoint; "
-                            f"train from scratch first or fix --out_dir")
         state, meta, step = latest.restore_intact(
-            parallel.with_shardings(abstract, state_sh),
-            lambda m: check_resume_compatible(run.model_cfg, m, run.tok_meta), log)
+            saveable(parallel.with_shardings(abstract, state_sh)), lambda m: check_same_tokenizer(m, run.tok_meta), log)
+        if is_lora:
+            state = state.replace(frozen=jax.device_put(run.init_params, state_sh.frozen))
         best_val = meta["best_val_loss"]
         log(f"resuming from {cfg.out_dir} at iter {step} (best val loss {best_val:.4f})")
     else:
-        state = jax.jit(lambda k: init_state(run.model_cfg, cfg, k)[1], out_shardings=state_sh)(keys["init"])
+        if is_lora:  # new adapters (B = 0) around the frozen pretrained base
+            base = jax.device_put(run.init_params, state_sh.frozen)
+            state = jax.jit(lambda k, b: init_state(run.model_cfg, cfg, k)[1].replace(frozen=b),
+                            out_shardings=state_sh)(keys["init"], base)
+        elif run.init_params is not None:  # pretrained weights, laid out in their shardings, fresh optimizer
+            params = jax.device_put(run.init_params, state_sh.params)
+            state = jax.jit(lambda p: state_from_params(p, optimizer), out_shardings=state_sh)(params)
+        else:
+            state = jax.jit(lambda k: init_state(run.model_cfg, cfg, k)[1], out_shardings=state_sh)(keys["init"])
         if main and os.path.exists(metrics_path):
             os.remove(metrics_path)  # a fresh run starts a fresh log
 
-    n_params = num_params(state.params)
+    n_trainable = num_params(state.params)
+    n_params = n_trainable + num_params(state.frozen)
     peak, peak_src = device_peak("float32" if jax.devices()[0].platform == "cpu" else cfg.dtype,
                                  run.mesh.devices.flat)  # MFU of the whole mesh
     fpt = flops_per_token(run.model_cfg, n_params)
     log(f"model: {cfg.model_type}, {n_params / 1e6:.2f}M parameters, attention {run.model_cfg.attn_impl}; "
         f"MFU peak {peak_src}")
+    if is_lora:
+        log(f"LoRA rank {run.model_cfg.lora_rank} on {run.model_cfg.lora_targets}: {n_trainable:,} trainable "
+            f"parameters ({100 * n_trainable / n_params:.2f}%), base from {run.lora_base['source']} frozen")
     log(f"devices: {run.mesh.devices.size} ({jax.devices()[0].device_kind}), sharding {cfg.sharding}, "
         f"mesh data={run.mesh.shape['data']} x fsdp={run.mesh.shape['fsdp']}, {jax.process_count()} process(es)")
     repl = parallel.replicated(run.mesh)
     train_step = make_train_step(graphdef, optimizer, cfg, state_sh, parallel.batch_sharding(run.mesh, 3), repl)
-    eval_step = make_eval_step(graphdef, state_sh.params, parallel.batch_sharding(run.mesh, 2), repl)
+    eval_step = make_eval_step(graphdef, state_sh.params, parallel.batch_sharding(run.mesh, 2), repl, state_sh.frozen)
     schedule = lr_schedule(cfg)
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
 
     sync_steps = parallel.needs_step_sync(run.mesh)
 
-    def evaluate(params, it: int) -> dict[str, float]:
+    def evaluate(params, frozen, it: int) -> dict[str, float]:
         ek = jax.random.fold_in(keys["eval"], it)
         out = {}
         for s, split in enumerate(data_lib.SPLITS):
             losses = []
             for i in range(cfg.eval_iters):
-                losses.append(eval_step(params, run.eval_batches[split](ek, s * cfg.eval_iters + i)))
+                losses.append(eval_step(params, run.eval_batches[split](ek, s * cfg.eval_iters + i), frozen))
                 if sync_steps:
                     jax.block_until_ready(losses[-1])
             out[split] = float(np.mean([parallel.host_value(l) for l in losses]))
@@ -285,7 +362,7 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
         return {"step": it, "best_val_loss": best_val, "model_config": run.model_cfg.to_dict(),
                 "train_config": cfg.to_dict(), "tokenizer": run.tok_meta,
                 "rng": {"seed": cfg.seed, "derivation": "fold_in(key(seed), stream); per step fold_in(stream_key, step)"},
-                "data_state": {"step": it}}
+                "data_state": {"step": it}, "lora_base": run.lora_base}
 
     start = last_saved = int(state.step)
 
@@ -298,14 +375,14 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
                                 f"--learning_rate, check the data, or pass --on_nonfinite=skip")
 
     if cfg.eval_only:
-        losses = evaluate(state.params, start)
+        losses = evaluate(state.params, state.frozen, start)
         log(f"iter {start}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         return {"iter": start, "train_loss": losses["train"], "val_loss": losses["val"], "best_val_loss": best_val}
 
     bar = tqdm(total=cfg.max_iters, initial=start, dynamic_ncols=True, disable=None if main else True,
                file=sys.stderr)
     say = bar.write if not bar.disable else log
-    summary: dict[str, Any] = {"n_params": n_params}
+    summary: dict[str, Any] = {"n_params": n_params, "n_trainable": n_trainable}
     pending = None  # (iter, metrics on device) of the last log step, read one step later
     log_mark, recent_ms = None, None  # (time, iter) of the last log line; ms/iter since then
     t_mark, steps_since_mark, ms_per_iter = time.perf_counter(), 0, float("nan")
@@ -318,11 +395,11 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
                 if steps_since_mark:
                     ms_per_iter = 1000 * (time.perf_counter() - t_mark) / steps_since_mark
                 check_finite(state.first_nonfinite)
-                losses = evaluate(state.params, it)
+                losses = evaluate(state.params, state.frozen, it)
                 if losses["val"] < best_val:
                     best_val = losses["val"]
-                    best.save(it, state, checkpoint_meta(it))
-                latest.save(it, state, checkpoint_meta(it))
+                    best.save(it, saveable(state), checkpoint_meta(it))
+                latest.save(it, saveable(state), checkpoint_meta(it))
                 last_saved = it
                 row = {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"],
                        "lr": float(schedule(it)), "ms_per_iter": ms_per_iter,
@@ -341,7 +418,7 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
             if stop.stop:
                 jax.block_until_ready(state)
                 check_finite(state.first_nonfinite)
-                latest.save(it, state, checkpoint_meta(it))
+                latest.save(it, saveable(state), checkpoint_meta(it))
                 say(f"stopped at iter {it}; checkpoint saved. Continue with --init_from=resume "
                     f"--out_dir={cfg.out_dir}")
                 summary["stopped_at"] = it

@@ -9,6 +9,14 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+# Many tests compile the same tiny programs; a compilation cache shared by the session (and by
+# the subprocesses it starts, through the environment) compiles each once. Set before JAX starts.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxgpt-test-xla-cache-")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
 WORDS = ("to be or not that is the question whether tis nobler in mind suffer slings and arrows "
          "of outrageous fortune take arms against a sea troubles ROMEO JULIET KING").split()
 
@@ -36,3 +44,12 @@ def tiny_args(tmp_path, corpus_file, **overrides) -> list[str]:
                 learning_rate=1e-2, min_lr=1e-3, dropout=0.0)
     base.update(overrides)
     return [f"--{k}={v}" for k, v in base.items()]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Removes the session's compilation cache (only the one made above, never a user's)."""
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", "")
+    if os.path.basename(cache).startswith("jaxgpt-test-xla-cache-"):
+        import shutil
+
+        shutil.rmtree(cache, ignore_errors=True)

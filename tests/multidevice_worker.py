@@ -60,7 +60,7 @@ def val_losses(out_dir: str) -> list:
 
 def main():
     report = {"devices": len(jax.devices()), "steps": {}}
-    for sharding, n in [("dp", 1), ("dp", 2), ("dp", 4), ("dp", 8), ("fsdp", 2), ("fsdp", 4), ("fsdp", 8)]:
+    for sharding, n in [("dp", 1), ("dp", 2), ("dp", 8), ("fsdp", 2), ("fsdp", 8)]:
         report["steps"][f"{sharding}{n}"] = step_losses(sharding, str(n))
     report["steps"]["hybrid2x4"] = step_losses("fsdp", "2x4")
 

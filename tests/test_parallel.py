@@ -33,7 +33,7 @@ def test_dp_and_fsdp_give_the_single_device_losses(report):
 
 def test_fsdp_really_shards_parameters_and_optimizer_state(report):
     steps = report["steps"]
-    for n in (2, 4, 8):
+    for n in (2, 8):
         fsdp, dp = steps[f"fsdp{n}"], steps[f"dp{n}"]
         assert dp["max_bytes_per_device"] == dp["total_bytes"]  # dp: every device holds everything
         # each device holds about 1/n of the state (scalars such as the step are replicated)

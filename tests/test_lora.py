@@ -1,0 +1,158 @@
+"""LoRA: adapters start as a no-op, only they train, merging is exact, runs resume and sample."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import sample as sample_script
+from conftest import tiny_args
+from jaxgpt import lora
+from jaxgpt.checkpoint import load_model
+from jaxgpt.config import UserError, parse_args
+from jaxgpt.model import ModelConfig, build_model
+from jaxgpt.step import init_state, make_train_step
+from jaxgpt.trainer import train
+
+BASE = ModelConfig(vocab_size=23, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=True)
+LORA = dataclasses.replace(BASE, lora_rank=4, lora_alpha=8.0)
+
+
+def pure(model):
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def forward(cfg, params, x):
+    graphdef = nnx.split(build_model(cfg), nnx.Param)[0]
+    return nnx.merge(graphdef, params)(x)
+
+
+def lora_state(steps=1, **cfg_overrides):
+    """A LoRA train state on a random base after `steps` steps, and the base's params."""
+    cfg = parse_args([f"--{k}={v}" for k, v in dict(learning_rate=1e-2, warmup_iters=0, dropout=0.0,
+                                                     **cfg_overrides).items()])
+    base = pure(build_model(BASE, seed=1))
+    graphdef, state, opt = init_state(LORA, cfg, jax.random.key(2))
+    state = state.replace(frozen=jax.tree.map(jnp.copy, base))  # the step donates the state
+    step = make_train_step(graphdef, opt, cfg)
+    x = jax.random.randint(jax.random.key(3), (1, 4, 16), 0, 23)
+    for _ in range(steps):
+        state, _ = step(state, (x, jnp.roll(x, -1, -1)), jax.random.key(4))
+    return state, base, x[0]
+
+
+def test_adapters_start_as_an_exact_no_op():
+    base = pure(build_model(BASE, seed=1))
+    adapters, _ = lora.split(pure(build_model(LORA, seed=2)))
+    bs = [v for path, v in jax.tree_util.tree_flatten_with_path(adapters)[0] if path[-1].key == "lora_b"]
+    assert len(bs) == 2 * 4 and all(np.all(np.asarray(b) == 0) for b in bs)  # 4 targets in 2 layers
+    x = jax.random.randint(jax.random.key(0), (2, 16), 0, 23)
+    np.testing.assert_array_equal(np.asarray(forward(LORA, lora.join(adapters, base), x)),
+                                  np.asarray(forward(BASE, base, x)))
+
+
+def test_a_step_changes_only_the_adapters_and_merging_is_exact():
+    state, base, x = lora_state(steps=2)
+    for a, b in zip(jax.tree.leaves(state.frozen), jax.tree.leaves(base)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert np.abs(np.asarray(state.params["h"][0]["mlp"]["c_fc"]["lora_b"])).max() > 0
+    unmerged = forward(LORA, lora.join(state.params, state.frozen), x)
+    merged_params, merged_cfg = lora.merge(lora.join(state.params, state.frozen), LORA)
+    assert merged_cfg.lora_rank == 0 and not lora.split(merged_params)[0]
+    merged = forward(merged_cfg, merged_params, x)
+    assert np.abs(np.asarray(unmerged) - np.asarray(forward(BASE, base, x))).max() > 1e-3  # it did train
+    np.testing.assert_allclose(np.asarray(merged), np.asarray(unmerged), atol=2e-5)
+
+
+@pytest.mark.parametrize("rank", [2, 8])
+def test_optimizer_state_is_proportional_to_the_adapters(rank):
+    cfg = dataclasses.replace(LORA, lora_rank=rank)
+    _, state, _ = init_state(cfg, parse_args([]), jax.random.key(0))
+    n_adapters = lora.count(state.params)
+    assert n_adapters == sum(rank * (i + o) for i, o in [(32, 96), (32, 32), (32, 128), (128, 32)]) * 2
+    big = [x for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 0]
+    assert sum(x.size for x in big) == 2 * n_adapters  # AdamW's two moments, adapters only
+
+
+def test_targets_choose_the_layers():
+    cfg = dataclasses.replace(LORA, lora_targets="attn.c_attn")
+    adapters, _ = lora.split(pure(build_model(cfg)))
+    assert set(adapters["h"][0]) == {"attn"} and set(adapters["h"][0]["attn"]) == {"c_attn"}
+
+
+# ----------------------------------------------------------------------------- whole runs
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """A small char model trained here: the base the LoRA runs start from."""
+    from conftest import make_corpus
+
+    d = tmp_path_factory.mktemp("base")
+    corpus = d / "corpus.txt"
+    corpus.write_text(make_corpus(), encoding="utf-8")
+    cfg = parse_args(tiny_args(d, str(corpus), max_iters=10))
+    train(cfg, log=lambda s: None)
+    return cfg, str(corpus)
+
+
+def dir_bytes(path):
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+
+
+def lora_args(tmp_path, base_run, name, **overrides):
+    base, _ = base_run
+    new_corpus = tmp_path / "new.txt"
+    if not new_corpus.exists():
+        from conftest import make_corpus
+
+        new_corpus.write_text(make_corpus(seed=7)[::-1], encoding="utf-8")  # new text, the base's characters
+    kw = dict(init_from=base.out_dir, finetune_method="lora", lora_rank=4, learning_rate=3e-2, decay_lr=False,
+              data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / name), max_iters=8, eval_interval=4)
+    kw.update(overrides)
+    return parse_args(tiny_args(tmp_path, str(new_corpus), **kw))
+
+
+def test_lora_run_learns_saves_little_resumes_and_samples(tmp_path, base_run, capsys):
+    base, _ = base_run
+    full = train(lora_args(tmp_path, base_run, "full"), log=lambda s: None)
+    assert full["n_trainable"] < 0.2 * full["n_params"]
+    rows = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"]  # the adapters learned the new corpus
+    assert dir_bytes(tmp_path / "full" / "checkpoints") < 0.5 * dir_bytes(os.path.join(base.out_dir, "checkpoints"))
+
+    # interrupted at 4 and resumed: the same run
+    train(lora_args(tmp_path, base_run, "half", max_iters=4), log=lambda s: None)
+    train(lora_args(tmp_path, base_run, "half", init_from="resume"), log=lambda s: None)
+    half = [json.loads(line) for line in open(tmp_path / "half" / "metrics.jsonl")]
+    assert [(r["iter"], r["val_loss"]) for r in half] == [(r["iter"], r["val_loss"]) for r in rows]
+
+    # sampling loads base + adapters, merged into plain weights
+    graphdef, params, model_cfg, tok, meta = load_model(str(tmp_path / "full"))
+    assert model_cfg.lora_rank == 0 and meta["lora_base"]["source"] == os.path.abspath(base.out_dir)
+    capsys.readouterr()
+    assert sample_script.main([f"--out_dir={tmp_path / 'full'}", "--num_samples=1", "--max_new_tokens=20",
+                               "--start=TO"]) == 0
+    assert capsys.readouterr().out.startswith("TO")
+
+
+def test_adapters_refuse_a_changed_base():
+    base = pure(build_model(BASE, seed=1))
+    ref = {"source": "somewhere", "fingerprint": lora.fingerprint(base)}
+    assert lora.check_base(ref, jax.tree.map(np.asarray, base)) == ref  # the same weights, on the host
+    changed = jax.tree.map(np.array, base)
+    changed["h"][1]["mlp"]["c_proj"]["kernel"][3, 5] += 1e-3  # one weight of one layer
+    with pytest.raises(UserError, match="not the one these LoRA adapters were trained on"):
+        lora.check_base(ref, changed)
+
+
+def test_lora_needs_a_base(tmp_path, corpus_file):
+    with pytest.raises(UserError, match="trains adapters on a base model"):
+        train(parse_args(tiny_args(tmp_path, corpus_file, finetune_method="lora")), log=lambda s: None)
+    with pytest.raises(UserError, match="lora_targets"):
+        parse_args(tiny_args(tmp_path, corpus_file, finetune_method="lora", init_from="gpt2",
+                             lora_targets="attn.c_attn,wte")).validate()
