@@ -1,7 +1,9 @@
-"""Export a jaxgpt checkpoint to a Hugging Face GPT-2 directory (transformers can load it).
+"""Export a jaxgpt checkpoint to a Hugging Face GPT-2 directory (transformers can load it), and/or
+to a standalone jaxgpt out_dir. A LoRA run is exported with its adapters merged into the weights.
 
     python export.py --out_dir=out-shakespeare-char-cpu --hf_dir=hf-shakespeare-char
     python -c "from transformers import GPT2LMHeadModel; GPT2LMHeadModel.from_pretrained('hf-shakespeare-char')"
+    python export.py --out_dir=out-code-lora --jaxgpt_dir=out-code-merged    # no base needed after this
 
 --which=latest exports the latest checkpoint instead of the best one. A BPE model's directory
 also gets vocab.json and merges.txt; a char model's gets jaxgpt_tokenizer.json (Hugging Face
@@ -11,7 +13,7 @@ has no character tokenizer for GPT-2).
 import sys
 from dataclasses import dataclass
 
-from jaxgpt.checkpoint import load_model
+from jaxgpt.checkpoint import load_model, save_standalone
 from jaxgpt.config import UserError, check_choice, parse_args, run_cli
 from jaxgpt.pretrained import export_hf
 
@@ -20,17 +22,22 @@ from jaxgpt.pretrained import export_hf
 class ExportConfig:
     out_dir: str = "out"
     hf_dir: str = ""  # where to write the Hugging Face directory
+    jaxgpt_dir: str = ""  # where to write a standalone jaxgpt out_dir
     which: str = "best"  # 'best' | 'latest'
 
 
 def export_main(argv) -> int:
     ec = parse_args(argv, ExportConfig)
     check_choice("which", ec.which, ("best", "latest"))
-    if not ec.hf_dir:
-        raise UserError("pass --hf_dir=DIR, the directory to write the Hugging Face GPT-2 files to")
-    _, params, model_cfg, tok, meta = load_model(ec.out_dir, ec.which)
-    export_hf(params, model_cfg, ec.hf_dir, tok)
-    print(f"exported {ec.out_dir} (iter {meta['step']}) to {ec.hf_dir}")
+    if not (ec.hf_dir or ec.jaxgpt_dir):
+        raise UserError("pass --hf_dir=DIR (a Hugging Face GPT-2 directory) and/or --jaxgpt_dir=DIR (a jaxgpt out_dir)")
+    _, params, model_cfg, tok, meta = load_model(ec.out_dir, ec.which)  # LoRA adapters come merged
+    if ec.jaxgpt_dir:
+        save_standalone(ec.jaxgpt_dir, params, model_cfg, meta)
+        print(f"exported {ec.out_dir} (iter {meta['step']}) to the jaxgpt out_dir {ec.jaxgpt_dir}")
+    if ec.hf_dir:
+        export_hf(params, model_cfg, ec.hf_dir, tok)
+        print(f"exported {ec.out_dir} (iter {meta['step']}) to the Hugging Face directory {ec.hf_dir}")
     return 0
 
 

@@ -161,3 +161,27 @@ def load_model(out_dir: str, prefer: str = "best"):
         params, model_cfg = lora.merge(lora.join(params, base_params), model_cfg)
         graphdef = abstract_state(model_cfg, train_cfg)[0]
     return graphdef, params, model_cfg, tokenizer_from_meta(meta["tokenizer"]), meta
+
+
+def save_standalone(out_dir: str, params, model_cfg, meta: dict[str, Any]) -> None:
+    """Writes params as an ordinary jaxgpt run (a latest checkpoint, with a fresh optimizer state
+    so it can be resumed or finetuned further): what export.py writes for a merged LoRA run."""
+    import dataclasses
+
+    import jax
+
+    from jaxgpt.config import Config
+    from jaxgpt.optim import make_optimizer
+    from jaxgpt.step import state_from_params
+
+    if os.path.isdir(checkpoint_dir(out_dir, "latest")):
+        raise UserError(f"{out_dir} already holds a run; export to a new directory")
+    train_cfg = {**meta["train_config"], "finetune_method": "full", "out_dir": out_dir}
+    cfg = Config(**{k: v for k, v in train_cfg.items() if k in Config.__dataclass_fields__})
+    state = jax.jit(lambda p: state_from_params(p, make_optimizer(cfg)))(params)
+    new_meta = {**meta, "model_config": dataclasses.asdict(model_cfg), "train_config": train_cfg, "lora_base": None,
+                "exported_from": meta.get("exported_from", meta["train_config"]["out_dir"])}
+    ckpt = Checkpointer(out_dir, "latest")
+    ckpt.save(meta["step"], state, new_meta)
+    ckpt.wait()
+    ckpt.close()

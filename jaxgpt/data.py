@@ -399,6 +399,20 @@ def _read_char_corpus(corpus: Corpus) -> tuple[str, int, int]:
     return "\n".join(texts), len(texts), skipped
 
 
+def _drop_unknown_chars(text: str, tok: CharTokenizer, verbose: bool) -> str:
+    """Finetuning a char model on new text: characters the base never saw have no embedding, so
+    they are dropped, and the count is printed (rather than refusing a corpus with one stray 'é')."""
+    unknown = sorted(set(text) - set(tok.chars))
+    if not unknown:
+        return text
+    kept = text.translate({ord(c): None for c in unknown})
+    if verbose:
+        shown = "".join(unknown[:30]) + (" ..." if len(unknown) > 30 else "")
+        print(f"note: dropped {len(text) - len(kept):,} characters ({len(unknown)} distinct: {shown!r}) that the "
+              f"base model's vocabulary lacks")
+    return kept
+
+
 def _discard(paths: dict[str, str]) -> None:
     for p in paths.values():
         if os.path.exists(p + ".part"):
@@ -422,7 +436,8 @@ def prepare(input_path: str, data_dir: str, tokenizer: str = "char", tokenizer_d
     is the first 1 - val_fraction of the corpus bytes, val the rest (cut at a safe point).
     tokenizer 'char': vocabulary = the corpus's characters; documents are joined by "\\n"; train
     is the first 1 - val_fraction of the tokens. The whole corpus is held in memory.
-    `tokenizer_meta` encodes with a given tokenizer instead (a base model's, for fine-tuning).
+    `tokenizer_meta` encodes with a given tokenizer instead (a base model's, for fine-tuning); with a
+    char vocabulary, characters outside it are dropped and counted.
     """
     if tokenizer not in tok_lib.KINDS:
         raise UserError(f"unknown tokenizer {tokenizer!r}; choose one of: {', '.join(tok_lib.KINDS)}")
@@ -448,6 +463,8 @@ def prepare(input_path: str, data_dir: str, tokenizer: str = "char", tokenizer_d
     try:
         if tokenizer == "char":
             text, documents, skipped = _read_char_corpus(corpus)
+            if tok is not None:
+                text = _drop_unknown_chars(text, tok, verbose)
             tok = tok or CharTokenizer.from_text(text)
             ids = encode_chars(text, tok)
             n = int((1 - val_fraction) * len(ids))

@@ -265,8 +265,12 @@ def test_ensure_prepared_passes_the_tokenizer_through(enc, hf_dir, tmp_path, cor
     meta = data.ensure_prepared(str(tmp_path / "d"), "mine", corpus_file, tokenizer="gpt2", tokenizer_dir=hf_dir)
     assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == enc.n_vocab
     assert set(data.CORPUS_KEYS) <= set(meta) and tk.tokenizer_from_meta(meta).encode("to be") == enc.encode("to be")
-    base = tk.CharTokenizer.from_text("abc").meta()  # a base model's tokenizer encodes the new data
-    with pytest.raises(UserError, match="outside the vocabulary"):
-        data.ensure_prepared(str(tmp_path / "c"), "mine", corpus_file, tokenizer_meta=base)
+    base = tk.CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz \n").meta()  # a base model's tokenizer
+    meta = data.ensure_prepared(str(tmp_path / "c"), "mine", corpus_file, tokenizer_meta=base)
+    assert meta["chars"] == base["chars"]  # the new data is encoded with the base's vocabulary,
+    text = open(corpus_file).read()  # the characters it lacks (capitals, punctuation) dropped
+    kept = "".join(c for c in text if c in base["chars"])
+    ids = np.concatenate([data.load_split(str(tmp_path / "c"), s, meta) for s in data.SPLITS])
+    assert tk.tokenizer_from_meta(meta).decode(ids) == kept and len(kept) < len(text)
     with pytest.raises(UserError, match="pass --tokenizer=char"):
-        data.ensure_prepared(str(tmp_path / "c"), "mine", corpus_file, tokenizer="gpt2", tokenizer_meta=base)
+        data.ensure_prepared(str(tmp_path / "e"), "mine", corpus_file, tokenizer="gpt2", tokenizer_meta=base)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import export as export_script
 import sample as sample_script
 from conftest import tiny_args
 from jaxgpt import lora
@@ -138,6 +139,20 @@ def test_lora_run_learns_saves_little_resumes_and_samples(tmp_path, base_run, ca
     assert sample_script.main([f"--out_dir={tmp_path / 'full'}", "--num_samples=1", "--max_new_tokens=20",
                                "--start=TO"]) == 0
     assert capsys.readouterr().out.startswith("TO")
+
+    # export merges the adapters: a standalone jaxgpt out_dir that needs no base, and a HF directory
+    merged_dir, hf_dir = tmp_path / "merged", tmp_path / "hf"
+    assert export_script.main([f"--out_dir={tmp_path / 'full'}", f"--jaxgpt_dir={merged_dir}",
+                               f"--hf_dir={hf_dir}"]) == 0
+    _, standalone, standalone_cfg, _, standalone_meta = load_model(str(merged_dir))
+    assert standalone_meta["lora_base"] is None and standalone_cfg == model_cfg
+    for a, b in zip(jax.tree.leaves(standalone), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert os.path.isfile(hf_dir / "model.safetensors") and os.path.isfile(hf_dir / "jaxgpt_tokenizer.json")
+    # and the standalone run finetunes further like any run
+    more = train(parse_args(tiny_args(tmp_path, "unused", data_dir=str(tmp_path / "data"), out_dir=str(merged_dir),
+                                      init_from="resume", max_iters=standalone_meta["step"] + 2)), log=lambda s: None)
+    assert more["iter"] == standalone_meta["step"] + 2
 
 
 def test_adapters_refuse_a_changed_base():
