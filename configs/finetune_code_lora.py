@@ -4,7 +4,7 @@
     python sample.py --out_dir=out-code-lora --start="def " --temperature=0.7
     python export.py --out_dir=out-code-lora --hf_dir=gpt2-code   # adapters merged into the weights
 
-Only rank-8 adapters on every attention and MLP projection train (1.2% of GPT-2's weights); the
+Only rank-8 adapters on every attention and MLP projection train (1.18 M, 0.95% of GPT-2 124M); the
 base stays frozen and out of the checkpoints, which hold the adapters and a reference to the base.
 A GPT-2 directory, a nanoGPT ckpt.pt or a jaxgpt out_dir work as init_from too.
 """

@@ -22,11 +22,15 @@ PEAK_FLOPS = [("h100", 989e12), ("h200", 989e12), ("a100", 312e12), ("v6 lite", 
               ("v5 lite", 197e12), ("v5e", 197e12), ("v5p", 459e12), ("v5", 459e12), ("v4", 275e12)]
 
 
-def flops_per_token(cfg: ModelConfig, n_params: int) -> float:
+def flops_per_token(cfg: ModelConfig, n_params: int, n_trainable: int | None = None) -> float:
+    """Training FLOPs per token: 2 per parameter forward, 2 backward for the activations' gradient,
+    2 more for the gradient of each trained weight (a frozen LoRA base skips those), plus attention."""
+    n_trainable = n_params if n_trainable is None else n_trainable
     if cfg.model_type != "gpt":
         return 6.0 * n_params
     n = n_params - cfg.block_size * cfg.n_embd  # without wpe
-    return 6.0 * n + 12.0 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * cfg.block_size
+    weight_grads = 2.0 * (min(n_trainable, n) if n_trainable < n_params else n)
+    return 4.0 * n + weight_grads + 12.0 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * cfg.block_size
 
 
 def measured_matmul_peak(devices, n: int = 1024, dtype=jnp.float32, repeats: int = 10) -> float:

@@ -191,7 +191,10 @@ def _read_jaxgpt(out_dir: str) -> Weights:
     if model_cfg.model_type != "gpt":
         raise UserError(f"{out_dir} holds a {model_cfg.model_type} model; only GPT models can be a starting point")
     params = jax.tree.map(np.asarray, params)
-    return Weights(from_params(params, model_cfg.n_layer, model_cfg.bias), n_head=model_cfg.n_head,
+    tensors = from_params(params, model_cfg.n_layer, model_cfg.bias)
+    if not model_cfg.bias:  # keep a bias-free model bias-free (from_params fills in zeros for export)
+        tensors = {k: v for k, v in tensors.items() if not k.endswith(".bias")}
+    return Weights(tensors, n_head=model_cfg.n_head,
                    gelu=model_cfg.gelu, source=out_dir, tokenizer_meta=meta["tokenizer"], jaxgpt_meta=meta)
 
 

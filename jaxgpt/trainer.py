@@ -152,6 +152,9 @@ def setup(cfg: Config, log=print) -> Run:
     elif pretrained.is_pretrained_source(cfg.init_from):
         weights = pretrained.load_weights(cfg.init_from)
         base_tok = weights.tokenizer_meta  # a jaxgpt base: the new data is encoded with its tokenizer
+        if base_tok is None and cfg.tokenizer != "gpt2":
+            raise UserError(f"init_from={cfg.init_from} holds GPT-2 weights, which read BPE tokens; "
+                            f"pass --tokenizer=gpt2")
         if cfg.tokenizer == "gpt2" and not tokenizer_dir:
             tokenizer_dir = weights.tokenizer_dir  # a Hugging Face directory brings its BPE files
     data_dir = cfg.resolved_data_dir()
@@ -330,7 +333,7 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
     n_params = n_trainable + num_params(state.frozen)
     peak, peak_src = device_peak("float32" if jax.devices()[0].platform == "cpu" else cfg.dtype,
                                  run.mesh.devices.flat)  # MFU of the whole mesh
-    fpt = flops_per_token(run.model_cfg, n_params)
+    fpt = flops_per_token(run.model_cfg, n_params, n_trainable)
     log(f"model: {cfg.model_type}, {n_params / 1e6:.2f}M parameters, attention {run.model_cfg.attn_impl}; "
         f"MFU peak {peak_src}")
     if is_lora:

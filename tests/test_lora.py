@@ -112,8 +112,8 @@ def lora_args(tmp_path, base_run, name, **overrides):
         from conftest import make_corpus
 
         new_corpus.write_text(make_corpus(seed=7)[::-1], encoding="utf-8")  # new text, the base's characters
-    kw = dict(init_from=base.out_dir, finetune_method="lora", lora_rank=4, learning_rate=3e-2, decay_lr=False,
-              data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / name), max_iters=8, eval_interval=4)
+    kw = dict(init_from=base.out_dir, finetune_method="lora", lora_rank=4, learning_rate=1e-2, decay_lr=False, eval_iters=10,
+              data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / name), max_iters=12, eval_interval=6)
     kw.update(overrides)
     return parse_args(tiny_args(tmp_path, str(new_corpus), **kw))
 
@@ -122,12 +122,14 @@ def test_lora_run_learns_saves_little_resumes_and_samples(tmp_path, base_run, ca
     base, _ = base_run
     full = train(lora_args(tmp_path, base_run, "full"), log=lambda s: None)
     assert full["n_trainable"] < 0.2 * full["n_params"]
+    base_params = load_model(base.out_dir)[1]  # the frozen part is exactly the base (no bias added)
+    assert full["n_params"] - full["n_trainable"] == lora.count(base_params)
     rows = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
     assert rows[-1]["val_loss"] < rows[0]["val_loss"]  # the adapters learned the new corpus
     assert dir_bytes(tmp_path / "full" / "checkpoints") < 0.5 * dir_bytes(os.path.join(base.out_dir, "checkpoints"))
 
-    # interrupted at 4 and resumed: the same run
-    train(lora_args(tmp_path, base_run, "half", max_iters=4), log=lambda s: None)
+    # interrupted at 6 and resumed: the same run
+    train(lora_args(tmp_path, base_run, "half", max_iters=6), log=lambda s: None)
     train(lora_args(tmp_path, base_run, "half", init_from="resume"), log=lambda s: None)
     half = [json.loads(line) for line in open(tmp_path / "half" / "metrics.jsonl")]
     assert [(r["iter"], r["val_loss"]) for r in half] == [(r["iter"], r["val_loss"]) for r in rows]

@@ -63,6 +63,12 @@ def test_train_bad_inputs(tmp_path, corpus_file, capsys):
         (t(dtype="float16"), "dtype must be one of float32, bfloat16"),
         (t(mesh_shape="2"), "needs 2 devices but 1 are visible"),
         (t(on_nonfinite="ignore"), "on_nonfinite must be one of stop, skip"),
+        (t(init_from=str(tmp_path / "nope")), "is neither scratch, resume, a GPT-2 name"),
+        (t(finetune_method="lora"), "trains adapters on a base model; set --init_from"),
+        (t(init_from=str(tmp_path)), "holds no GPT-2 weights"),
+        (t(model_size="gpt3"), "model_size must be one of gpt2, gpt2-medium, gpt2-large, gpt2-xl"),
+        (t(tokenizer="gpt2", tokenizer_dir=str(tmp_path / "nodir"), data_dir=str(tmp_path / "d5")),
+         "tokenizer directory not found"),
     ]
     for argv, message in cases:
         assert_one_line(*run_main(train_script.main, argv, capsys), message)
