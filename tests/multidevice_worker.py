@@ -4,6 +4,7 @@ Started by tests/test_parallel.py as a subprocess, because the device count must
 before JAX starts (the main test process keeps one device).
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -24,14 +25,15 @@ from jaxgpt.step import abstract_state, init_state, make_train_step  # noqa: E40
 from jaxgpt.trainer import make_batch_fn, model_config, run_keys, train  # noqa: E402
 
 
-def step_losses(sharding: str, mesh_shape: str, steps: int = 10):
-    """Per-step train losses of a tiny GPT (dropout and accumulation on) on a given mesh."""
+def step_losses(sharding: str, mesh_shape: str, steps: int = 10, lora_rank: int = 0):
+    """Per-step train losses of a tiny GPT (dropout and accumulation on) on a given mesh; with
+    lora_rank, LoRA adapters train on a frozen (random) base that is sharded like parameters."""
     cfg = parse_args(["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=8",
                       "--dropout=0.1", "--gradient_accumulation_steps=2", "--learning_rate=1e-2",
                       "--warmup_iters=2", "--lr_decay_iters=10", f"--sharding={sharding}",
                       f"--mesh_shape={mesh_shape}"])
     mesh = parallel.make_mesh(cfg.sharding, cfg.mesh_shape)
-    mcfg = model_config(cfg, 16, log=lambda s: None)
+    mcfg = dataclasses.replace(model_config(cfg, 16, log=lambda s: None), lora_rank=lora_rank)
     graphdef, abstract, optimizer = abstract_state(mcfg, cfg)
     state_sh = parallel.state_shardings(abstract, mesh)
     keys = run_keys(cfg.seed)
@@ -48,7 +50,7 @@ def step_losses(sharding: str, mesh_shape: str, steps: int = 10):
     per_device = parallel.bytes_per_device(state)
     total = sum(x.nbytes for x in jax.tree.leaves(state))
     specs = {"/".join(str(getattr(k, "key", k)) for k in path): str(leaf.sharding.spec)
-             for path, leaf in jax.tree_util.tree_leaves_with_path(state.params)}
+             for path, leaf in jax.tree_util.tree_leaves_with_path(state.params if not lora_rank else state.frozen)}
     return {"losses": losses, "max_bytes_per_device": max(per_device.values()), "total_bytes": total,
             "n_devices": int(mesh.devices.size), "param_specs": specs}
 
@@ -63,6 +65,7 @@ def main():
     for sharding, n in [("dp", 1), ("dp", 2), ("dp", 8), ("fsdp", 2), ("fsdp", 8)]:
         report["steps"][f"{sharding}{n}"] = step_losses(sharding, str(n))
     report["steps"]["hybrid2x4"] = step_losses("fsdp", "2x4")
+    report["lora"] = {"one": step_losses("dp", "1", lora_rank=4), "fsdp4": step_losses("fsdp", "4", lora_rank=4)}
 
     tmp = tempfile.mkdtemp()
     corpus = os.path.join(tmp, "corpus.txt")

@@ -44,6 +44,14 @@ def test_fsdp_really_shards_parameters_and_optimizer_state(report):
     assert hybrid["max_bytes_per_device"] <= hybrid["total_bytes"] / 4 * 1.05 + 64
 
 
+def test_lora_on_fsdp_gives_the_single_device_losses(report):
+    """LoRA's frozen base is sharded like parameters; the adapters train the same on any mesh."""
+    one, fsdp = report["lora"]["one"], report["lora"]["fsdp4"]
+    assert one["losses"][-1] < one["losses"][0]
+    np.testing.assert_allclose(fsdp["losses"], one["losses"], rtol=1e-5)
+    assert all("fsdp" in spec for spec in fsdp["param_specs"].values())  # the frozen base is split too
+
+
 def test_train_py_path_on_4_devices_reproduces_single_device_val_loss(report):
     one = report["val_one"]
     assert len(one) == 3  # iters 0, 10, 20
