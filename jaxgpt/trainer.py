@@ -124,6 +124,7 @@ class Run:
     mesh: Mesh
     init_params: dict | None = None  # init_from weights (numpy, host); with LoRA the frozen base
     lora_base: dict | None = None  # LoRA: {"source": where the base comes from, "fingerprint": ...}
+    origin: str = "scratch"  # where the run's weights started (init_from of its first start), kept on resume
 
 
 def padded_vocab(meta: dict[str, Any]) -> int:
@@ -203,7 +204,8 @@ def setup(cfg: Config, log=print) -> Run:
                                        parallel.batch_sharding(mesh, 3))
         eval_batches[split] = make_batch_fn(tokens, cfg.batch_size, cfg.block_size, 0,
                                             parallel.batch_sharding(mesh, 2))
-    return Run(cfg, model_cfg, tok_meta, batches, eval_batches, mesh, init_params, lora_base)
+    origin = cfg.init_from if ckpt_meta is None else ckpt_meta.get("origin", ckpt_meta["train_config"]["init_from"])
+    return Run(cfg, model_cfg, tok_meta, batches, eval_batches, mesh, init_params, lora_base, origin)
 
 
 def check_resume_compatible(cfg: Config, ckpt_meta: dict[str, Any]) -> None:
@@ -365,7 +367,7 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
         return {"step": it, "best_val_loss": best_val, "model_config": run.model_cfg.to_dict(),
                 "train_config": cfg.to_dict(), "tokenizer": run.tok_meta,
                 "rng": {"seed": cfg.seed, "derivation": "fold_in(key(seed), stream); per step fold_in(stream_key, step)"},
-                "data_state": {"step": it}, "lora_base": run.lora_base}
+                "data_state": {"step": it}, "lora_base": run.lora_base, "origin": run.origin}
 
     start = last_saved = int(state.step)
 

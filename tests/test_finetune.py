@@ -53,10 +53,13 @@ def test_finetune_config_end_to_end_from_a_local_gpt2_dir(tmp_path, hf_dir, corp
     assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == json.load(open(hf_dir / "config.json"))["vocab_size"]
     rows = read_metrics(out)
     assert [r["iter"] for r in rows] == [0, 3, 6] and rows[-1]["val_loss"] < rows[0]["val_loss"]
-    # iter 0 is the pretrained model itself: its loss on a val batch equals transformers' loss
+    # a finetuning run resumes like any run: the architecture comes from its checkpoint
+    assert train_script.main(args[:-5] + ["--max_iters=8", "--eval_interval=4", "--eval_iters=4",
+                                          "--init_from=resume"]) == 0
+    assert [r["iter"] for r in read_metrics(out)][-1] == 8
     _, params, model_cfg, tok, ckpt_meta = load_model(str(out), "latest")
     assert (model_cfg.vocab_size, model_cfg.block_size, model_cfg.gelu) == (meta["vocab_size"], 32, "tanh")
-    assert ckpt_meta["train_config"]["init_from"] == str(hf_dir)
+    assert ckpt_meta["origin"] == str(hf_dir) and ckpt_meta["train_config"]["init_from"] == "resume"
     capsys.readouterr()
 
     assert sample_script.main([f"--out_dir={out}", "--start=to be", "--num_samples=2", "--max_new_tokens=12"]) == 0
