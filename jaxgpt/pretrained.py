@@ -66,7 +66,6 @@ class Weights:
     source: str
     tokenizer_meta: dict[str, Any] | None = None  # a jaxgpt checkpoint's tokenizer
     tokenizer_dir: str = ""  # a directory with vocab.json + merges.txt
-    jaxgpt_meta: dict[str, Any] | None = None  # the checkpoint metadata of a jaxgpt source
 
 
 def is_pretrained_source(init_from: str) -> bool:
@@ -195,7 +194,7 @@ def _read_jaxgpt(out_dir: str) -> Weights:
     if not model_cfg.bias:  # keep a bias-free model bias-free (from_params fills in zeros for export)
         tensors = {k: v for k, v in tensors.items() if not k.endswith(".bias")}
     return Weights(tensors, n_head=model_cfg.n_head,
-                   gelu=model_cfg.gelu, source=out_dir, tokenizer_meta=meta["tokenizer"], jaxgpt_meta=meta)
+                   gelu=model_cfg.gelu, source=out_dir, tokenizer_meta=meta["tokenizer"])
 
 
 def _canonical(state: dict[str, Any], transpose: bool) -> dict[str, np.ndarray]:
