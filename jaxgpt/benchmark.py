@@ -29,8 +29,7 @@ def flops_per_token(cfg: ModelConfig, n_params: int, n_trainable: int | None = N
     if cfg.model_type != "gpt":
         return 6.0 * n_params
     n = n_params - cfg.block_size * cfg.n_embd  # without wpe
-    weight_grads = 2.0 * (min(n_trainable, n) if n_trainable < n_params else n)
-    return 4.0 * n + weight_grads + 12.0 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * cfg.block_size
+    return 4.0 * n + 2.0 * min(n_trainable, n) + 12.0 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * cfg.block_size
 
 
 def measured_matmul_peak(devices, n: int = 1024, dtype=jnp.float32, repeats: int = 10) -> float:

@@ -137,7 +137,7 @@ def load_model(out_dir: str, prefer: str = "best"):
 
     from jaxgpt import lora, parallel, pretrained
     from jaxgpt.config import Config
-    from jaxgpt.model import ModelConfig, pick_attention
+    from jaxgpt.model import ModelConfig, abstract_model, pick_attention
     from jaxgpt.step import abstract_state
     from jaxgpt.tokenizer import tokenizer_from_meta
 
@@ -147,19 +147,17 @@ def load_model(out_dir: str, prefer: str = "best"):
     model_cfg = dataclasses.replace(ModelConfig.from_dict(meta["model_config"]), attn_impl=pick_attention("auto"))
     train_cfg = Config(**{k: v for k, v in meta["train_config"].items() if k in Config.__dataclass_fields__})
     graphdef, abstract, _ = abstract_state(model_cfg, train_cfg)
-    base = meta.get("lora_base")
-    if base:
-        abstract = abstract.replace(frozen={})  # the checkpoint holds the adapters only
+    abstract = abstract.replace(frozen={})  # checkpoints never hold a frozen LoRA base
     # onto one device, whatever mesh the run was trained on
     one = parallel.make_mesh("dp", "1")
     state, meta = ckpt.restore(parallel.with_shardings(abstract, parallel.state_shardings(abstract, one)), step)
     ckpt.close()
-    params = state.params
+    params, base = state.params, meta.get("lora_base")
     if base:
         base_params = pretrained.to_params(pretrained.load_weights(base["source"]), model_cfg.block_size)
         lora.check_base(base, base_params)
         params, model_cfg = lora.merge(lora.join(params, base_params), model_cfg)
-        graphdef = abstract_state(model_cfg, train_cfg)[0]
+        graphdef = abstract_model(model_cfg)[0]
     return graphdef, params, model_cfg, tokenizer_from_meta(meta["tokenizer"]), meta
 
 

@@ -314,5 +314,11 @@ def build_model(cfg: ModelConfig, seed: int | jax.Array = 0):
     return {"gpt": GPT, "bigram": Bigram}[cfg.model_type](cfg, rngs=rngs)
 
 
+def abstract_model(cfg: ModelConfig):
+    """(graphdef, parameter shapes) of a model, allocating nothing: nnx.merge(graphdef, params) is
+    then the model for any parameters of those shapes (loaded, merged, restored)."""
+    return nnx.split(nnx.eval_shape(lambda: build_model(cfg)), nnx.Param)
+
+
 def num_params(params) -> int:
     return sum(x.size for x in jax.tree.leaves(params))

@@ -299,13 +299,12 @@ def load_model(name_or_path: str, dtype: str = "float32"):
     merges.txt), else GPT-2's BPE through tiktoken, as nanoGPT assumes for its checkpoints."""
     import jax
     import jax.numpy as jnp
-    from flax import nnx
 
-    from jaxgpt.model import build_model, pick_attention
+    from jaxgpt.model import abstract_model, pick_attention
     from jaxgpt.tokenizer import load_bpe, tokenizer_from_meta
 
     params, cfg, w = load_params(name_or_path, dtype=dtype, attn_impl=pick_attention("auto"))
-    graphdef = nnx.split(nnx.eval_shape(lambda: build_model(cfg)), nnx.Param)[0]
+    graphdef = abstract_model(cfg)[0]
     if w.tokenizer_meta is not None:
         tokenizer = tokenizer_from_meta(w.tokenizer_meta)
     else:
@@ -319,10 +318,10 @@ def load_pretrained(name_or_path: str, dtype: str = "float32"):
     import jax.numpy as jnp
     from flax import nnx
 
-    from jaxgpt.model import build_model, pick_attention
+    from jaxgpt.model import abstract_model, pick_attention
 
     params, cfg, _ = load_params(name_or_path, dtype=dtype, attn_impl=pick_attention("auto"))
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: build_model(cfg)), nnx.Param)
+    graphdef, state = abstract_model(cfg)
     nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
     return nnx.merge(graphdef, state), cfg
 

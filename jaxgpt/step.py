@@ -129,11 +129,9 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Conf
 
 
 def make_eval_step(graphdef, param_sharding=None, batch_sharding=None, out_sharding=None, frozen_sharding=None):
-    """eval_step(params, (x, y), frozen={}) -> mean loss, without dropout."""
+    """eval_step(params, (x, y), frozen) -> mean loss, without dropout (frozen: the state's, {} without LoRA)."""
     loss_fn = make_loss_fn(graphdef)
     fn = lambda params, batch, frozen: loss_fn(params, *batch, None, frozen)
     if param_sharding is None:
-        step = jax.jit(fn)
-    else:
-        step = jax.jit(fn, in_shardings=(param_sharding, batch_sharding, frozen_sharding), out_shardings=out_sharding)
-    return lambda params, batch, frozen=None: step(params, batch, {} if frozen is None else frozen)
+        return jax.jit(fn)
+    return jax.jit(fn, in_shardings=(param_sharding, batch_sharding, frozen_sharding), out_shardings=out_sharding)

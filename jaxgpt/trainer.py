@@ -143,7 +143,9 @@ def setup(cfg: Config, log=print) -> Run:
     parallel.check_batch(mesh, cfg.batch_size)
     weights, ckpt_meta, tokenizer_dir, base_tok = None, None, cfg.tokenizer_dir, None
     if cfg.init_from == "resume":
-        ckpt_meta = Checkpointer(cfg.out_dir, "latest").newest_meta()
+        ckpt = Checkpointer(cfg.out_dir, "latest")
+        ckpt_meta = ckpt.newest_meta()
+        ckpt.close()
         if ckpt_meta is None:
             raise UserError(f"init_from=resume but {cfg.out_dir} has no checkpoint; "
                             f"train from scratch first or fix --out_dir")
@@ -309,8 +311,8 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
     latest, best = Checkpointer(cfg.out_dir, "latest", max_to_keep=2), Checkpointer(cfg.out_dir, "best")
     best_val = math.inf
     is_lora = run.lora_base is not None
-    # a LoRA run's checkpoints leave out the frozen base: it is loaded from its source
-    saveable = (lambda st: st.replace(frozen={})) if is_lora else (lambda st: st)
+    # checkpoints never hold a frozen LoRA base (it is loaded from its source); {} without LoRA
+    saveable = lambda st: st.replace(frozen={})  # noqa: E731
     if cfg.init_from == "resume":
         state, meta, step = latest.restore_intact(
             saveable(parallel.with_shardings(abstract, state_sh)), lambda m: check_same_tokenizer(m, run.tok_meta), log)
