@@ -1,8 +1,12 @@
-"""Benchmark the training step of a config: ms/iter, tokens/s, compile time, memory, MFU.
+"""Benchmark the training step of a config: ms/iter, tokens/s, compile time, memory, MFU;
+or, with --sample_tokens=N, sampling: tokens/s of the decoding engine for N new tokens.
 
     python bench.py --config configs/shakespeare_char_cpu.py [--key=value ...] [--steps=50] [--vocab_size=65]
+    python bench.py --config configs/shakespeare_char_cpu.py --block_size=256 --sample_tokens=200 \
+        [--num_samples=5] [--prompt_tokens=1] [--window_keep=0]
 
-Uses synthetic batches (no data needed); the model and optimizer are the config's. For GPT-2
+Uses synthetic batches and random weights (no data needed: speed does not depend on the
+values); the model and optimizer are the config's. For GPT-2
 124M: --n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --vocab_size=50304 --dtype=bfloat16.
 """
 
@@ -12,18 +16,20 @@ import sys
 from functools import partial
 
 import jax
+from flax import nnx
 
 from jaxgpt import parallel
-from jaxgpt.benchmark import device_peak, flops_per_token, peak_memory_bytes, summarize, time_steps
+from jaxgpt.benchmark import device_peak, flops_per_token, peak_memory_bytes, sampling_speed, summarize, time_steps
 from jaxgpt.config import parse_args, run_cli
-from jaxgpt.model import num_params
+from jaxgpt.model import build_model, num_params
+from jaxgpt.sampling import Engine
 from jaxgpt.step import abstract_state, init_state, make_train_step
 from jaxgpt.trainer import model_config
 
 
 def bench_main(argv):
     # bench.py's own flags; everything else is a training config flag
-    opts = {"steps": 50, "vocab_size": 65}
+    opts = {"steps": 50, "vocab_size": 65, "sample_tokens": 0, "num_samples": 5, "prompt_tokens": 1, "window_keep": 0}
     rest = []
     for a in argv:
         key = a[2:].split("=", 1)[0] if a.startswith("--") else None
@@ -33,6 +39,8 @@ def bench_main(argv):
             rest.append(a)
     steps, vocab = opts["steps"], opts["vocab_size"]
     cfg = parse_args(rest).validate()
+    if opts["sample_tokens"]:
+        return bench_sampling(cfg, opts)
     parallel.set_cpu_devices(cfg.cpu_devices)
     mesh = parallel.make_mesh(cfg.sharding, cfg.mesh_shape)
     parallel.check_batch(mesh, cfg.batch_size)
@@ -60,6 +68,23 @@ def bench_main(argv):
     print(f"{res['ms_per_iter']:.2f} ms/iter (median of {steps}), {res['tokens_per_s']:,.0f} tokens/s, "
           f"MFU {100 * res['mfu']:.1f}%, compile {compile_s:.1f} s, peak memory "
           + (f"{res['peak_memory_bytes'] / 2**20:.0f} MiB" if res["peak_memory_bytes"] else "not reported"))
+    print(json.dumps(res))
+    return 0
+
+
+def bench_sampling(cfg, opts):
+    mcfg = model_config(cfg, opts["vocab_size"])
+    graphdef, params = nnx.split(build_model(mcfg, cfg.seed), nnx.Param)
+    engine = Engine(graphdef, params, mcfg.block_size)
+    prompt = [i % mcfg.vocab_size for i in range(opts["prompt_tokens"])]
+    res = sampling_speed(engine, prompt, opts["sample_tokens"], opts["num_samples"],
+                         temperature=0.8, top_k=200, window_keep=opts["window_keep"])
+    res.update(device=jax.devices()[0].device_kind, params=num_params(params), block_size=mcfg.block_size,
+               window_keep=opts["window_keep"] or mcfg.block_size)
+    print(f"device {res['device']}; {res['params']:,} parameters, block_size {mcfg.block_size}")
+    print(f"{res['num_samples']} samples x {res['new_tokens']} new tokens after {res['prompt_tokens']} prompt tokens: "
+          f"{res['steady_tokens_per_s']:,.0f} tokens/s steady, {res['request_tokens_per_s']:,.0f} tokens/s for the "
+          f"whole request ({res['request_seconds']:.3f} s), compile {res['compile_s']:.1f} s")
     print(json.dumps(res))
     return 0
 

@@ -7,8 +7,13 @@
 --start=FILE:prompt.txt reads the prompt from a file; --top_p=0.9 nucleus sampling;
 --stream prints the first sample as it is generated; --stop=STRING ends each sample at
 STRING; --which=latest samples from the latest checkpoint instead of the best one.
-Generation statistics (tokens, seconds, tokens/s without start-up and compilation) go to stderr.
+Statistics go to stderr: tokens generated, tokens/s of prefill and decoding (compilation
+excluded), compilation seconds, and the wall time from the script's start.
 """
+
+import time
+
+T_START = time.perf_counter()  # before the imports: the wall time sample.py reports starts here
 
 import sys
 from dataclasses import dataclass
@@ -19,7 +24,7 @@ import numpy as np
 from jaxgpt import pretrained
 from jaxgpt.checkpoint import load_model
 from jaxgpt.config import UserError, check_choice, parse_args, run_cli
-from jaxgpt.sampling import Engine, check_sampling_args
+from jaxgpt.sampling import Engine, TextStream, check_sampling_args, cut_at_stop
 
 SEPARATOR = "---------------"
 
@@ -65,38 +70,34 @@ def sample_main(argv):
     prompt = tok.encode(prompt_text)
     stop = tok.encode(sc.stop) if sc.stop else None
     engine = Engine(graphdef, params, model_cfg.block_size, vocab_size=tok.vocab_size)
-    printed = 0
+    stream = TextStream(tok.decode, sc.stop)
 
-    def stream(tokens: np.ndarray):  # prints the first sample's new text as chunks arrive
-        nonlocal printed
-        if printed == 0:
-            print(prompt_text, end="")
-        print(tok.decode(tokens[0, printed:]), end="", flush=True)
-        printed = tokens.shape[1]
+    def show(tokens: np.ndarray):  # prints the first sample's new text as chunks arrive
+        print(stream.update(tokens[0]), end="", flush=True)
 
+    if sc.stream:
+        print(prompt_text, end="", flush=True)
     result = engine.generate(prompt, max_new_tokens=sc.max_new_tokens, num_samples=sc.num_samples,
                              temperature=sc.temperature, top_k=top_k, top_p=sc.top_p,
                              key=jax.random.key(sc.seed), window_keep=sc.window_keep, stop=stop,
-                             on_chunk=stream if sc.stream else None)
-    if sc.stream:
-        print("\n" + SEPARATOR)
-    for i, row in enumerate(result.tokens):
-        text = tok.decode(row)
-        if sc.stop and sc.stop in text:
-            text = text[:text.index(sc.stop)]
-        if sc.stream and i == 0:
-            continue  # already shown
-        print(prompt_text + text)
+                             on_chunk=show if sc.stream else None)
+    rows = result.tokens[:, :result.decoded]
+    for i, row in enumerate(rows):
+        if sc.stream and i == 0:  # already shown: finish it
+            print(stream.update(row, final=True))
+        else:
+            print(prompt_text + cut_at_stop(tok.decode(row), sc.stop))
         print(SEPARATOR)
     n = result.tokens_generated
-    print(f"generated {n} tokens in {result.seconds:.3f} s: {n / result.seconds:,.0f} tokens/s "
-          f"({result.tokens.shape[0]} samples in parallel; compilation {result.compile_seconds:.2f} s, not counted)",
-          file=sys.stderr)
+    print(f"generated {n} tokens ({len(rows)} samples x {result.decoded}, in parallel) in {result.seconds:.3f} s: "
+          f"{n / result.seconds:,.0f} tokens/s; compilation {result.compile_seconds:.2f} s (not counted); "
+          f"wall time from start {time.perf_counter() - T_START:.2f} s", file=sys.stderr)
     return 0
 
 
 def main(argv):
     return run_cli(sample_main, argv)
+
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

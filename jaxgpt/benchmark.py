@@ -98,3 +98,26 @@ def summarize(times: list[float], tokens_per_iter: int, fpt: float, peak: float)
     sec = statistics.median(times)
     return {"ms_per_iter": 1000 * sec, "tokens_per_s": tokens_per_iter / sec,
             "mfu": fpt * tokens_per_iter / sec / peak}
+
+
+def sampling_speed(engine, prompt: list[int], n_tokens: int, num_samples: int, repeats: int = 3,
+                   **generate_kw) -> dict[str, float]:
+    """Decoding speed of engine.generate for this request, compilation excluded.
+
+    steady_tokens_per_s is the difference of a request of n_tokens and one of n_tokens // 10
+    (best of `repeats` each), so prefill and per-request start-up cancel, as
+    torch_reference.py measures nanoGPT's loop; request_tokens_per_s is the whole long request."""
+    short = max(1, n_tokens // 10)
+
+    def best(n: int):
+        run = lambda r: engine.generate(prompt, max_new_tokens=n, num_samples=num_samples,  # noqa: E731
+                                        key=jax.random.key(r), **generate_kw)
+        first = run(0)  # compiles, and the first run of a compiled program is slower
+        return min(run(r).seconds for r in range(1, repeats + 1)), first.compile_seconds
+
+    t_short, c_short = best(short)
+    t_long, c_long = best(n_tokens)
+    return {"steady_tokens_per_s": num_samples * (n_tokens - short) / max(t_long - t_short, 1e-9),
+            "request_tokens_per_s": num_samples * n_tokens / t_long, "request_seconds": t_long,
+            "compile_s": c_short + c_long, "num_samples": num_samples, "new_tokens": n_tokens,
+            "prompt_tokens": len(prompt)}

@@ -123,6 +123,21 @@ def causal_attention(q, k, v, *, q_pos=None, k_pos=None, dropout_rate: float = 0
     return jnp.einsum("bhts,bshd->bthd", att.astype(v.dtype), v)  # (B, T, H, hs)
 
 
+def cached_attention(q, k, v, pos):
+    """Attention of new tokens over a KV cache, all in the (B, H, ., hs) layout.
+
+    q: (B, H, T, hs), the tokens at positions pos..pos+T-1; k, v: (B, H, S, hs), the cache, whose
+    slot s holds position s. Query t attends to slots s <= pos + t; later slots (empty or stale)
+    are masked. In this layout XLA needs no transpose of the cache for either matmul, which on
+    CPU makes a decode step's attention ~7x faster than in the (B, S, H, hs) training layout."""
+    S, hs = k.shape[2], q.shape[-1]
+    att = jnp.einsum("bhtd,bhsd->bhts", q, k, preferred_element_type=F32) / math.sqrt(hs)  # (B, H, T, S)
+    q_pos = pos + jnp.arange(q.shape[2])
+    att = jnp.where(jnp.arange(S)[None, :] <= q_pos[:, None], att, -jnp.inf)
+    att = jax.nn.softmax(att, axis=-1)
+    return jnp.einsum("bhts,bhsd->bhtd", att.astype(v.dtype), v)  # (B, H, T, hs)
+
+
 ATTN_IMPLS = ("explicit", "xla", "cudnn")
 
 
@@ -179,7 +194,7 @@ class CausalSelfAttention(nnx.Module):
         self.attn_impl = cfg.attn_impl
 
     def __call__(self, x, dropout_key=None, cache=None, pos=None):
-        """x (B, T, C) -> (B, T, C). With `cache` = (k, v), each (B, S, H, hs), the new tokens sit
+        """x (B, T, C) -> (B, T, C). With `cache` = (k, v), each (B, H, S, hs), the new tokens sit
         at positions pos..pos+T-1: their keys and values are written into the cache, they attend
         over it, and the updated cache is returned as a second value."""
         B, T, C = x.shape
@@ -189,11 +204,12 @@ class CausalSelfAttention(nnx.Module):
         q, k, v = (t.reshape(B, T, H, C // H) for t in (q, k, v))  # (B, T, H, hs)
         if cache is None:
             y = attention(q, k, v, self.attn_impl, dropout_rate=self.dropout, dropout_key=k_att)
-        else:
-            k_cache = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, pos, 0, 0))
-            v_cache = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, pos, 0, 0))
+        else:  # the cache is (B, H, S, hs): both attention matmuls then read it without a transpose
+            q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (B, H, T, hs)
+            k_cache = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, 0, pos, 0))
+            v_cache = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, 0, pos, 0))
             cache = (k_cache, v_cache)
-            y = causal_attention(q, k_cache, v_cache, q_pos=pos + jnp.arange(T))  # (B, T, H, hs)
+            y = cached_attention(q, k_cache, v_cache, pos).transpose(0, 2, 1, 3)  # (B, H, T, hs) -> (B, T, H, hs)
         y = dropout(dense(self.c_proj, y.reshape(B, T, C), _lora_key(dropout_key, 1)), self.dropout, k_res)  # (B, T, H, hs) -> (B, T, C)
         return y if cache is None else (y, cache)
 
@@ -262,9 +278,9 @@ class GPT(nnx.Module):
         return self.lm_head(self.ln_f(x))
 
     def init_cache(self, batch_size: int, length: int):
-        """An empty KV cache: per layer (k, v), each (B, S, H, hs) in the compute dtype."""
+        """An empty KV cache: per layer (k, v), each (B, H, S, hs) in the compute dtype."""
         cfg = self.config
-        shape = (batch_size, length, cfg.n_head, cfg.n_embd // cfg.n_head)
+        shape = (batch_size, cfg.n_head, length, cfg.n_embd // cfg.n_head)
         return tuple((jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)) for _ in range(cfg.n_layer))
 
     def decode(self, idx, cache, pos, last=None):

@@ -37,6 +37,8 @@ from flax import nnx
 
 from jaxgpt.config import UserError
 
+F32 = jnp.float32
+
 
 def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float = 1.0) -> None:
     if max_new_tokens < 1:
@@ -77,78 +79,90 @@ def bucket(n: int, cap: int) -> int:
 
 @dataclass
 class Result:
-    tokens: np.ndarray  # (num_samples, max_new_tokens)
-    lengths: np.ndarray  # (num_samples,) tokens kept after a stop string
-    seconds: float  # generation time, without compilation
+    tokens: np.ndarray  # (num_samples, max_new_tokens); past an early stop, zeros
+    lengths: np.ndarray  # (num_samples,) tokens kept: up to a stop string, else all
+    decoded: int  # tokens decoded per sample (< max_new_tokens when every sample stopped early)
+    seconds: float  # prefill and decoding, without compilation
     compile_seconds: float
+    logits: np.ndarray | None = None  # (num_samples, decoded, V) with logits=True: what each token was drawn from
 
     @property
     def tokens_generated(self) -> int:
-        return int(self.tokens.shape[0] * self.tokens.shape[1])
+        """Tokens actually decoded, all samples together (what tokens/s should count)."""
+        return int(self.tokens.shape[0] * self.decoded)
 
 
 class Engine:
     """Batched, jit-compiled generation with a KV cache for a model (GPT or Bigram).
 
     vocab_size: the tokenizer's vocabulary when the model's is padded (50304 for 50257 BPE
-    tokens): the padded ids, which no text decodes to, are never sampled."""
+    tokens): the padded ids, which no text decodes to, are never sampled.
+
+    The host plans the request, since every sample grows by one token a step: while the cache
+    has room, `extend` chunks run plain cached steps (no branch in the loop); when it is full,
+    `refill` steps re-prefill from the last window_keep tokens. Each kind is compiled once per
+    request shape, with the number of steps as an argument, and only if the request needs it.
+    """
 
     def __init__(self, graphdef, params, block_size: int, chunk: int = 32, vocab_size: int | None = None):
         self.graphdef, self.params, self.block_size, self.chunk = graphdef, params, block_size, chunk
         self.vocab_size = vocab_size
         self._compiled: dict = {}
+        self.compile_seconds = 0.0
 
-    # -- the two compiled pieces -------------------------------------------------------------
+    # -- the three compiled pieces -----------------------------------------------------------
 
-    def _prefill_fn(self, N: int, L: int, Tb: int):
-        graphdef, block = self.graphdef, self.block_size
+    def _prefill_fn(self, N: int, Tb: int, S: int, with_logits: bool):
+        """Fills a cache of S slots from buf[start:start+Tb] (padded past P); returns the carry."""
+        graphdef = self.graphdef
 
-        def prefill(params, buf, prompt_len):
-            """Fills the cache from the last min(P, block) prompt tokens; returns the carry."""
+        def prefill(params, buf, prompt_len, start):
             model = nnx.merge(graphdef, params)
-            start = jnp.maximum(0, prompt_len - block)  # the window's first buffer index
-            window = jax.lax.dynamic_slice(buf, (0, start), (N, Tb))  # (N, Tb), padded past P
-            logits, cache = model.decode(window, model.init_cache(N, block), 0, last=prompt_len - 1 - start)
-            return {"buf": buf, "cache": cache, "start": start, "n": prompt_len, "logits": logits}
+            window = jax.lax.dynamic_slice(buf, (0, start), (N, Tb))  # (N, Tb)
+            logits, cache = model.decode(window, model.init_cache(N, S), 0, last=prompt_len - 1 - start)
+            carry = {"buf": buf, "cache": cache, "n": prompt_len, "logits": logits}  # logits (N, V) for token n
+            if with_logits:
+                carry["out"] = jnp.zeros(buf.shape + logits.shape[-1:], F32)  # (N, L, V)
+            return carry
 
         return prefill
 
-    def _chunk_fn(self, N: int, temperature: float, top_k, top_p: float, keep: int):
-        graphdef, block, chunk, V = self.graphdef, self.block_size, self.chunk, self.vocab_size
+    def _loop_fn(self, kind: str, N: int, temperature: float, top_k, top_p: float, keep: int):
+        """`steps` decoding steps of one kind. Each samples the token at buffer index n from the
+        carried logits (key fold_in(key_i, n)), writes it, then computes the logits for n + 1:
+        'extend' by one cached step at cache slot n - start; 'refill' by a fresh prefill of the
+        last `keep` tokens (the window moved, so every position changed)."""
+        graphdef, V = self.graphdef, self.vocab_size
 
-        def run_chunk(params, carry, keys):
+        def run(params, carry, keys, start, steps):
             model = nnx.merge(graphdef, params)
 
-            def refill(c):  # cache full: re-prefill from the last `keep` tokens
-                start = c["n"] - keep + 1
-                window = jax.lax.dynamic_slice(c["buf"], (0, start), (N, keep))  # (N, keep)
-                logits, cache = model.decode(window, model.init_cache(N, block), 0, last=keep - 1)
-                return logits, cache, start
-
-            def extend(c):  # room left: one cached step at position n - start
-                tok = jax.lax.dynamic_slice(c["buf"], (0, c["n"]), (N, 1))  # (N, 1)
-                logits, cache = model.decode(tok, c["cache"], c["n"] - c["start"], last=0)
-                return logits, cache, c["start"]
-
             def step(_, c):
-                step_keys = jax.vmap(lambda k: jax.random.fold_in(k, c["n"]))(keys)
+                n = c["n"]
                 logits = c["logits"] if V is None else c["logits"][:, :V]  # (N, V)
+                step_keys = jax.vmap(lambda k: jax.random.fold_in(k, n))(keys)
                 tok = jax.vmap(lambda k, l: sample_token(k, l, temperature, top_k, top_p))(step_keys, logits)
-                c = {**c, "buf": jax.lax.dynamic_update_slice(c["buf"], tok[:, None].astype(jnp.int32), (0, c["n"]))}
-                logits, cache, start = jax.lax.cond(c["n"] - c["start"] < block, extend, refill, c)
-                return {**c, "cache": cache, "start": start, "n": c["n"] + 1, "logits": logits}
+                c = {**c, "buf": jax.lax.dynamic_update_slice(c["buf"], tok[:, None].astype(jnp.int32), (0, n))}
+                if "out" in c:
+                    c["out"] = jax.lax.dynamic_update_slice(c["out"], c["logits"][:, None].astype(F32), (0, n, 0))
+                if kind == "extend":
+                    logits, cache = model.decode(tok[:, None].astype(jnp.int32), c["cache"], n - start, last=0)
+                else:
+                    window = jax.lax.dynamic_slice(c["buf"], (0, n - keep + 1), (N, keep))  # (N, keep)
+                    cache = jax.tree.map(jnp.zeros_like, c["cache"])
+                    logits, cache = model.decode(window, cache, 0, last=keep - 1)
+                return {**c, "cache": cache, "n": n + 1, "logits": logits}
 
-            return jax.lax.fori_loop(0, chunk, step, carry)
+            return jax.lax.fori_loop(0, steps, step, carry)
 
-        return run_chunk
+        return run
 
-    def _compile(self, name, static, fn, *args):
+    def _compile(self, name, static, fn, *args, donate=()):
         """AOT-compiles once per signature and reports the compile time separately."""
-        sig = (name, static) + tuple(jax.tree.map(lambda a: (a.shape, a.dtype) if hasattr(a, "shape") else a,
-                                           jax.tree.leaves(args)))
+        sig = (name, static) + tuple((a.shape, a.dtype) for a in jax.tree.leaves(args))
         if sig not in self._compiled:
             t0 = time.perf_counter()
-            self._compiled[sig] = jax.jit(fn, donate_argnums=(1,) if name == "chunk" else ()).lower(*args).compile()
+            self._compiled[sig] = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
             self.compile_seconds += time.perf_counter() - t0
         return self._compiled[sig]
 
@@ -157,64 +171,126 @@ class Engine:
     def generate(self, prompt: list[int], *, max_new_tokens: int, num_samples: int = 1,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
                  key: jax.Array | None = None, keys: jax.Array | None = None, window_keep: int = 0,
-                 stop: list[int] | None = None, on_chunk: Callable[[np.ndarray], None] | None = None) -> Result:
+                 stop: list[int] | None = None, on_chunk: Callable[[np.ndarray], None] | None = None,
+                 logits: bool = False) -> Result:
         """Generates max_new_tokens tokens after `prompt` for each sample.
 
         keys: one PRNG key per sample, (num_samples,); or `key`, from which sample i gets
-        fold_in(key, i). stop: token ids; a sample's tokens after its first occurrence are
+        fold_in(key, i). stop: token ids; a sample's tokens from its first occurrence on are
         dropped (`lengths`) and generation ends early once every sample has stopped.
-        on_chunk(tokens so far) is called after each decoded chunk (streaming).
+        on_chunk(tokens so far) is called after each decoded chunk (streaming). logits=True
+        also returns the logits every new token was drawn from.
         """
         check_sampling_args(max_new_tokens, temperature, top_k, top_p)
         if not prompt:
             raise UserError("the prompt is empty; give at least one token (e.g. --start='\\n')")
-        keep = window_keep or self.block_size
-        if not 1 <= keep <= self.block_size:
-            raise UserError(f"window_keep must be in 1..block_size ({self.block_size}), got {window_keep}")
+        block = self.block_size
+        keep = window_keep or block
+        if not 1 <= keep <= block:
+            raise UserError(f"window_keep must be in 1..block_size ({block}), got {window_keep}")
         if keys is None:
+            if key is None:
+                raise UserError("generate needs a PRNG key: pass key= (or keys=, one per sample)")
             keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num_samples))
-        N, P = keys.shape[0], len(prompt)
-        Pb = bucket(P, 1 << 30)  # buffer bucket for the prompt
-        Tb = min(bucket(P, self.block_size), self.block_size) if P <= self.block_size else self.block_size
-        n_chunks = -(-max_new_tokens // self.chunk)
-        L = Pb + n_chunks * self.chunk
+        N, P, chunk = keys.shape[0], len(prompt), self.chunk
+        # The buffer holds prompt + new tokens; its length is bucketed, so that similar requests
+        # share compilations. The cache needs no more slots than the buffer has tokens.
+        L = bucket(P, 1 << 30) + -(-max_new_tokens // chunk) * chunk
+        S = min(block, L)
+        n, start = P, max(0, P - block)  # the cache holds buf[start:n]
+        Tb = bucket(P - start, block)  # prefill window, padded to a power of two
         buf = jnp.zeros((N, L), jnp.int32).at[:, :P].set(jnp.asarray(prompt, jnp.int32))
+        i32 = jnp.int32
         self.compile_seconds = 0.0
-        prefill_fn = self._prefill_fn(N, L, Tb)
-        prefill = self._compile("prefill", (N, L, Tb), prefill_fn, self.params, buf, jnp.int32(P))
-        carry = jax.eval_shape(prefill_fn, self.params, buf, jnp.int32(P))
-        static = (N, float(temperature), top_k, float(top_p), keep)
-        run_chunk = self._compile("chunk", static, self._chunk_fn(*static), self.params, carry, keys)
+        prefill_fn = self._prefill_fn(N, Tb, S, logits)
+        prefill = self._compile("prefill", (N, Tb, S, logits), prefill_fn, self.params, buf, i32(P), i32(start))
+        carry = jax.eval_shape(prefill_fn, self.params, buf, i32(P), i32(start))
+        static = (N, float(temperature), top_k, float(top_p))
+        loops = {}
+
+        def loop(kind):
+            if kind not in loops:
+                k = keep if kind == "refill" else 0  # extend steps do not depend on window_keep
+                loops[kind] = self._compile(kind, static + (k,), self._loop_fn(kind, *static, k), self.params, carry,
+                                            keys, i32(0), i32(0), donate=(1,))
+            return loops[kind]
+
+        # compile what this request will use before the clock starts
+        loop("extend")
+        if P - start + max_new_tokens - 1 > S:  # a token before the last finds the cache full
+            loop("refill")
 
         t0 = time.perf_counter()
-        carry = prefill(self.params, buf, jnp.int32(P))
-        done = 0
-        for _ in range(n_chunks):
-            carry = run_chunk(self.params, carry, keys)
-            done += self.chunk
-            if on_chunk is not None or stop:
-                new = np.asarray(carry["buf"][:, P:P + min(done, max_new_tokens)])
+        carry = prefill(self.params, buf, i32(P), i32(start))
+        done = reported = 0
+        while done < max_new_tokens:
+            room = S - (n - start)
+            if room > 0 or done == max_new_tokens - 1:  # cached steps until the cache is full
+                # (the last token needs no logits after it: its step may find the cache full,
+                # its forward then writes into the clamped last slot, and nothing reads either)
+                steps = min(max(room, 1), max_new_tokens - done, chunk - done % chunk)
+                carry = loop("extend")(self.params, carry, keys, i32(start), i32(steps))
+            else:  # full: each step re-prefills; with keep < block only one is needed per fill
+                steps = min(max_new_tokens - done, chunk - done % chunk) if keep == block else 1
+                carry = loop("refill")(self.params, carry, keys, i32(start), i32(steps))
+                start = n + steps - keep
+            n, done = n + steps, done + steps
+            if (on_chunk is not None or stop) and (done % chunk == 0 or done == max_new_tokens):
+                new = np.asarray(carry["buf"][:, P:P + done])
                 if on_chunk is not None:
                     on_chunk(new)
                 if stop and all(find_stop(row, stop) >= 0 for row in new):
                     break
-        tokens = np.asarray(carry["buf"][:, P:P + max_new_tokens])
+        tokens = np.zeros((N, max_new_tokens), np.int32)
+        tokens[:, :done] = np.asarray(carry["buf"][:, P:P + done])
+        out = np.asarray(carry["out"][:, P:P + done]) if logits else None
         seconds = time.perf_counter() - t0
-        lengths = np.full(N, tokens.shape[1])
+        lengths = np.full(N, done)
         if stop:
-            for i, row in enumerate(tokens):
-                at = find_stop(row, stop)
-                lengths[i] = at if at >= 0 else len(row)
-        return Result(tokens, lengths, seconds, self.compile_seconds)
+            lengths = np.array([at if (at := find_stop(row[:done], stop)) >= 0 else done for row in tokens])
+        return Result(tokens, lengths, done, seconds, self.compile_seconds, out)
 
 
 def find_stop(row: np.ndarray, stop: list[int]) -> int:
     """Index of the first occurrence of the token sequence `stop` in row, or -1."""
     m = len(stop)
-    for i in range(len(row) - m + 1):
-        if list(row[i:i + m]) == stop:
-            return i
+    if m == 0:
+        return -1
+    hits = np.flatnonzero(np.asarray(row) == stop[0])
+    for i in hits:
+        if i + m <= len(row) and list(row[i:i + m]) == list(stop):
+            return int(i)
     return -1
+
+
+def cut_at_stop(text: str, stop: str) -> str:
+    """text up to (not including) the first occurrence of stop; all of it when stop is ''."""
+    return text[:text.index(stop)] if stop and stop in text else text
+
+
+class TextStream:
+    """Turns a growing sample (token ids) into the text to print next, never showing what the
+    final text will not hold: nothing at or past the stop string, no characters that might
+    still become the stop string, no half-decoded UTF-8 character at the end.
+
+        stream = TextStream(tok.decode, stop="\n\n")
+        print(stream.update(tokens), end="")   # after each chunk
+        print(stream.update(tokens, final=True))  # once, when generation ended
+    """
+
+    def __init__(self, decode: Callable[[np.ndarray], str], stop: str = ""):
+        self.decode, self.stop, self.shown = decode, stop, ""
+
+    def update(self, tokens: np.ndarray, final: bool = False) -> str:
+        text = self.decode(tokens)
+        full = cut_at_stop(text, self.stop)
+        if not final and len(full) == len(text):  # no stop yet: hold back what may still change
+            hold = next((k for k in range(min(len(self.stop) - 1, len(full)), 0, -1)
+                         if full.endswith(self.stop[:k])), 0)
+            full = full[:len(full) - hold].rstrip("\ufffd")
+        new = full[len(self.shown):] if full.startswith(self.shown) else ""
+        self.shown += new
+        return new
 
 
 def generate(graphdef, params, prompt: list[int], *, max_new_tokens: int, num_samples: int = 1,

@@ -1,3 +1,16 @@
+"""The decoding engine, through its public generate(): every request length, against the plain
+uncached model.
+
+The engine's rule past the context window, restated here independently of its code: the token
+at buffer index n is drawn from the model's logits over the window ids[start:n]. The window
+starts at max(0, P - block_size) for a prompt of P tokens; when it would grow past block_size,
+it restarts at n - window_keep (window_keep = block_size by default: nanoGPT's crop to the last
+block_size tokens).
+"""
+
+import functools
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,75 +19,127 @@ from flax import nnx
 
 from jaxgpt.config import UserError
 from jaxgpt.model import ModelConfig, build_model
-from jaxgpt.sampling import Engine, bucket, find_stop, generate, sample_token
+from jaxgpt.sampling import Engine, find_stop, generate, sample_token
 
 CFG = ModelConfig(vocab_size=13, block_size=8, n_layer=2, n_head=2, n_embd=16)
+# float32 logits of the cache and of the plain forward agree to rounding on CPU; a GPU computes
+# float32 matmuls in TF32 unless asked, so the comparisons run at 'highest' precision
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(autouse=True)
+def exact_matmuls():
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+MODELS = {kind: nnx.split(build_model(ModelConfig(**{**CFG.to_dict(), "model_type": kind}), 0), nnx.Param)
+          for kind in ("gpt", "bigram")}
 
 
 @pytest.fixture(scope="module")
 def model():
-    return nnx.split(build_model(CFG, 0), nnx.Param)
+    return MODELS["gpt"]
 
 
-def uncached_next_logits(graphdef, params, ids, start):
-    """The plain full forward pass over ids[start:], logits of the last position."""
-    return nnx.merge(graphdef, params)(jnp.asarray([ids[start:]]))[0, -1]
+@functools.cache
+def forward(graphdef):
+    """The plain model (no cache), jitted: logits (B, T, V) for ids (B, T)."""
+    return jax.jit(lambda params, ids: nnx.merge(graphdef, params)(ids))
 
 
-@pytest.mark.parametrize("model_type", ["gpt", "bigram"])
-@pytest.mark.parametrize("prompt_len, keep", [(3, 0), (11, 0), (5, 5), (1, 1)])
-def test_cached_logits_equal_uncached_at_every_position(prompt_len, keep, model_type):
-    """Greedy decoding one token per chunk; after each token the cache's logits must equal
-    the uncached model's on the engine's context window, also far past block_size."""
-    cfg = ModelConfig(**{**CFG.to_dict(), "model_type": model_type})
-    graphdef, params = nnx.split(build_model(cfg, 0), nnx.Param)
-    engine = Engine(graphdef, params, cfg.block_size, chunk=1)
-    block, keep = cfg.block_size, keep or cfg.block_size
-    prompt = [int(t) for t in np.random.default_rng(0).integers(0, cfg.vocab_size, prompt_len)]
-    N, Pb = 1, bucket(prompt_len, 1 << 30)
-    L = Pb + 30
-    buf = jnp.zeros((N, L), jnp.int32).at[:, :prompt_len].set(jnp.asarray(prompt))
-    Tb = min(bucket(prompt_len, block), block) if prompt_len <= block else block
-    carry = jax.jit(engine._prefill_fn(N, L, Tb))(params, buf, jnp.int32(prompt_len))
-    step = jax.jit(engine._chunk_fn(N, 0.0, None, 1.0, keep))
-    keys = jax.random.split(jax.random.key(0), N)
-    ids, start = list(prompt), max(0, prompt_len - block)
-    for _ in range(3 * block):
-        ref = uncached_next_logits(graphdef, params, ids, start)
-        np.testing.assert_allclose(carry["logits"][0], ref, atol=1e-5, rtol=1e-5)
-        carry = step(params, carry, keys)
-        ids.append(int(carry["buf"][0, len(ids)]))
-        assert ids[-1] == int(jnp.argmax(ref))
-        if len(ids) - start > block:  # the engine's rule: refill from the last `keep` tokens
-            start = len(ids) - keep
-    if keep == block:  # the default is nanoGPT's crop: always the last block_size tokens
-        assert start == len(ids) - block
+def windows(P: int, n_new: int, block: int, keep: int):
+    """(start, n) of the window each new token is drawn from, by the rule in the docstring."""
+    start, out = max(0, P - block), []
+    for n in range(P, P + n_new):
+        if n - start > block:
+            start = n - keep
+        out.append((start, n))
+    return out
 
 
-def greedy_reference(graphdef, params, prompt, n):
-    model = nnx.merge(graphdef, params)
-    ids = list(prompt)
-    for _ in range(n):
-        ids.append(int(jnp.argmax(model(jnp.asarray([ids[-CFG.block_size:]]))[0, -1])))
-    return ids[len(prompt):]
+def uncached_greedy(graphdef, params, prompt, n_new, block, keep):
+    """Greedy decoding with a full forward pass over each window: (tokens, logits per token)."""
+    ids, logits = list(prompt), []
+    for start, n in windows(len(prompt), n_new, block, keep):
+        row = forward(graphdef)(params, jnp.asarray([ids[start:n]]))[0, -1]
+        logits.append(np.asarray(row))
+        ids.append(int(jnp.argmax(row)))
+    return ids[len(prompt):], np.stack(logits)
 
 
-def gen(model, **kw):
+# Prompt lengths from 1 to past 2 x block_size, new tokens from 1 to several windows, every
+# window_keep class (1, inside, the whole block); chunk 4 puts chunk edges inside windows.
+# The bigram's next token depends on the current one only: a few cases cover its cache.
+GRID = [("gpt", *c) for c in itertools.product([1, 3, 7, 8, 9, 21], [1, 2, 5, 8, 19], [0, 1, 5])]
+GRID += [("bigram", 1, 19, 0), ("bigram", 9, 5, 5), ("bigram", 21, 2, 1), ("bigram", 3, 8, 0)]
+
+
+@pytest.mark.parametrize("kind, P, n_new, keep", GRID)
+def test_every_request_length_matches_uncached_greedy(kind, P, n_new, keep):
+    graphdef, params = MODELS[kind]
+    block = CFG.block_size
+    prompt = [int(t) for t in np.random.default_rng(P).integers(0, CFG.vocab_size, P)]
+    engine = Engine(graphdef, params, block, chunk=4)
+    result = engine.generate(prompt, max_new_tokens=n_new, num_samples=2, temperature=0.0,
+                             key=jax.random.key(0), window_keep=keep, logits=True)
+    ref_tokens, ref_logits = uncached_greedy(graphdef, params, prompt, n_new, block, keep or block)
+    assert result.tokens.shape == (2, n_new) and result.decoded == n_new
+    assert result.lengths.tolist() == [n_new, n_new] and result.tokens_generated == 2 * n_new
+    for row, logits in zip(result.tokens, result.logits):
+        assert row.tolist() == ref_tokens
+        np.testing.assert_allclose(logits, ref_logits, **TOL)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 32])
+def test_chunk_size_changes_nothing(model, chunk):
+    """Sampled (not greedy) tokens past the window, for any chunking of the same request."""
     graphdef, params = model
-    kw.setdefault("key", jax.random.key(0))
-    return np.asarray(generate(graphdef, params, kw.pop("prompt", [1, 2, 3]), block_size=CFG.block_size, **kw))
+    kw = dict(max_new_tokens=30, num_samples=3, temperature=1.0, top_k=5, key=jax.random.key(3))
+    ref = Engine(graphdef, params, CFG.block_size, chunk=5).generate([1, 2], **kw).tokens
+    np.testing.assert_array_equal(Engine(graphdef, params, CFG.block_size, chunk=chunk).generate([1, 2], **kw).tokens,
+                                  ref)
+
+
+def test_sampled_tokens_follow_the_documented_keys(model):
+    """Token n of sample i is categorical(fold_in(key_i, n), logits / temperature), the logits
+    being the model's over the token's window: checked by redrawing every token by hand."""
+    graphdef, params = model
+    keys = jax.random.split(jax.random.key(11), 2)
+    prompt, T = [4, 1, 7], 0.7
+    result = Engine(graphdef, params, CFG.block_size, chunk=4).generate(
+        prompt, max_new_tokens=20, keys=keys, temperature=T, logits=True)
+    for i in range(2):
+        ids = list(prompt)
+        for j, (start, n) in enumerate(windows(len(prompt), 20, CFG.block_size, CFG.block_size)):
+            logits = forward(graphdef)(params, jnp.asarray([ids[start:n]]))[0, -1]
+            np.testing.assert_allclose(result.logits[i, j], logits, **TOL)
+            ids.append(int(jax.random.categorical(jax.random.fold_in(keys[i], n), logits / T)))
+        assert result.tokens[i].tolist() == ids[len(prompt):]
 
 
 def test_greedy_forms_agree_past_block_size(model):
-    ref = greedy_reference(*model, [1, 2, 3], 40)  # 43 tokens > block_size 8
+    ref, _ = uncached_greedy(*model, [1, 2, 3], 40, CFG.block_size, CFG.block_size)  # 43 tokens > block 8
     for kw in ({"top_k": 1}, {"temperature": 0.0}, {"top_p": 1e-6}):
-        np.testing.assert_array_equal(gen(model, max_new_tokens=40, **kw)[0], ref, err_msg=str(kw))
+        got = generate(*model, [1, 2, 3], max_new_tokens=40, key=jax.random.key(0), block_size=CFG.block_size, **kw)
+        np.testing.assert_array_equal(got[0], ref, err_msg=str(kw))
 
 
-def test_top_p_one_is_plain_sampling(model):
-    a = gen(model, max_new_tokens=30, num_samples=3, top_p=1.0, key=jax.random.key(4))
-    b = gen(model, max_new_tokens=30, num_samples=3, key=jax.random.key(4))
-    np.testing.assert_array_equal(a, b)
+def test_top_p_below_one_filters_and_one_does_not(model):
+    """top_p=1.0 draws the same tokens as plain sampling; a top_p that keeps only the most
+    likely token is greedy; one in between changes some draws but stays inside top_p's set."""
+    graphdef, params = model
+    kw = dict(max_new_tokens=30, num_samples=4, key=jax.random.key(4), logits=True)
+    engine = Engine(graphdef, params, CFG.block_size)
+    plain = engine.generate([1, 2, 3], top_p=1.0, temperature=1.0, **kw)
+    assert np.array_equal(plain.tokens, engine.generate([1, 2, 3], temperature=1.0, **kw).tokens)
+    nucleus = engine.generate([1, 2, 3], top_p=0.5, temperature=1.0, **kw)
+    assert not np.array_equal(plain.tokens, nucleus.tokens)
+    for row, logits in zip(nucleus.tokens, nucleus.logits):
+        for tok, lg in zip(row, logits):
+            p = np.exp(lg - lg.max())
+            p /= p.sum()
+            assert p[p > p[tok]].sum() < 0.5  # the tokens more likely than the drawn one hold < top_p
 
 
 def test_seeds_and_parallel_equals_one_at_a_time(model):
@@ -96,6 +161,7 @@ def test_prompts_in_one_bucket_share_a_compilation(model):
     engine = Engine(*model, CFG.block_size)
     engine.generate([1, 2, 3], max_new_tokens=5, key=jax.random.key(0))
     n = len(engine._compiled)
+    assert engine.compile_seconds > 0
     engine.generate([4, 5, 6, 7], max_new_tokens=5, key=jax.random.key(0))  # 3 and 4 share bucket 4
     assert len(engine._compiled) == n and engine.compile_seconds == 0.0
 
@@ -107,15 +173,49 @@ def test_top_k_and_top_p_restrict_choices():
     assert draw(top_k=2) == {1, 2}
     assert draw(top_p=0.75) == {1, 2}  # 0.5 < 0.75, 0.5 + 0.3 reaches it
     assert draw(top_p=0.85) == {1, 2, 4}
+    assert draw() == {0, 1, 2, 3, 4}
 
 
-def test_stop_sequence(model):
+def test_padded_vocabulary_ids_are_never_drawn(model):
     graphdef, params = model
-    result = Engine(graphdef, params, CFG.block_size).generate([1], max_new_tokens=64, key=jax.random.key(0),
-                                                               num_samples=2, stop=[3])
-    for row, n in zip(result.tokens, result.lengths):
-        at = find_stop(row, [3])
-        assert n == (at if at >= 0 else len(row))
+    out = Engine(graphdef, params, CFG.block_size, vocab_size=4).generate(
+        [1], max_new_tokens=40, num_samples=4, temperature=2.0, key=jax.random.key(0))
+    assert out.tokens.max() < 4 and len(set(out.tokens.ravel().tolist())) > 1
+
+
+@pytest.mark.parametrize("row, stop, at", [([5, 1, 2, 3, 1, 2], [1, 2], 1), ([1, 1, 2], [1, 2], 1),
+                                           ([3, 4, 5], [5], 2), ([3, 4, 5], [4, 6], -1), ([1], [1, 2], -1),
+                                           ([], [1], -1), ([2, 2, 2], [2, 2], 0)])
+def test_find_stop(row, stop, at):
+    assert find_stop(np.asarray(row, np.int32), stop) == at
+
+
+def test_stop_ends_each_sample_and_generation_early(model):
+    """Greedy decoding of this model repeats itself: stop at a token it is known to produce."""
+    graphdef, params = model
+    engine = Engine(graphdef, params, CFG.block_size, chunk=4)
+    full = engine.generate([1], max_new_tokens=64, num_samples=2, temperature=0.0, key=jax.random.key(0))
+    stop_tok = int(full.tokens[0, 2])
+    first = full.tokens[0].tolist().index(stop_tok)
+    result = engine.generate([1], max_new_tokens=64, num_samples=2, temperature=0.0, key=jax.random.key(0),
+                             stop=[stop_tok])
+    assert result.lengths.tolist() == [first, first]
+    assert result.decoded < 64 and result.decoded % 4 == 0 and result.decoded > first  # ended at a chunk edge
+    assert result.tokens_generated == 2 * result.decoded
+    np.testing.assert_array_equal(result.tokens[:, :result.decoded], full.tokens[:, :result.decoded])
+    never = engine.generate([1], max_new_tokens=12, num_samples=2, temperature=0.0, key=jax.random.key(0),
+                            stop=[CFG.vocab_size + 1])
+    assert never.lengths.tolist() == [12, 12] and never.decoded == 12
+
+
+def test_streaming_sees_every_chunk_in_order(model):
+    graphdef, params = model
+    seen = []
+    result = Engine(graphdef, params, CFG.block_size, chunk=4).generate(
+        [1, 2], max_new_tokens=10, num_samples=2, key=jax.random.key(5), on_chunk=lambda t: seen.append(t.copy()))
+    assert [s.shape[1] for s in seen] == [4, 8, 10]
+    for s in seen:
+        np.testing.assert_array_equal(s, result.tokens[:, :s.shape[1]])
 
 
 def test_bad_sampling_arguments(model):
@@ -124,4 +224,4 @@ def test_bad_sampling_arguments(model):
                     ({"max_new_tokens": 5, "top_p": 1.5}, "top_p"), ({"max_new_tokens": 5, "prompt": []}, "empty"),
                     ({"max_new_tokens": 5, "window_keep": 9}, "window_keep")]:
         with pytest.raises(UserError, match=msg):
-            gen(model, **kw)
+            generate(*model, kw.pop("prompt", [1, 2, 3]), key=jax.random.key(0), block_size=CFG.block_size, **kw)
