@@ -3,7 +3,8 @@
     python bench.py --config configs/shakespeare_char_cpu.py [--key=value ...] [--steps=50] [--vocab_size=65]
 
 Uses synthetic batches (no data needed); the model and optimizer are the config's. For GPT-2
-124M: --n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --vocab_size=50304 --dtype=bfloat16.
+124M: --n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --vocab_size=50304 (dtype=auto computes
+in bfloat16 on GPUs and TPUs).
 """
 
 import json
@@ -17,6 +18,7 @@ from jaxgpt import parallel
 from jaxgpt.benchmark import device_peak, flops_per_token, peak_memory_bytes, summarize, time_steps
 from jaxgpt.config import parse_args, run_cli
 from jaxgpt.model import num_params
+from jaxgpt.runtime import matmul_precision, resolve_dtype
 from jaxgpt.step import abstract_state, init_state, make_train_step
 from jaxgpt.trainer import model_config
 
@@ -34,8 +36,14 @@ def bench_main(argv):
     steps, vocab = opts["steps"], opts["vocab_size"]
     cfg = parse_args(rest).validate()
     parallel.set_cpu_devices(cfg.cpu_devices)
+    with matmul_precision(cfg.matmul_precision):
+        return bench(cfg, steps, vocab)
+
+
+def bench(cfg, steps: int, vocab: int) -> int:
     mesh = parallel.make_mesh(cfg.sharding, cfg.mesh_shape)
     parallel.check_batch(mesh, cfg.batch_size)
+    cfg.dtype = resolve_dtype(cfg.dtype, mesh.devices.flat[0].platform)
     mcfg = model_config(cfg, vocab)
     graphdef, abstract, optimizer = abstract_state(mcfg, cfg)
     state_sh = parallel.state_shardings(abstract, mesh)
