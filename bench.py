@@ -6,8 +6,8 @@ or, with --sample_tokens=N, sampling: tokens/s of the decoding engine for N new 
         [--num_samples=5] [--prompt_tokens=1] [--window_keep=0]
 
 Uses synthetic batches and random weights (no data needed: speed does not depend on the
-values); the model and optimizer are the config's. For GPT-2
-124M: --n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --vocab_size=50304 --dtype=bfloat16.
+values); the model and optimizer are the config's. For GPT-2 124M: --n_layer=12 --n_head=12
+--n_embd=768 --block_size=1024 --vocab_size=50304 (dtype=auto computes in bfloat16 on GPUs and TPUs).
 """
 
 import json
@@ -22,6 +22,7 @@ from jaxgpt import parallel
 from jaxgpt.benchmark import device_peak, flops_per_token, peak_memory_bytes, sampling_speed, summarize, time_steps
 from jaxgpt.config import parse_args, run_cli
 from jaxgpt.model import build_model, num_params
+from jaxgpt.runtime import matmul_precision, resolve_dtype
 from jaxgpt.sampling import Engine
 from jaxgpt.step import abstract_state, init_state, make_train_step
 from jaxgpt.trainer import model_config
@@ -39,11 +40,16 @@ def bench_main(argv):
             rest.append(a)
     steps, vocab = opts["steps"], opts["vocab_size"]
     cfg = parse_args(rest).validate()
-    if opts["sample_tokens"]:
-        return bench_sampling(cfg, opts)
-    parallel.set_cpu_devices(cfg.cpu_devices)
+    if not opts["sample_tokens"]:
+        parallel.set_cpu_devices(cfg.cpu_devices)
+    with matmul_precision(cfg.matmul_precision):
+        return bench_sampling(cfg, opts) if opts["sample_tokens"] else bench(cfg, steps, vocab)
+
+
+def bench(cfg, steps: int, vocab: int) -> int:
     mesh = parallel.make_mesh(cfg.sharding, cfg.mesh_shape)
     parallel.check_batch(mesh, cfg.batch_size)
+    cfg.dtype = resolve_dtype(cfg.dtype, mesh.devices.flat[0].platform)
     mcfg = model_config(cfg, vocab)
     graphdef, abstract, optimizer = abstract_state(mcfg, cfg)
     state_sh = parallel.state_shardings(abstract, mesh)
@@ -72,7 +78,7 @@ def bench_main(argv):
     return 0
 
 
-def bench_sampling(cfg, opts):
+def bench_sampling(cfg, opts) -> int:
     mcfg = model_config(cfg, opts["vocab_size"])
     graphdef, params = nnx.split(build_model(mcfg, cfg.seed), nnx.Param)
     engine = Engine(graphdef, params, mcfg.block_size)

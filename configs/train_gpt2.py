@@ -30,4 +30,3 @@ weight_decay = 1e-1
 eval_interval = 1000
 eval_iters = 200
 log_interval = 10
-dtype = "bfloat16"  # bf16 compute on GPUs and TPUs; parameters, logits and the loss stay float32

@@ -137,14 +137,14 @@ def load_model(out_dir: str, prefer: str = "best"):
 
     from jaxgpt import lora, parallel, pretrained
     from jaxgpt.config import Config
-    from jaxgpt.model import ModelConfig, abstract_model, pick_attention
+    from jaxgpt.model import ModelConfig, abstract_model, with_attention
     from jaxgpt.step import abstract_state
     from jaxgpt.tokenizer import tokenizer_from_meta
 
     ckpt, step = find_checkpoint(out_dir, prefer)
     meta = ckpt.restore_meta(step)
     # the attention implementation is the one that works here, not where the run trained
-    model_cfg = dataclasses.replace(ModelConfig.from_dict(meta["model_config"]), attn_impl=pick_attention("auto"))
+    model_cfg = with_attention(ModelConfig.from_dict(meta["model_config"]))
     train_cfg = Config(**{k: v for k, v in meta["train_config"].items() if k in Config.__dataclass_fields__})
     graphdef, abstract, _ = abstract_state(model_cfg, train_cfg)
     abstract = abstract.replace(frozen={})  # checkpoints never hold a frozen LoRA base

@@ -78,8 +78,13 @@ class Config:
     lr_decay_iters: int = 600000
     min_lr: float = 6e-5
     # system
-    dtype: str = "float32"  # compute dtype: 'float32' | 'bfloat16' (params stay float32)
-    attn_impl: str = "auto"  # 'auto' | 'explicit' | 'xla' | 'cudnn' (auto: cudnn on NVIDIA if it works)
+    # compute dtype: 'auto' (bfloat16 on GPUs and TPUs, float32 on CPUs) | 'float32' | 'bfloat16';
+    # parameters, optimizer state, logits and the loss stay float32. Saved resolved (never 'auto').
+    dtype: str = "auto"
+    # float32 matmuls: 'default' (JAX's: TF32 on NVIDIA GPUs) | 'high' | 'highest' (exact float32)
+    matmul_precision: str = "default"
+    # 'auto' | 'explicit' | 'xla' | 'cudnn' (auto: cuDNN flash attention on NVIDIA GPUs for bf16 when it works)
+    attn_impl: str = "auto"
     seed: int = 1337
     # devices
     sharding: str = "dp"  # 'dp' (replicated params) | 'fsdp' (params and optimizer state sharded)
@@ -106,7 +111,10 @@ class Config:
 
             check_choice("model_size", self.model_size, tuple(GPT2_SIZES))
             self.n_layer, self.n_head, self.n_embd = GPT2_SIZES[self.model_size]
-        check_choice("dtype", self.dtype, ("float32", "bfloat16"))
+        from jaxgpt.runtime import DTYPES, MATMUL_PRECISIONS
+
+        check_choice("dtype", self.dtype, DTYPES)
+        check_choice("matmul_precision", self.matmul_precision, MATMUL_PRECISIONS)
         check_choice("attn_impl", self.attn_impl, ("auto", "explicit", "xla", "cudnn"))
         check_choice("sharding", self.sharding, ("dp", "fsdp"))
         check_choice("on_nonfinite", self.on_nonfinite, ("stop", "skip"))
@@ -142,12 +150,19 @@ class Config:
 
 def run_cli(body, argv: Sequence[str]) -> int:
     """Runs a script's body(argv); a UserError becomes one 'error: ...' line on stderr and exit
-    code 2. `--debug` anywhere in argv shows the full traceback instead."""
+    code 2. `--debug` anywhere in argv shows the full traceback instead.
+
+    Every script gets the persistent compilation cache here, before it compiles anything:
+    `--compile_cache=DIR` puts it in DIR, `--compile_cache=off` turns it off (see jaxgpt.runtime)."""
     import sys
 
+    from jaxgpt.runtime import enable_compilation_cache
+
     debug = "--debug" in argv
+    cache = [a for a in argv if a.startswith("--compile_cache=")]
     try:
-        return body([a for a in argv if a != "--debug"])
+        enable_compilation_cache(cache[-1].split("=", 1)[1] if cache else "")
+        return body([a for a in argv if a != "--debug" and not a.startswith("--compile_cache=")])
     except UserError as e:
         if debug:
             raise

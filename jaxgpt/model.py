@@ -153,31 +153,88 @@ def attention(q, k, v, impl: str = "explicit", *, dropout_rate: float = 0.0, dro
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl).astype(v.dtype)
 
 
-_PICKED: dict[str, str] = {}
+CUDNN_DTYPES = ("bfloat16", "float16")
+CUDNN_MAX_HEAD_SIZE = 256  # cuDNN flash attention: head size a multiple of 8, <= 256 (<= 128 before Hopper)
+
+_PROBED: dict = {}  # (probe, dtype, head size) -> None if cuDNN works, else why not
 
 
-def pick_attention(requested: str = "auto", log=print) -> str:
-    """Resolves attn_impl='auto': cuDNN flash attention on NVIDIA GPUs if a probe compiles, runs
-    and agrees with the XLA implementation, else XLA; on CPU the explicit form. Probed once."""
+def _cudnn_limit(dtype: str, head_size: int) -> str | None:
+    """Why cuDNN flash attention cannot serve this dtype and head size (with what to pass
+    instead), or None if it may."""
+    if dtype not in CUDNN_DTYPES:
+        return (f"needs dtype=bfloat16 (cuDNN flash attention has no {dtype} kernel); pass --dtype=bfloat16, "
+                f"or --attn_impl=auto for XLA attention in {dtype}")
+    if head_size % 8 or head_size > CUDNN_MAX_HEAD_SIZE:
+        return (f"needs a head size (n_embd / n_head) that is a multiple of 8 and at most {CUDNN_MAX_HEAD_SIZE}, "
+                f"got {head_size}; pass --attn_impl=auto")
+    return None
+
+
+def probe_cudnn(dtype: str, head_size: int) -> str | None:
+    """Compiles and runs cuDNN flash attention, forward and backward, at this dtype and head size
+    and compares it with XLA's; returns None when it works, else what went wrong."""
+    q, k, v, w = jax.random.normal(jax.random.key(0), (4, 2, 128, 4, head_size), F32)
+
+    def loss(q, k, v, impl):
+        out = jax.nn.dot_product_attention(*(t.astype(dtype) for t in (q, k, v)), is_causal=True,
+                                           implementation=impl)
+        return jnp.sum(out.astype(F32) * w), out
+
+    try:
+        f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
+        (_, fast), g_fast = f(q, k, v, "cudnn")
+        (_, ref), g_ref = f(q, k, v, "xla")
+        err = float(jnp.max(jnp.abs(fast.astype(F32) - ref.astype(F32))))
+        # bf16 rounding gives ~1e-2 on these outputs and ~5e-3 (relative) on the gradients
+        g_err = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip(g_fast, g_ref))
+        if err > 2e-2 or g_err > 5e-2:
+            return f"it differs from XLA's attention by {err:.3g} (gradients: {g_err:.3g} relative)"
+    except Exception as e:  # noqa: BLE001 -- any failure means: use the XLA implementation
+        return f"{type(e).__name__}: {str(e)[:120]}"
+    return None
+
+
+def pick_attention(requested: str, dtype: str, head_size: int, *, platform: str | None = None,
+                   probe=probe_cudnn, log=print) -> str:
+    """The attention implementation for a model computing in `dtype` with this head size.
+
+    'auto': the explicit form on CPUs (its backward is the fastest there); on NVIDIA GPUs cuDNN
+    flash attention when it can serve the dtype (bf16/fp16, never float32) and head size and a
+    probe at exactly those compiles, runs and agrees with XLA's, else XLA's; XLA's on TPUs.
+    An explicit 'cudnn' that cannot serve them is a UserError saying what to pass instead.
+    `platform` defaults to the current devices' ('cpu', 'gpu', 'tpu'); the probe runs once per
+    dtype and head size."""
+    from jaxgpt.config import UserError
+
+    platform = platform or jax.devices()[0].platform
+    if requested == "cudnn":
+        why = (f"needs an NVIDIA GPU, but this run is on {platform}; pass --attn_impl=auto"
+               if platform != "gpu" else _cudnn_limit(dtype, head_size))
+        if why is not None:
+            raise UserError(f"attn_impl=cudnn {why}")
+        return "cudnn"
     if requested != "auto":
         return requested
-    if "auto" in _PICKED:
-        return _PICKED["auto"]
-    platform = jax.devices()[0].platform
-    choice = "explicit" if platform == "cpu" else "xla"
-    if platform == "gpu":
-        try:
-            q = jax.random.normal(jax.random.key(0), (2, 128, 4, 64), jnp.bfloat16)
-            fast = jax.jit(lambda q: jax.nn.dot_product_attention(q, q, q, is_causal=True, implementation="cudnn"))(q)
-            ref = jax.nn.dot_product_attention(q, q, q, is_causal=True, implementation="xla")
-            err = float(jnp.max(jnp.abs(fast.astype(F32) - ref.astype(F32))))
-            if err > 2e-2:
-                raise RuntimeError(f"cuDNN attention differs from XLA by {err:.3g}")
-            choice = "cudnn"
-        except Exception as e:  # noqa: BLE001 -- any failure means: use the XLA implementation
-            log(f"note: cuDNN flash attention unavailable ({type(e).__name__}: {str(e)[:120]}); using XLA attention")
-    _PICKED["auto"] = choice
-    return choice
+    if platform == "cpu":
+        return "explicit"
+    if platform != "gpu" or _cudnn_limit(dtype, head_size) is not None:
+        return "xla"
+    key = (probe, dtype, head_size)
+    if key not in _PROBED:
+        _PROBED[key] = probe(dtype, head_size)
+        if _PROBED[key] is not None:
+            log(f"note: cuDNN flash attention unavailable ({_PROBED[key]}); using XLA attention")
+    return "xla" if _PROBED[key] is not None else "cudnn"
+
+
+def with_attention(cfg: "ModelConfig", requested: str = "auto", log=print) -> "ModelConfig":
+    """cfg with the attention implementation that serves its dtype and head size on these devices
+    (a checkpoint records where it was trained; what runs here is chosen here)."""
+    if cfg.model_type != "gpt":  # the bigram has no attention
+        return dataclasses.replace(cfg, attn_impl="explicit")
+    impl = pick_attention(requested, cfg.dtype, cfg.n_embd // cfg.n_head, log=log)
+    return dataclasses.replace(cfg, attn_impl=impl)
 
 
 class CausalSelfAttention(nnx.Module):

@@ -292,18 +292,21 @@ def load_params(name_or_path: str, block_size: int | None = None, **overrides):
     return params, cfg, w
 
 
-def load_model(name_or_path: str, dtype: str = "float32"):
-    """(graphdef, params, ModelConfig, tokenizer) from any source, for sampling and evaluation.
+def load_model(name_or_path: str, dtype: str = "auto"):
+    """(graphdef, params, ModelConfig, tokenizer) from any source, for sampling and evaluation, in
+    `dtype` ('auto': bfloat16 on GPUs and TPUs, float32 on CPUs; see jaxgpt.runtime).
 
     The tokenizer is the source's own (a jaxgpt checkpoint's, or a directory's vocab.json +
     merges.txt), else GPT-2's BPE through tiktoken, as nanoGPT assumes for its checkpoints."""
     import jax
     import jax.numpy as jnp
 
-    from jaxgpt.model import abstract_model, pick_attention
+    from jaxgpt.model import abstract_model, with_attention
+    from jaxgpt.runtime import resolve_dtype
     from jaxgpt.tokenizer import load_bpe, tokenizer_from_meta
 
-    params, cfg, w = load_params(name_or_path, dtype=dtype, attn_impl=pick_attention("auto"))
+    params, cfg, w = load_params(name_or_path, dtype=resolve_dtype(dtype))
+    cfg = with_attention(cfg)
     graphdef = abstract_model(cfg)[0]
     if w.tokenizer_meta is not None:
         tokenizer = tokenizer_from_meta(w.tokenizer_meta)
@@ -312,15 +315,18 @@ def load_model(name_or_path: str, dtype: str = "float32"):
     return graphdef, jax.tree.map(jnp.asarray, params), cfg, tokenizer
 
 
-def load_pretrained(name_or_path: str, dtype: str = "float32"):
-    """A ready GPT model (Flax NNX, evaluation mode: no dropout) and its ModelConfig."""
+def load_pretrained(name_or_path: str, dtype: str = "auto"):
+    """A ready GPT model (Flax NNX, evaluation mode: no dropout) and its ModelConfig, computing in
+    `dtype` ('auto': bfloat16 on GPUs and TPUs, float32 on CPUs)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from jaxgpt.model import abstract_model, pick_attention
+    from jaxgpt.model import abstract_model, with_attention
+    from jaxgpt.runtime import resolve_dtype
 
-    params, cfg, _ = load_params(name_or_path, dtype=dtype, attn_impl=pick_attention("auto"))
+    params, cfg, _ = load_params(name_or_path, dtype=resolve_dtype(dtype))
+    cfg = with_attention(cfg)
     graphdef, state = abstract_model(cfg)
     nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
     return nnx.merge(graphdef, state), cfg

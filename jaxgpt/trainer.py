@@ -27,8 +27,9 @@ from jaxgpt import lora, parallel, pretrained
 from jaxgpt.benchmark import device_peak, flops_per_token
 from jaxgpt.checkpoint import Checkpointer
 from jaxgpt.config import Config, UserError, save_config
-from jaxgpt.model import ModelConfig, num_params, pick_attention
+from jaxgpt.model import ModelConfig, num_params, with_attention
 from jaxgpt.optim import lr_schedule
+from jaxgpt.runtime import matmul_precision, resolve_dtype
 from jaxgpt.step import abstract_state, init_state, make_eval_step, make_train_step, state_from_params
 
 # Token arrays up to this size are copied to the device once and batches are cut there,
@@ -40,10 +41,11 @@ ARCH_KEYS = ("model_type", "block_size", "n_layer", "n_head", "n_embd", "bias")
 
 
 def model_config(cfg: Config, vocab_size: int, log=print) -> ModelConfig:
-    return ModelConfig(model_type=cfg.model_type, vocab_size=vocab_size, block_size=cfg.block_size,
-                       n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                       dropout=cfg.dropout, bias=cfg.bias, dtype=cfg.dtype,
-                       attn_impl=pick_attention(cfg.attn_impl, log))
+    """The model a config trains from scratch, in the dtype and attention that serve it here."""
+    return with_attention(ModelConfig(model_type=cfg.model_type, vocab_size=vocab_size, block_size=cfg.block_size,
+                                      n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                                      dropout=cfg.dropout, bias=cfg.bias, dtype=resolve_dtype(cfg.dtype)),
+                          cfg.attn_impl, log)
 
 
 def run_keys(seed: int) -> dict[str, jax.Array]:
@@ -141,6 +143,8 @@ def setup(cfg: Config, log=print) -> Run:
     cfg.validate()
     mesh = parallel.make_mesh(cfg.sharding, cfg.mesh_shape)
     parallel.check_batch(mesh, cfg.batch_size)
+    # 'auto' becomes the dtype for these devices, so config.json and the checkpoints record what ran
+    cfg.dtype = resolve_dtype(cfg.dtype, mesh.devices.flat[0].platform)
     weights, ckpt_meta, tokenizer_dir, base_tok = None, None, cfg.tokenizer_dir, None
     if cfg.init_from == "resume":
         ckpt = Checkpointer(cfg.out_dir, "latest")
@@ -169,10 +173,11 @@ def setup(cfg: Config, log=print) -> Run:
         raise UserError(f"{data_dir} was prepared with the {meta.get('tokenizer')!r} tokenizer, not {cfg.tokenizer!r}; "
                         f"pass --tokenizer={meta.get('tokenizer')} or a --data_dir prepared for {cfg.tokenizer!r}")
     tok_meta = {k: v for k, v in meta.items() if k not in data_lib.CORPUS_KEYS}
-    runtime = dict(dropout=cfg.dropout, dtype=cfg.dtype, attn_impl=pick_attention(cfg.attn_impl, log))
+    runtime = dict(dropout=cfg.dropout, dtype=cfg.dtype)
     init_params, lora_base = None, None
     if ckpt_meta is not None:  # the architecture is the checkpoint's (checked against cfg above)
-        model_cfg = dataclasses.replace(ModelConfig.from_dict(ckpt_meta["model_config"]), **runtime)
+        model_cfg = with_attention(dataclasses.replace(ModelConfig.from_dict(ckpt_meta["model_config"]), **runtime),
+                                   cfg.attn_impl, log)
         if weights is not None:
             init_params = pretrained.to_params(weights, model_cfg.block_size)
             lora_base = lora.check_base(ckpt_meta["lora_base"], init_params)
@@ -186,7 +191,8 @@ def setup(cfg: Config, log=print) -> Run:
         if cfg.finetune_method == "lora":
             lora_cfg = dict(lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                             lora_targets=cfg.lora_targets)
-        model_cfg = pretrained.model_config(weights, block_size=cfg.block_size, **runtime, **lora_cfg)
+        model_cfg = with_attention(pretrained.model_config(weights, block_size=cfg.block_size, **runtime, **lora_cfg),
+                                   cfg.attn_impl, log)
         init_params = pretrained.to_params(weights, cfg.block_size)
         if lora_cfg:
             source = cfg.init_from if cfg.init_from in pretrained.GPT2_SIZES else os.path.abspath(cfg.init_from)
@@ -295,6 +301,12 @@ def plot_losses(metrics_path: str, png_path: str) -> None:
 
 
 def train(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Runs a training run (or an evaluation, eval_only) as train.py does; returns a summary."""
+    with matmul_precision(cfg.validate().matmul_precision):  # every program of the run is traced inside
+        return _train(cfg, log)
+
+
+def _train(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
     main = jax.process_index() == 0  # only process 0 writes logs, metrics and plots
     if not main:
         log = lambda s: None  # noqa: E731
@@ -338,7 +350,8 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
     peak, peak_src = device_peak("float32" if jax.devices()[0].platform == "cpu" else cfg.dtype,
                                  run.mesh.devices.flat)  # MFU of the whole mesh
     fpt = flops_per_token(run.model_cfg, n_params, n_trainable)
-    log(f"model: {cfg.model_type}, {n_params / 1e6:.2f}M parameters, attention {run.model_cfg.attn_impl}; "
+    log(f"model: {cfg.model_type}, {n_params / 1e6:.2f}M parameters, compute dtype {run.model_cfg.dtype}, "
+        f"attention {run.model_cfg.attn_impl}; "
         f"MFU peak {peak_src}")
     if is_lora:
         log(f"LoRA rank {run.model_cfg.lora_rank} on {run.model_cfg.lora_targets}: {n_trainable:,} trainable "

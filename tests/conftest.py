@@ -1,4 +1,5 @@
-"""Shared fixtures: a small synthetic corpus and a tiny config, so tests run fast on a CPU."""
+"""Shared fixtures: a small synthetic corpus and a tiny config, so tests run fast on a CPU; what
+the suite needs to run on a GPU too (precision of numeric tests, memory of subprocesses)."""
 
 import os
 import sys
@@ -16,6 +17,30 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxgpt-test-xla-cache-")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+# On a GPU each JAX process takes 75% of the GPU's memory at start, so the subprocesses the tests
+# start (train.py, sample.py, workers) would find none left: allocate on demand, here and in them.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402  (after the settings above, which JAX reads at start)
+
+
+def on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def subprocess_env(**extra) -> dict[str, str]:
+    """The environment for a JAX subprocess: GPU memory allocated on demand, plus `extra` (e.g.
+    JAX_PLATFORMS="cpu" for a test about CPU devices, so it runs on them also beside a GPU)."""
+    return {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false", **extra}
+
+
+@pytest.fixture
+def exact_f32():
+    """float32 matmuls computed in float32 for the test: what a comparison of float32 results at
+    tolerances near 1e-6 needs. NVIDIA GPUs otherwise compute them in TF32 (a 10-bit mantissa,
+    errors near 1e-3); CPUs compute float32 exactly in any case, so there nothing changes."""
+    with jax.default_matmul_precision("highest"):
+        yield
 
 WORDS = ("to be or not that is the question whether tis nobler in mind suffer slings and arrows "
          "of outrageous fortune take arms against a sea troubles ROMEO JULIET KING").split()
@@ -44,6 +69,24 @@ def tiny_args(tmp_path, corpus_file, **overrides) -> list[str]:
                 learning_rate=1e-2, min_lr=1e-3, dropout=0.0)
     base.update(overrides)
     return [f"--{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory):
+    """A GPT-2-format directory as transformers' save_pretrained writes it (2 layers, 32 channels,
+    context 64, random weights) with its own small BPE files: GPT-2 weights for offline tests."""
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    from bpe_fixture import train_tiny_bpe, write_hf_tokenizer_files
+
+    d = tmp_path_factory.mktemp("hf")
+    enc = train_tiny_bpe(make_corpus(), n_merges=150)
+    write_hf_tokenizer_files(enc, d)
+    cfg = transformers.GPT2Config(vocab_size=enc.n_vocab, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                  bos_token_id=enc.eot_token, eos_token_id=enc.eot_token)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(d)
+    return d
 
 
 def pytest_sessionfinish(session, exitstatus):

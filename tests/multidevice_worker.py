@@ -12,6 +12,7 @@ import tempfile
 
 import jax
 
+jax.config.update("jax_platforms", "cpu")  # the CPU's devices, also on a machine with a GPU
 jax.config.update("jax_num_cpu_devices", 8)
 
 import numpy as np  # noqa: E402

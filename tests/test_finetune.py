@@ -15,26 +15,19 @@ transformers = pytest.importorskip("transformers")
 import export as export_script  # noqa: E402
 import sample as sample_script  # noqa: E402
 import train as train_script  # noqa: E402
-from bpe_fixture import train_tiny_bpe, write_hf_tokenizer_files  # noqa: E402
-from conftest import ROOT, make_corpus, tiny_args  # noqa: E402
+from conftest import ROOT, tiny_args  # noqa: E402
 from jaxgpt.checkpoint import load_model  # noqa: E402
 from jaxgpt.config import parse_args  # noqa: E402
 from jaxgpt.trainer import padded_vocab, train  # noqa: E402
 
 FINETUNE = os.path.join(ROOT, "configs", "finetune_shakespeare.py")
+# logits and losses are compared with transformers' float32 ones at 1e-4: float32 compute, exact matmuls
+pytestmark = pytest.mark.usefixtures("exact_f32")
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    """A GPT-2-format directory as save_pretrained writes it, with its own BPE files."""
-    d = tmp_path_factory.mktemp("hf")
-    enc = train_tiny_bpe(make_corpus(), n_merges=150)
-    write_hf_tokenizer_files(enc, d)
-    cfg = transformers.GPT2Config(vocab_size=enc.n_vocab, n_positions=64, n_embd=32, n_layer=2, n_head=2,
-                                  bos_token_id=enc.eot_token, eos_token_id=enc.eot_token)
-    torch.manual_seed(0)
-    transformers.GPT2LMHeadModel(cfg).save_pretrained(d)
-    return d
+@pytest.fixture
+def hf_dir(tiny_gpt2_dir):
+    return tiny_gpt2_dir
 
 
 def read_metrics(out_dir):
@@ -45,7 +38,7 @@ def read_metrics(out_dir):
 def test_finetune_config_end_to_end_from_a_local_gpt2_dir(tmp_path, hf_dir, corpus_file, capsys):
     """configs/finetune_shakespeare.py with a local GPT-2 directory: train, sample, export."""
     out, data = tmp_path / "out", tmp_path / "data"
-    args = ["--config", FINETUNE, f"--init_from={hf_dir}", f"--input_file={corpus_file}", f"--out_dir={out}",
+    args = ["--config", FINETUNE, "--dtype=float32", f"--init_from={hf_dir}", f"--input_file={corpus_file}", f"--out_dir={out}",
             f"--data_dir={data}", "--block_size=32", "--batch_size=4", "--gradient_accumulation_steps=2",
             "--max_iters=6", "--eval_interval=3", "--eval_iters=4", "--learning_rate=3e-3"]
     assert train_script.main(args) == 0
@@ -85,7 +78,7 @@ def test_finetune_config_end_to_end_from_a_local_gpt2_dir(tmp_path, hf_dir, corp
 
 def test_first_eval_is_the_pretrained_models_loss(tmp_path, hf_dir, corpus_file):
     """The weights arrive unchanged: iter 0's val loss is what transformers computes."""
-    args = parse_args(["--config", FINETUNE, f"--init_from={hf_dir}", f"--input_file={corpus_file}",
+    args = parse_args(["--config", FINETUNE, "--dtype=float32", f"--init_from={hf_dir}", f"--input_file={corpus_file}",
                        f"--out_dir={tmp_path / 'out'}", f"--data_dir={tmp_path / 'data'}", "--block_size=32",
                        "--batch_size=4", "--gradient_accumulation_steps=1", "--eval_only=True", "--eval_iters=3"])
     summary = train(args, log=lambda s: None)

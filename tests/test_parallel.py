@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, subprocess_env
 from jaxgpt.config import UserError
 from jaxgpt.parallel import mesh_dims, param_spec
 
@@ -17,7 +17,7 @@ from jaxgpt.parallel import mesh_dims, param_spec
 @pytest.fixture(scope="module")
 def report():
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "multidevice_worker.py")],
-                       capture_output=True, text=True, timeout=900, cwd=ROOT)
+                       capture_output=True, text=True, timeout=900, cwd=ROOT, env=subprocess_env(JAX_PLATFORMS="cpu"))
     assert r.returncode == 0, r.stderr[-3000:]
     line = [l for l in r.stdout.splitlines() if l.startswith("REPORT ")][-1]
     return json.loads(line[len("REPORT "):])

@@ -16,6 +16,8 @@ from jaxgpt.config import UserError  # noqa: E402
 from jaxgpt.model import ModelConfig, build_model  # noqa: E402
 
 V, T_CTX = 97, 32
+# logits are compared with transformers' float32 ones at 1e-4: float32 compute, exact matmuls
+pytestmark = pytest.mark.usefixtures("exact_f32")
 
 
 def random_hf_model(activation="gelu_new", seed=0):
@@ -46,7 +48,7 @@ def hf_model():
 
 def test_hf_safetensors_dir_gives_the_same_logits(tmp_path, hf_model):
     hf_model.save_pretrained(tmp_path)
-    model, cfg = pretrained.load_pretrained(str(tmp_path))
+    model, cfg = pretrained.load_pretrained(str(tmp_path), dtype="float32")
     assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.vocab_size, cfg.block_size, cfg.gelu) == (2, 4, 32, V, T_CTX, "tanh")
     x = idx()
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(x))), hf_logits(hf_model, x), atol=1e-4, rtol=0)
@@ -55,7 +57,7 @@ def test_hf_safetensors_dir_gives_the_same_logits(tmp_path, hf_model):
 def test_hf_pytorch_model_bin_gives_the_same_logits(tmp_path, hf_model):
     hf_model.config.save_pretrained(tmp_path)
     torch.save(hf_model.state_dict(), tmp_path / "pytorch_model.bin")
-    model, _ = pretrained.load_pretrained(str(tmp_path))
+    model, _ = pretrained.load_pretrained(str(tmp_path), dtype="float32")
     x = idx(seed=2)
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(x))), hf_logits(hf_model, x), atol=1e-4, rtol=0)
 
@@ -81,7 +83,7 @@ def test_nanogpt_ckpt_gives_the_same_logits(tmp_path):
     ref = random_hf_model(activation="gelu", seed=3)  # nanoGPT's GELU is the exact one
     nanogpt_ckpt(ref, tmp_path / "ckpt.pt")
     for source in (tmp_path / "ckpt.pt", tmp_path):  # the file, or the out_dir holding it
-        model, cfg = pretrained.load_pretrained(str(source))
+        model, cfg = pretrained.load_pretrained(str(source), dtype="float32")
         assert cfg.gelu == "exact" and cfg.bias
         x = idx(seed=4)
         np.testing.assert_allclose(np.asarray(model(jnp.asarray(x))), hf_logits(ref, x), atol=1e-4, rtol=0)
@@ -99,7 +101,7 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, bias, gelu)
     x = idx(seed=6)
     np.testing.assert_allclose(hf_logits(hf, x), np.asarray(model(jnp.asarray(x))), atol=1e-4, rtol=0)
     # and back: the exported directory loads into the same model
-    again, _ = pretrained.load_pretrained(str(tmp_path))
+    again, _ = pretrained.load_pretrained(str(tmp_path), dtype="float32")
     np.testing.assert_allclose(np.asarray(again(jnp.asarray(x))), np.asarray(model(jnp.asarray(x))), atol=1e-6)
 
 

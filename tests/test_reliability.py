@@ -13,7 +13,7 @@ import pytest
 
 import sample as sample_script
 import train as train_script
-from conftest import ROOT, tiny_args
+from conftest import ROOT, subprocess_env, tiny_args
 from jaxgpt import step as step_lib
 from jaxgpt.checkpoint import Checkpointer, load_model
 from jaxgpt.config import UserError, parse_args
@@ -60,7 +60,9 @@ def test_train_bad_inputs(tmp_path, corpus_file, capsys):
          "is not UTF-8"),
         (t(input_file=write(tmp_path, "short.txt", b"abc" * 10), data_dir=str(tmp_path / "d4")), "fewer than block_size + 1"),
         (t(init_from="resume", out_dir=str(tmp_path / "nothing")), "has no checkpoint"),
-        (t(dtype="float16"), "dtype must be one of float32, bfloat16"),
+        (t(dtype="float16"), "dtype must be one of auto, float32, bfloat16"),
+        (t(matmul_precision="exact"), "matmul_precision must be one of default, high, highest"),
+        (t(attn_impl="cudnn", dtype="float32"), "attn_impl=cudnn needs"),
         (t(mesh_shape="2"), "needs 2 devices but 1 are visible"),
         (t(on_nonfinite="ignore"), "on_nonfinite must be one of stop, skip"),
         (t(init_from=str(tmp_path / "nope")), "is neither scratch, resume, a GPT-2 name"),
@@ -112,8 +114,9 @@ def test_debug_flag_shows_the_traceback(capsys):
 
 
 def test_batch_that_devices_cannot_split():
+    # a CPU split into 2 devices (JAX on the CPU also on a machine with a GPU)
     r = subprocess.run([sys.executable, "train.py", "--cpu_devices=2", "--batch_size=3"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120, env=subprocess_env(JAX_PLATFORMS="cpu"))
     assert r.returncode == 2 and "batch_size 3 cannot be split over 2 devices" in r.stderr
     assert "Traceback" not in r.stderr
 
@@ -177,7 +180,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(trained, capsy
 def start_training(tmp_path, corpus_file, **kw):
     args = tiny_args(tmp_path, corpus_file, **{"max_iters": 100000, "eval_interval": 1000, "log_interval": 1, **kw})
     return subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            stderr=subprocess.STDOUT, text=True, env=subprocess_env(PYTHONUNBUFFERED="1"))
 
 
 def wait_for(proc, predicate, timeout=120):

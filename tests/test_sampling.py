@@ -25,12 +25,7 @@ CFG = ModelConfig(vocab_size=13, block_size=8, n_layer=2, n_head=2, n_embd=16)
 # float32 logits of the cache and of the plain forward agree to rounding on CPU; a GPU computes
 # float32 matmuls in TF32 unless asked, so the comparisons run at 'highest' precision
 TOL = dict(atol=1e-5, rtol=1e-5)
-
-
-@pytest.fixture(autouse=True)
-def exact_matmuls():
-    with jax.default_matmul_precision("highest"):
-        yield
+pytestmark = pytest.mark.usefixtures("exact_f32")
 
 
 MODELS = {kind: nnx.split(build_model(ModelConfig(**{**CFG.to_dict(), "model_type": kind}), 0), nnx.Param)
