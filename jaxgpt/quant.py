@@ -5,7 +5,11 @@
     base = quantize_tree(params, lambda path, x: path[-1] == "kernel")
 
 A QLoRA run keeps the base model frozen and quantized and trains float32 adapters beside it
-(jaxgpt/lora.py); the base is dequantized inside the jitted step, one matmul at a time.
+(jaxgpt/lora.py); the base is dequantized inside the jitted step, one matmul at a time: qdense
+decodes a kernel just before its forward matmul and again just before its backward one, so a
+step holds one decoded kernel at a time, not a float copy of the base. Which leaves to quantize
+is the caller's `select`: for GPT-2, the blocks' Linear kernels; the embeddings (wte is also
+the tied output head), LayerNorms and biases stay float32.
 
 Layout. A kernel is (C_in, C_out), as in nnx.Linear and GPT-2's Conv1D: y = x @ W. It is cut
 into blocks of `block` consecutive rows, i.e. along C_in, the dimension the matmul contracts
@@ -22,9 +26,9 @@ between two entries) go to the lower entry, as in bitsandbytes' strict `x > midp
 The codebook holds -1, 0 and +1, so zeros and the block's largest |w| come back exactly.
 Two codes share a byte: row 2i of the kernel in the low nibble, row 2i + 1 in the high one,
 so a shard along C_in at an even row keeps its bytes whole.
-Scales are float32, one per 64 values: 4 + 32 / 64 = 4.5 bits per parameter, the QLoRA issue's
-ceiling. (bfloat16 scales would give 4.25 bits but lose the exact absmax; double quantization
-4.127 bits for a second table to keep; neither is needed to stay within 4.5.)
+Scales are float32, one per 64 values: 4 + 32 / 64 = 4.5 bits per parameter, within the 4.5
+bits QLoRA asks of jaxgpt. (bfloat16 scales would give 4.25 bits but lose the exact absmax;
+double quantization 4.127 bits, for a second table of scales; neither is needed.)
 
 int8: symmetric absmax, by default one scale per output column (block = C_in): codes in
 [-127, 127], scale = absmax / 127, error at most absmax / 254 per element, 8 + 32 / C_in bits.
@@ -46,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 F32 = jnp.float32
+Path = tuple[Any, ...]  # a leaf's keys in a nested dict, e.g. ("h", "0", "mlp", "c_fc", "kernel")
 
 # The 16 NF4 values: quantiles of N(0, 1) rescaled to [-1, 1], with an exact zero (QLoRA paper,
 # appendix E; bitsandbytes' functional.get_4bit_type("nf4")), written exactly as published.
@@ -90,7 +95,8 @@ class QTensor:
 def quantize(w, kind: str = "nf4", block: int | None = None) -> QTensor:
     """Quantizes a (C_in, C_out) kernel (numpy or jax, any float dtype); usable inside jit.
 
-    block: rows of C_in per scale; default 64 for nf4, C_in (one scale per column) for int8."""
+    block: rows of C_in per scale; default 64 for nf4, C_in (one scale per column) for int8.
+    C_in is padded with zero rows to a multiple of block (see the module docstring)."""
     if kind not in KINDS:
         raise ValueError(f"unknown quantization kind {kind!r}; expected one of {KINDS}")
     if np.ndim(w) != 2:
@@ -175,9 +181,6 @@ def _qmatmul_bwd(q, dy):
 
 
 _qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
-
-
-Path = tuple[Any, ...]
 
 
 def quantize_stream(items: Iterable[tuple[Path, Any]], select: Callable[[Path, Any], bool],
