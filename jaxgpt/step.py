@@ -85,17 +85,18 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Conf
 
     `key` is the run's dropout key; the step derives its own with fold_in(key, state.step)
     and one more fold_in per micro-batch. Gradients are averaged over the micro-batches.
+    The key always reaches the model, which applies each dropout whose rate is above 0 (the
+    model's `dropout`, and LoRA's `lora_dropout` on the adapters' inputs) and ignores it otherwise.
     """
     grad_fn = jax.value_and_grad(make_loss_fn(graphdef))
     schedule = lr_schedule(cfg)
-    use_dropout = cfg.dropout > 0
 
     def train_step(state: TrainState, batch, key):
         xs, ys = batch  # (A, B, T) each
         step_key = jax.random.fold_in(key, state.step)
 
         def micro(i, x, y):
-            return grad_fn(state.params, x, y, jax.random.fold_in(step_key, i) if use_dropout else None, state.frozen)
+            return grad_fn(state.params, x, y, jax.random.fold_in(step_key, i), state.frozen)
 
         if xs.shape[0] == 1:
             loss, grads = micro(0, xs[0], ys[0])

@@ -17,7 +17,7 @@ from jaxgpt import lora
 from jaxgpt.checkpoint import load_model
 from jaxgpt.config import UserError, parse_args
 from jaxgpt.model import ModelConfig, build_model
-from jaxgpt.step import init_state, make_train_step
+from jaxgpt.step import init_state, make_eval_step, make_train_step
 from jaxgpt.trainer import train
 
 BASE = ModelConfig(vocab_size=23, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=True)
@@ -33,12 +33,12 @@ def forward(cfg, params, x):
     return nnx.merge(graphdef, params)(x)
 
 
-def lora_state(steps=1, **cfg_overrides):
+def lora_state(steps=1, model_cfg=LORA, **cfg_overrides):
     """A LoRA train state on a random base after `steps` steps, and the base's params."""
     cfg = parse_args([f"--{k}={v}" for k, v in dict(learning_rate=1e-2, warmup_iters=0, dropout=0.0,
                                                      **cfg_overrides).items()])
     base = pure(build_model(BASE, seed=1))
-    graphdef, state, opt = init_state(LORA, cfg, jax.random.key(2))
+    graphdef, state, opt = init_state(model_cfg, cfg, jax.random.key(2))
     state = state.replace(frozen=jax.tree.map(jnp.copy, base))  # the step donates the state
     step = make_train_step(graphdef, opt, cfg)
     x = jax.random.randint(jax.random.key(3), (1, 4, 16), 0, 23)
@@ -68,6 +68,52 @@ def test_a_step_changes_only_the_adapters_and_merging_is_exact():
     merged = forward(merged_cfg, merged_params, x)
     assert np.abs(np.asarray(unmerged) - np.asarray(forward(BASE, base, x))).max() > 1e-3  # it did train
     np.testing.assert_allclose(np.asarray(merged), np.asarray(unmerged), atol=2e-5)
+
+
+LORA_DROPOUT = dataclasses.replace(LORA, lora_dropout=0.5)
+
+
+def step_with_keys(model_cfg, keys):
+    """From one LoRA state whose adapters already trained a step (B != 0, so dropout on the adapters'
+    input changes the loss too), one more train step with each dropout key in turn; the model's own
+    dropout is 0. Returns [(loss, adapters after the step)]."""
+    cfg = parse_args(["--learning_rate=1e-2", "--warmup_iters=0", "--dropout=0.0"])
+    state, _, x = lora_state(steps=1, model_cfg=model_cfg)
+    graphdef, _, opt = init_state(model_cfg, cfg, jax.random.key(2))
+    step = make_train_step(graphdef, opt, cfg)
+    batch = (x[None], jnp.roll(x, -1, -1)[None])
+    out = []
+    for key in keys:
+        new, metrics = step(jax.tree.map(jnp.copy, state), batch, key)  # the step donates its input
+        out.append((float(metrics["loss"]), new.params))
+    return out
+
+
+def leaves_equal(a, b):
+    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_lora_dropout_applies_when_the_models_dropout_is_zero():
+    """configs/finetune_code_lora.py trains with lora_dropout=0.05 and dropout=0: the train step's
+    key must reach the adapters, so different keys drop different inputs; the same key is the same step."""
+    (l1, p1), (l2, p2), (l1_again, p1_again) = step_with_keys(
+        LORA_DROPOUT, [jax.random.key(10), jax.random.key(11), jax.random.key(10)])
+    assert l1 != l2 and not leaves_equal(p1, p2)
+    assert l1 == l1_again and leaves_equal(p1, p1_again)
+
+
+def test_without_lora_dropout_the_key_changes_nothing():
+    (l1, p1), (l2, p2) = step_with_keys(LORA, [jax.random.key(10), jax.random.key(11)])
+    assert l1 == l2 and leaves_equal(p1, p2)
+
+
+def test_evaluation_ignores_lora_dropout():
+    """The same weights evaluate to the same loss, every time, whether the model has lora_dropout 0.5 or 0."""
+    state, _, x = lora_state(steps=1, model_cfg=LORA_DROPOUT)
+    batch = (x, jnp.roll(x, -1, -1))
+    losses = [float(make_eval_step(init_state(m, parse_args([]), jax.random.key(0))[0])(state.params, batch, state.frozen))
+              for m in (LORA_DROPOUT, LORA_DROPOUT, LORA)]
+    assert losses[0] == losses[1] == losses[2]
 
 
 @pytest.mark.parametrize("rank", [2, 8])
