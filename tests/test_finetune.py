@@ -9,17 +9,18 @@ import jax
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+# test dependencies (pyproject's `test` extra): missing, they fail the run rather than skip these tests
+import torch
+import transformers
 
-import export as export_script  # noqa: E402
-import sample as sample_script  # noqa: E402
-import train as train_script  # noqa: E402
-from bpe_fixture import train_tiny_bpe, write_hf_tokenizer_files  # noqa: E402
-from conftest import ROOT, make_corpus, tiny_args  # noqa: E402
-from jaxgpt.checkpoint import load_model  # noqa: E402
-from jaxgpt.config import parse_args  # noqa: E402
-from jaxgpt.trainer import padded_vocab, train  # noqa: E402
+import export as export_script
+import sample as sample_script
+import train as train_script
+from bpe_fixture import train_tiny_bpe, write_hf_tokenizer_files
+from conftest import ROOT, make_corpus, tiny_args
+from jaxgpt.checkpoint import load_model
+from jaxgpt.config import parse_args
+from jaxgpt.trainer import padded_vocab, train
 
 FINETUNE = os.path.join(ROOT, "configs", "finetune_shakespeare.py")
 
