@@ -90,8 +90,8 @@ def test_too_short_corpus(tmp_path):
         train(parse_args(tiny_args(tmp_path, str(short))), log=lambda s: None)
 
 
-def run_script(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+def run_script(*args, cwd=ROOT, env=None):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_scripts_end_to_end(tmp_path, corpus_file):
