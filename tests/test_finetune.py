@@ -21,6 +21,7 @@ from conftest import ROOT, make_corpus, tiny_args
 from jaxgpt.checkpoint import load_model
 from jaxgpt.config import parse_args
 from jaxgpt.trainer import padded_vocab, train
+from test_train import SEP, engine_texts
 
 FINETUNE = os.path.join(ROOT, "configs", "finetune_shakespeare.py")
 
@@ -64,8 +65,9 @@ def test_finetune_config_end_to_end_from_a_local_gpt2_dir(tmp_path, hf_dir, corp
     capsys.readouterr()
 
     assert sample_script.main([f"--out_dir={out}", "--start=to be", "--num_samples=2", "--max_new_tokens=12"]) == 0
-    text = capsys.readouterr().out
-    assert text.count("to be") >= 2 and "---------------" in text
+    expected = engine_texts(str(out), "to be", max_new_tokens=12, num_samples=2)  # from the best checkpoint
+    assert expected[0] != expected[1]
+    assert capsys.readouterr().out == "".join(f"to be{text}\n{SEP}" for text in expected)
 
     hf_out = tmp_path / "hf_out"
     assert export_script.main([f"--out_dir={out}", f"--hf_dir={hf_out}", "--which=latest"]) == 0

@@ -12,12 +12,19 @@ from flax import nnx
 
 import export as export_script
 import sample as sample_script
+import torch
+import transformers
+
 from conftest import tiny_args
+from test_train import SEP, restore_params
 from jaxgpt import lora
+from jaxgpt.benchmark import device_peak
 from jaxgpt.checkpoint import load_model
 from jaxgpt.config import UserError, parse_args
 from jaxgpt.model import ModelConfig, build_model
+from jaxgpt.sampling import Engine
 from jaxgpt.step import init_state, make_eval_step, make_train_step
+from jaxgpt.tokenizer import tokenizer_from_meta
 from jaxgpt.trainer import train
 
 BASE = ModelConfig(vocab_size=23, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=True)
@@ -173,6 +180,13 @@ def test_lora_run_learns_saves_little_resumes_and_samples(tmp_path, base_run, ca
     rows = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
     assert rows[-1]["val_loss"] < rows[0]["val_loss"]  # the adapters learned the new corpus
     assert dir_bytes(tmp_path / "full" / "checkpoints") < 0.5 * dir_bytes(os.path.join(base.out_dir, "checkpoints"))
+    # MFU counts LoRA's FLOPs: 4 per weight and token (forward, activation gradient), 2 more per adapter
+    # weight (its own gradient), plus attention; the frozen base gets no weight gradient
+    peak, _ = device_peak("float32", jax.devices()[:1])  # what train() used, cached in this process
+    row, tokens_per_iter = rows[-1], 4 * 16
+    fpt = row["mfu"] * peak * row["ms_per_iter"] / 1000 / tokens_per_iter
+    n = full["n_params"] - 16 * 32  # without wpe
+    assert abs(fpt / (4 * n + 2 * full["n_trainable"] + 12 * 2 * 2 * 16 * 16) - 1) < 1e-9
 
     # interrupted at 6 and resumed: the same run
     train(lora_args(tmp_path, base_run, "half", max_iters=6), log=lambda s: None)
@@ -184,9 +198,20 @@ def test_lora_run_learns_saves_little_resumes_and_samples(tmp_path, base_run, ca
     graphdef, params, model_cfg, tok, meta = load_model(str(tmp_path / "full"))
     assert model_cfg.lora_rank == 0 and meta["lora_base"]["source"] == os.path.abspath(base.out_dir)
     capsys.readouterr()
-    assert sample_script.main([f"--out_dir={tmp_path / 'full'}", "--num_samples=1", "--max_new_tokens=20",
-                               "--start=TO"]) == 0
-    assert capsys.readouterr().out.startswith("TO")
+    assert sample_script.main([f"--out_dir={tmp_path / 'full'}", "--num_samples=2", "--max_new_tokens=20",
+                               "--start=TO", "--temperature=1.0", "--top_k=0"]) == 0
+    printed = capsys.readouterr().out
+    # the text is the adapted model's, sampled with sample.py's seed from the checkpoint's adapters on the
+    # base (not merged: an independent path); the base alone samples other text, so the adapters are in use
+    lora_graphdef, adapters, lora_cfg, _ = restore_params(str(tmp_path / "full"))
+    base_graphdef = load_model(base.out_dir)[0]
+    draw = dict(max_new_tokens=20, num_samples=2, temperature=1.0, key=jax.random.key(1337))
+    adapted, base_only = (
+        [tok.decode(row) for row in Engine(g, p, lora_cfg.block_size, vocab_size=tok.vocab_size).generate(
+            tok.encode("TO"), **draw).tokens]
+        for g, p in [(lora_graphdef, lora.join(adapters, base_params)), (base_graphdef, base_params)])
+    assert adapted != base_only
+    assert printed == "".join(f"TO{text}\n{SEP}" for text in adapted)
 
     # export merges the adapters: a standalone jaxgpt out_dir that needs no base, and a HF directory
     merged_dir, hf_dir = tmp_path / "merged", tmp_path / "hf"
@@ -196,7 +221,16 @@ def test_lora_run_learns_saves_little_resumes_and_samples(tmp_path, base_run, ca
     assert standalone_meta["lora_base"] is None and standalone_cfg == model_cfg
     for a, b in zip(jax.tree.leaves(standalone), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert os.path.isfile(hf_dir / "model.safetensors") and os.path.isfile(hf_dir / "jaxgpt_tokenizer.json")
+    # the char model's Hugging Face directory: transformers gives jaxgpt's logits (to 1e-4, the parity
+    # tests' bound for float32 sums in another order), and jaxgpt_tokenizer.json is the same tokenizer
+    hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    x = np.asarray(tok.encode("to be or not to"))[None]
+    with torch.no_grad():
+        theirs = hf(torch.tensor(x)).logits.numpy()
+    np.testing.assert_allclose(theirs, np.asarray(nnx.merge(graphdef, params)(x)), atol=1e-4, rtol=0)
+    exported_tok = tokenizer_from_meta(json.load(open(hf_dir / "jaxgpt_tokenizer.json", encoding="utf-8")))
+    text = "ROMEO, to be.\nJULIET"
+    assert exported_tok.encode(text) == tok.encode(text) and exported_tok.decode(tok.encode(text)) == text
     # and the standalone run finetunes further like any run
     more = train(parse_args(tiny_args(tmp_path, "unused", data_dir=str(tmp_path / "data"), out_dir=str(merged_dir),
                                       init_from="resume", max_iters=standalone_meta["step"] + 2)), log=lambda s: None)
