@@ -11,12 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import export as export_script
 import sample as sample_script
 import train as train_script
 from conftest import ROOT, tiny_args
 from jaxgpt import step as step_lib
 from jaxgpt.checkpoint import Checkpointer, load_model
 from jaxgpt.config import UserError, parse_args
+from jaxgpt.model import ModelConfig
+from jaxgpt.pretrained import export_hf
 from jaxgpt.trainer import train
 
 
@@ -104,6 +107,23 @@ def test_sample_bad_inputs(trained, tmp_path, capsys):
     ]
     for argv, message in cases:
         assert_one_line(*run_main(sample_script.main, argv, capsys), message)
+
+
+def test_export_bad_inputs(trained, tmp_path, capsys):
+    out = f"--out_dir={trained.out_dir}"
+    cases = [
+        ([out], "pass --hf_dir=DIR (a Hugging Face GPT-2 directory) and/or --jaxgpt_dir=DIR (a jaxgpt out_dir)"),
+        ([f"--out_dir={tmp_path / 'empty'}", f"--hf_dir={tmp_path / 'hf'}"], "no checkpoint in"),
+        ([out, f"--hf_dir={tmp_path / 'hf'}", "--which=first"], "which must be one of best, latest"),
+        # a directory that holds a run is never overwritten, the run's own out_dir included
+        ([out, f"--jaxgpt_dir={trained.out_dir}"], f"{trained.out_dir} already holds a run; export to a new directory"),
+    ]
+    for argv, message in cases:
+        assert_one_line(*run_main(export_script.main, argv, capsys), message)
+    assert not os.path.exists(tmp_path / "hf") and not os.path.exists(tmp_path / "empty" / "checkpoints" / "latest")
+    assert Checkpointer(trained.out_dir, "latest").all_steps() == [4, 2]
+    with pytest.raises(UserError, match="only GPT models export"):
+        export_hf({}, ModelConfig(model_type="bigram"), str(tmp_path / "hf"))
 
 
 def test_debug_flag_shows_the_traceback(capsys):
