@@ -81,14 +81,16 @@ LORA_DROPOUT = dataclasses.replace(LORA, lora_dropout=0.5)
 
 
 def step_with_keys(model_cfg, keys):
-    """From one LoRA state whose adapters already trained a step (B != 0, so dropout on the adapters'
-    input changes the loss too), one more train step with each dropout key in turn; the model's own
-    dropout is 0. Returns [(loss, adapters after the step)]."""
+    """A LoRA state trained one step (key 4), so that B != 0 and dropout on the adapters' input changes
+    the loss too; then one more step from it with each dropout key in turn. The model's own dropout
+    is 0. Returns [(loss, adapters after the step)]."""
     cfg = parse_args(["--learning_rate=1e-2", "--warmup_iters=0", "--dropout=0.0"])
-    state, _, x = lora_state(steps=1, model_cfg=model_cfg)
-    graphdef, _, opt = init_state(model_cfg, cfg, jax.random.key(2))
+    graphdef, state, opt = init_state(model_cfg, cfg, jax.random.key(2))
+    state = state.replace(frozen=pure(build_model(BASE, seed=1)))
     step = make_train_step(graphdef, opt, cfg)
-    batch = (x[None], jnp.roll(x, -1, -1)[None])
+    x = jax.random.randint(jax.random.key(3), (1, 4, 16), 0, 23)
+    batch = (x, jnp.roll(x, -1, -1))
+    state, _ = step(state, batch, jax.random.key(4))
     out = []
     for key in keys:
         new, metrics = step(jax.tree.map(jnp.copy, state), batch, key)  # the step donates its input
@@ -118,8 +120,8 @@ def test_evaluation_ignores_lora_dropout():
     """The same weights evaluate to the same loss, every time, whether the model has lora_dropout 0.5 or 0."""
     state, _, x = lora_state(steps=1, model_cfg=LORA_DROPOUT)
     batch = (x, jnp.roll(x, -1, -1))
-    losses = [float(make_eval_step(init_state(m, parse_args([]), jax.random.key(0))[0])(state.params, batch, state.frozen))
-              for m in (LORA_DROPOUT, LORA_DROPOUT, LORA)]
+    with_dropout, without = (make_eval_step(init_state(m, parse_args([]), jax.random.key(0))[0]) for m in (LORA_DROPOUT, LORA))
+    losses = [float(f(state.params, batch, state.frozen)) for f in (with_dropout, with_dropout, without)]
     assert losses[0] == losses[1] == losses[2]
 
 
@@ -204,12 +206,12 @@ def test_lora_run_learns_saves_little_resumes_and_samples(tmp_path, base_run, ca
     # the text is the adapted model's, sampled with sample.py's seed from the checkpoint's adapters on the
     # base (not merged: an independent path); the base alone samples other text, so the adapters are in use
     lora_graphdef, adapters, lora_cfg, _ = restore_params(str(tmp_path / "full"))
-    base_graphdef = load_model(base.out_dir)[0]
+    no_op = jax.tree.map(jnp.zeros_like, adapters)  # B = 0 (and A = 0): the base model, in the same program
     draw = dict(max_new_tokens=20, num_samples=2, temperature=1.0, key=jax.random.key(1337))
     adapted, base_only = (
-        [tok.decode(row) for row in Engine(g, p, lora_cfg.block_size, vocab_size=tok.vocab_size).generate(
-            tok.encode("TO"), **draw).tokens]
-        for g, p in [(lora_graphdef, lora.join(adapters, base_params)), (base_graphdef, base_params)])
+        [tok.decode(row) for row in Engine(lora_graphdef, lora.join(a, base_params), lora_cfg.block_size,
+                                           vocab_size=tok.vocab_size).generate(tok.encode("TO"), **draw).tokens]
+        for a in (adapters, no_op))
     assert adapted != base_only
     assert printed == "".join(f"TO{text}\n{SEP}" for text in adapted)
 

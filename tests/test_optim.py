@@ -74,8 +74,7 @@ def test_weight_decay_applies_to_matrices_and_embeddings_only():
     params = nnx.to_pure_dict(nnx.state(build_model(model_cfg, 0), nnx.Param))
     params["ln_f"]["bias"] = jnp.full_like(params["ln_f"]["bias"], 0.5)  # nonzero, so a decay would show
     opt = make_optimizer(cfg(weight_decay=0.1, warmup_iters=0, decay_lr=False))
-    updates, _ = opt.update(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
-    new = optax.apply_updates(params, updates)
+    new = jax.jit(lambda p: optax.apply_updates(p, opt.update(jax.tree.map(jnp.zeros_like, p), opt.init(p), p)[0]))(params)
     decayed, kept = set(), set()
     for (path, p), q in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(new)):
         name = "/".join(str(k.key) for k in path)
