@@ -302,15 +302,15 @@ def test_sigkill_during_a_checkpoint_write_never_loses_a_completed_checkpoint(tm
     out_dir = str(tmp_path / "out")
     # killed inside best/3's write: best keeps iter 0 (latest/3, another writer, may have completed meanwhile)
     proc, tmp_dir = held_training(tmp_path, corpus_file, "best/3:write")
-    assert os.path.isdir(tmp_dir) and os.listdir(tmp_dir)  # the write was under way: files on disk
     kill(proc)
+    assert os.listdir(tmp_dir)  # the write was under way: its files are left on disk
     assert Checkpointer(out_dir, "best").all_steps() == [0]
     assert Checkpointer(out_dir, "latest").all_steps() in ([0], [3, 0])
     assert reads_back(out_dir, "best") and reads_back(out_dir, "latest")
     # resumed, and killed inside latest/6's commit: latest keeps 3 (and 0), best has 3 or 6, all whole
     proc, tmp_dir = held_training(tmp_path, corpus_file, "latest/6:commit", init_from="resume")
-    assert os.path.isdir(os.path.join(tmp_dir, "state")) and os.path.isdir(os.path.join(tmp_dir, "meta"))
     kill(proc)
+    assert os.listdir(os.path.join(tmp_dir, "state")) and os.listdir(os.path.join(tmp_dir, "meta"))
     assert Checkpointer(out_dir, "latest").all_steps() == [3, 0]
     assert Checkpointer(out_dir, "best").all_steps()[0] in (3, 6)
     assert reads_back(out_dir, "best") and reads_back(out_dir, "latest")
