@@ -133,8 +133,6 @@ def load_model(out_dir: str, prefer: str = "best"):
     Returns (graphdef, params, model_config, tokenizer, meta); `nnx.merge(graphdef, params)`
     is the model.
     """
-    import dataclasses
-
     from jaxgpt import lora, parallel, pretrained
     from jaxgpt.config import Config
     from jaxgpt.model import ModelConfig, abstract_model, with_attention

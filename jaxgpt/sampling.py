@@ -222,7 +222,7 @@ class Engine:
 
         t0 = time.perf_counter()
         carry = prefill(self.params, buf, i32(P), i32(start))
-        done = reported = 0
+        done = 0
         while done < max_new_tokens:
             room = S - (n - start)
             if room > 0 or done == max_new_tokens - 1:  # cached steps until the cache is full

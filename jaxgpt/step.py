@@ -79,23 +79,31 @@ def make_loss_fn(graphdef) -> Callable:
     return loss_fn
 
 
+def advance_schedule(opt_state):
+    """The optimizer state with the lr schedule's step count advanced by one, nothing else changed."""
+    is_schedule = lambda s: isinstance(s, optax.ScaleByScheduleState)  # noqa: E731
+    return jax.tree.map(lambda s: s._replace(count=optax.safe_increment(s.count)) if is_schedule(s) else s,
+                        opt_state, is_leaf=is_schedule)
+
+
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Config,
                     state_sharding=None, batch_sharding=None, out_sharding=None):
     """The train step for batches of shape (A, B, T), A = gradient_accumulation_steps.
 
     `key` is the run's dropout key; the step derives its own with fold_in(key, state.step)
     and one more fold_in per micro-batch. Gradients are averaged over the micro-batches.
+    The key always reaches the model, which applies each dropout whose rate is above 0 (the
+    model's `dropout`, and LoRA's `lora_dropout` on the adapters' inputs) and ignores it otherwise.
     """
     grad_fn = jax.value_and_grad(make_loss_fn(graphdef))
     schedule = lr_schedule(cfg)
-    use_dropout = cfg.dropout > 0
 
     def train_step(state: TrainState, batch, key):
         xs, ys = batch  # (A, B, T) each
         step_key = jax.random.fold_in(key, state.step)
 
         def micro(i, x, y):
-            return grad_fn(state.params, x, y, jax.random.fold_in(step_key, i) if use_dropout else None, state.frozen)
+            return grad_fn(state.params, x, y, jax.random.fold_in(step_key, i), state.frozen)
 
         if xs.shape[0] == 1:
             loss, grads = micro(0, xs[0], ys[0])
@@ -114,8 +122,10 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Conf
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             return optax.apply_updates(state.params, updates), opt_state
 
-        # a non-finite step leaves parameters and optimizer state as they were
-        params, opt_state = jax.lax.cond(finite, update, lambda _: (state.params, state.opt_state), None)
+        # a non-finite step leaves parameters and Adam's state as they were, but uses up its
+        # iteration of the learning-rate schedule: step i always applies (and logs) lr_schedule(i)
+        params, opt_state = jax.lax.cond(finite, update, lambda _: (state.params, advance_schedule(state.opt_state)),
+                                         None)
         first_bad = jnp.where((state.first_nonfinite < 0) & ~finite, state.step, state.first_nonfinite)
         metrics = {"loss": loss, "lr": schedule(state.step), "grad_norm": grad_norm,
                    "first_nonfinite": first_bad}

@@ -80,6 +80,16 @@ def main():
                      ("fsdp4", {"sharding": "fsdp", "mesh_shape": "4"})]:
         train(args(name, **kw), log=quiet)
         report[f"val_{name}"] = val_losses(os.path.join(tmp, name, "out"))
+    # a corpus too big for the devices (RESIDENT_BYTES = 0 here): each device's rows are read from the
+    # memmap on the host, prefetched, on a 2x2 mesh (data x fsdp)
+    import jaxgpt.trainer as trainer_lib
+
+    resident, trainer_lib.RESIDENT_BYTES = trainer_lib.RESIDENT_BYTES, 0
+    memmap = args("memmap", sharding="fsdp", mesh_shape="2x2")
+    report["memmap_prefetched"] = isinstance(trainer_lib.setup(memmap, log=quiet).batches["train"], trainer_lib.Prefetched)
+    train(memmap, log=quiet)
+    trainer_lib.RESIDENT_BYTES = resident
+    report["val_memmap_2x2"] = val_losses(os.path.join(tmp, "memmap", "out"))
     # an fsdp checkpoint of 4 devices resumes on 1, and on 2 in dp
     train(args("resume", sharding="fsdp", mesh_shape="4", max_iters=10), log=quiet)
     train(args("resume", mesh_shape="1", max_iters=15, eval_interval=5, init_from="resume"), log=quiet)

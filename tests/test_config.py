@@ -63,3 +63,20 @@ def test_validate():
         Config(model_type="rnn").validate()
     with pytest.raises(UserError, match="dtype"):
         Config(dtype="float16").validate()
+
+
+def test_every_shipped_config_loads_and_validates():
+    """Each configs/*.py parses (only known keys, right types) and passes validate(); running them is
+    another test's."""
+    import glob
+    import os
+
+    from conftest import ROOT
+
+    paths = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+    assert len(paths) >= 9
+    for path in paths:
+        cfg = parse_args(["--config", path]).validate()
+        assert cfg.out_dir != Config().out_dir, path  # each names its own out_dir
+    lora = parse_args(["--config", os.path.join(ROOT, "configs", "finetune_code_lora.py")])
+    assert (lora.finetune_method, lora.lora_dropout, lora.dropout) == ("lora", 0.05, 0.0)

@@ -73,4 +73,36 @@ def test_batches_shift_by_one_and_match_host_and_device():
     np.testing.assert_array_equal(y, yd)
     x2, _ = data.get_batch(jax.random.key(4), tokens, 8, 16)
     assert not np.array_equal(x, x2)
-    assert x.max() < 1000 - 1 and y.max() <= 999
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_every_window_of_the_corpus_can_be_drawn_and_none_past_its_end(on_device):
+    """A corpus of 40 tokens and block_size 8 has 32 windows of 9 tokens (input + next): their starts
+    0..31 all occur, the corpus's last token is a target, and nothing past the end is read (on the
+    device an out-of-range index would be clamped silently, not raise)."""
+    tokens = np.arange(40, dtype=np.uint16)
+    source = jnp.asarray(tokens) if on_device else tokens
+    x, y = data.get_batch(jax.random.key(0), source, 2000, 8)
+    x, y = np.asarray(x), np.asarray(y)
+    assert set(x[:, 0].tolist()) == set(range(32))
+    np.testing.assert_array_equal(x, x[:, :1] + np.arange(8))
+    np.testing.assert_array_equal(y, x + 1)
+    assert y.max() == 39
+
+
+def test_prepare_cli_writes_the_requested_val_fraction(tmp_path, corpus_file, capsys):
+    """python -m jaxgpt.data --val_fraction=0.25: train is the first 75% of the tokens, val the rest."""
+    out = tmp_path / "d"
+    data.main(["--input", corpus_file, "--data_dir", str(out), "--val_fraction", "0.25"])
+    assert f"prepared {out}: char vocab" in capsys.readouterr().out
+    text = open(corpus_file, encoding="utf-8").read()
+    tok = CharTokenizer.from_text(text)
+    ids = np.array(tok.encode(text))
+    n = int(0.75 * len(ids))
+    meta = data.load_meta(str(out))
+    assert (meta["train_tokens"], meta["val_tokens"]) == (n, len(ids) - n)
+    np.testing.assert_array_equal(data.load_split(str(out), "train", meta), ids[:n])
+    np.testing.assert_array_equal(data.load_split(str(out), "val", meta), ids[n:])
+    with pytest.raises(SystemExit) as e:
+        data.main(["--input", corpus_file, "--data_dir", str(tmp_path / "e"), "--val_fraction", "1.5"])
+    assert e.value.code == 2 and "val_fraction must be between 0 and 1" in capsys.readouterr().err

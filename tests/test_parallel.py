@@ -59,6 +59,13 @@ def test_train_py_path_on_4_devices_reproduces_single_device_val_loss(report):
     np.testing.assert_allclose(report["val_fsdp4"], one, rtol=1e-5)
 
 
+def test_memmap_batches_on_a_2x2_mesh_reproduce_single_device_val_loss(report):
+    """The host path for corpora too big for the devices (memmap, prefetch, each device's rows read
+    on the host) gives the batches, so the losses, of the device-resident path on one device."""
+    assert report["memmap_prefetched"]
+    np.testing.assert_allclose(report["val_memmap_2x2"], report["val_one"], rtol=1e-5)
+
+
 def test_fsdp_checkpoint_resumes_on_other_meshes(report):
     # fsdp on 4 devices to iter 10, then 1 device to 15, then dp on 2 to 20
     resumed = report["val_resumed"]

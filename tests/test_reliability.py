@@ -11,12 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import export as export_script
 import sample as sample_script
 import train as train_script
 from conftest import ROOT, subprocess_env, tiny_args
 from jaxgpt import step as step_lib
 from jaxgpt.checkpoint import Checkpointer, load_model
 from jaxgpt.config import UserError, parse_args
+from jaxgpt.model import ModelConfig
+from jaxgpt.pretrained import export_hf
 from jaxgpt.trainer import train
 
 
@@ -108,6 +111,23 @@ def test_sample_bad_inputs(trained, tmp_path, capsys):
         assert_one_line(*run_main(sample_script.main, argv, capsys), message)
 
 
+def test_export_bad_inputs(trained, tmp_path, capsys):
+    out = f"--out_dir={trained.out_dir}"
+    cases = [
+        ([out], "pass --hf_dir=DIR (a Hugging Face GPT-2 directory) and/or --jaxgpt_dir=DIR (a jaxgpt out_dir)"),
+        ([f"--out_dir={tmp_path / 'empty'}", f"--hf_dir={tmp_path / 'hf'}"], "no checkpoint in"),
+        ([out, f"--hf_dir={tmp_path / 'hf'}", "--which=first"], "which must be one of best, latest"),
+        # a directory that holds a run is never overwritten, the run's own out_dir included
+        ([out, f"--jaxgpt_dir={trained.out_dir}"], f"{trained.out_dir} already holds a run; export to a new directory"),
+    ]
+    for argv, message in cases:
+        assert_one_line(*run_main(export_script.main, argv, capsys), message)
+    assert not os.path.exists(tmp_path / "hf") and not os.path.exists(tmp_path / "empty" / "checkpoints" / "latest")
+    assert Checkpointer(trained.out_dir, "latest").all_steps() == [4, 2]
+    with pytest.raises(UserError, match="only GPT models export"):
+        export_hf({}, ModelConfig(model_type="bigram"), str(tmp_path / "hf"))
+
+
 def test_debug_flag_shows_the_traceback(capsys):
     with pytest.raises(UserError, match="did you mean"):
         train_script.main(["--n_layers=2", "--debug"])
@@ -161,20 +181,57 @@ def tiny_args_from(cfg, **kw):
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(trained, capsys):
-    ckpt_dir = os.path.join(trained.out_dir, "checkpoints", "latest", "4")
+    break_state(trained.out_dir, 4)
+    logs = []
+    summary = train(parse_args(tiny_args_from(trained, init_from="resume", max_iters=6)), log=logs.append)
+    assert any("checkpoint at iter 4 is unreadable" in line for line in logs), logs
+    assert any("resuming from" in line and "at iter 2" in line for line in logs), logs
+    assert summary["iter"] == 6
+
+
+def break_state(out_dir, step):
     broken = 0
-    for root, _, files in os.walk(ckpt_dir):
+    for root, _, files in os.walk(os.path.join(out_dir, "checkpoints", "latest", str(step))):
         for f in files:
             if "state" in root:
                 with open(os.path.join(root, f), "r+b") as fh:
                     fh.truncate(0)
                 broken += 1
     assert broken
+
+
+def test_corrupt_metadata_falls_back_to_the_previous_checkpoint(trained):
+    with open(os.path.join(trained.out_dir, "checkpoints", "latest", "4", "meta", "metadata"), "w") as f:
+        f.write('{"step": 4, "best_val')  # a write cut short
     logs = []
     summary = train(parse_args(tiny_args_from(trained, init_from="resume", max_iters=6)), log=logs.append)
     assert any("checkpoint at iter 4 is unreadable" in line for line in logs), logs
     assert any("resuming from" in line and "at iter 2" in line for line in logs), logs
     assert summary["iter"] == 6
+
+
+def test_no_intact_checkpoint_is_an_error_not_a_fresh_start(trained):
+    for step in (4, 2):
+        break_state(trained.out_dir, step)
+    logs = []
+    with pytest.raises(UserError, match=r"no intact checkpoint to resume from in .*latest \(tried iters 4, 2\); "
+                                        r"start a new run with --init_from=scratch and another --out_dir"):
+        train(parse_args(tiny_args_from(trained, init_from="resume", max_iters=6)), log=logs.append)
+    assert sum("is unreadable" in line for line in logs) == 2, logs
+    set_aside = sorted(os.listdir(os.path.join(trained.out_dir, "checkpoints", "broken")))  # kept, not deleted
+    assert [n.rsplit("-", 1)[0] for n in set_aside] == ["latest-2", "latest-4"], set_aside
+    assert Checkpointer(trained.out_dir, "latest").all_steps() == []
+
+
+def test_resume_refuses_data_with_another_tokenizer(trained, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text(open(trained.input_file, encoding="utf-8").read() + "Zebra!\n", encoding="utf-8")  # 2 new characters
+    argv = tiny_args_from(trained, init_from="resume", max_iters=6, input_file=str(other),
+                          data_dir=str(tmp_path / "other_data"))
+    with pytest.raises(UserError, match="cannot resume: the data's tokenizer differs from the checkpoint's; point "
+                                        "--data_dir at the data the run was trained on"):
+        train(parse_args(argv), log=lambda s: None)
+    assert Checkpointer(trained.out_dir, "latest").all_steps() == [4, 2]  # nothing set aside: not corruption
 
 
 def start_training(tmp_path, corpus_file, **kw):
@@ -211,26 +268,57 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, corpus_file):
     assert summary["iter"] == stopped + 2
 
 
-def test_sigkill_at_any_moment_never_loses_a_completed_checkpoint(tmp_path, corpus_file):
+def held_training(tmp_path, corpus_file, hold, **kw):
+    """train.py (through tests/save_blocker.py) that stops inside the checkpoint write `hold`
+    ('kind/step:stage'); returns the process once the write is held, and the write's temporary directory."""
+    marker = tmp_path / f"held-{hold.replace('/', '-').replace(':', '-')}"
+    args = tiny_args(tmp_path, corpus_file, **{"max_iters": 100000, "eval_interval": 3, **kw})
+    log = open(tmp_path / "held.log", "a")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+           "JAXGPT_TEST_HOLD_SAVE": hold, "JAXGPT_TEST_HOLD_SAVE_MARKER": str(marker)}
+    proc = subprocess.Popen([sys.executable, os.path.join("tests", "save_blocker.py"), *args], cwd=ROOT,
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    deadline = time.time() + 180
+    while not marker.exists():
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"the write {hold} was never held:\n" + open(tmp_path / "held.log").read()[-3000:])
+        time.sleep(0.1)
+    return proc, marker.read_text()
+
+
+def kill(proc):
+    proc.kill()
+    proc.wait(timeout=30)
+
+
+def reads_back(out_dir, kind):
+    _, params, *_ = load_model(out_dir, kind)
+    return all(np.isfinite(np.asarray(x)).all() for x in jax_leaves(params))
+
+
+def test_sigkill_during_a_checkpoint_write_never_loses_a_completed_checkpoint(tmp_path, corpus_file):
+    """The process is killed while a checkpoint is being written, every time: the write is held open
+    (tests/save_blocker.py) until the kill, first while its files are being written, then once all are
+    written but before it is renamed into place. The half-written checkpoint is never listed, the
+    completed ones read back whole, and the run resumes from the newest completed one."""
     out_dir = str(tmp_path / "out")
-    completed = -1
-    # kill right after an evaluation line (a checkpoint write is in flight) and between steps
-    for target, when in [("iter 3: train loss", 0.0), ("iter 6: train loss", 0.05), ("iter 8: loss", 0.0),
-                         ("iter 12: train loss", 0.2)]:
-        proc = start_training(tmp_path, corpus_file, eval_interval=3,
-                              init_from="resume" if completed >= 0 else "scratch")
-        wait_for(proc, lambda l: l.startswith(target.split(":")[0] + ":") and target.split(": ")[1] in l)
-        time.sleep(when)
-        proc.kill()
-        proc.wait(timeout=30)
-        steps = Checkpointer(out_dir, "latest").all_steps()
-        assert steps and steps[0] >= completed, (steps, completed)  # never goes back
-        completed = steps[0]
-        # what is listed reads back whole
-        _, params, *_ = load_model(out_dir, "latest")
-        assert all(np.isfinite(np.asarray(x)).all() for x in jax_leaves(params))
+    # killed inside best/3's write: best keeps iter 0 (latest/3, another writer, may have completed meanwhile)
+    proc, tmp_dir = held_training(tmp_path, corpus_file, "best/3:write")
+    kill(proc)
+    assert os.listdir(tmp_dir)  # the write was under way: its files are left on disk
+    assert Checkpointer(out_dir, "best").all_steps() == [0]
+    assert Checkpointer(out_dir, "latest").all_steps() in ([0], [3, 0])
+    assert reads_back(out_dir, "best") and reads_back(out_dir, "latest")
+    # resumed, and killed inside latest/6's commit: latest keeps 3 (and 0), best has 3 or 6, all whole
+    proc, tmp_dir = held_training(tmp_path, corpus_file, "latest/6:commit", init_from="resume")
+    kill(proc)
+    assert os.listdir(os.path.join(tmp_dir, "state")) and os.listdir(os.path.join(tmp_dir, "meta"))
+    assert Checkpointer(out_dir, "latest").all_steps() == [3, 0]
+    assert Checkpointer(out_dir, "best").all_steps()[0] in (3, 6)
+    assert reads_back(out_dir, "best") and reads_back(out_dir, "latest")
     logs = []
-    summary = train(parse_args(tiny_args(tmp_path, corpus_file, init_from="resume", max_iters=completed + 3,
-                                         eval_interval=3)), log=logs.append)
-    assert any(f"resuming from {out_dir} at iter {completed}" in line for line in logs), logs
-    assert summary["iter"] == completed + 3
+    summary = train(parse_args(tiny_args(tmp_path, corpus_file, init_from="resume", max_iters=9, eval_interval=3)),
+                    log=logs.append)
+    assert any(f"resuming from {out_dir} at iter 3" in line for line in logs), logs
+    assert summary["iter"] == 9 and Checkpointer(out_dir, "latest").all_steps() == [9, 6]
