@@ -20,7 +20,8 @@ from flax import nnx
 
 from jaxgpt import parallel
 from jaxgpt.benchmark import device_peak, flops_per_token, peak_memory_bytes, sampling_speed, summarize, time_steps
-from jaxgpt.config import parse_args, run_cli
+from jaxgpt.config import parse_args
+from jaxgpt.errors import run_cli
 from jaxgpt.model import build_model, num_params
 from jaxgpt.runtime import matmul_precision, resolve_dtype
 from jaxgpt.sampling import Engine

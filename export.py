@@ -14,7 +14,8 @@ import sys
 from dataclasses import dataclass
 
 from jaxgpt.checkpoint import load_model, save_standalone
-from jaxgpt.config import UserError, check_choice, parse_args, run_cli
+from jaxgpt.config import parse_args
+from jaxgpt.errors import UserError, check_choice, run_cli
 from jaxgpt.pretrained import export_hf
 
 

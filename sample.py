@@ -23,7 +23,8 @@ import numpy as np
 
 from jaxgpt import pretrained
 from jaxgpt.checkpoint import load_model
-from jaxgpt.config import UserError, check_choice, parse_args, run_cli
+from jaxgpt.config import parse_args
+from jaxgpt.errors import UserError, check_choice, run_cli
 from jaxgpt.sampling import Engine, TextStream, check_sampling_args, cut_at_stop
 
 SEPARATOR = "---------------"

@@ -8,7 +8,8 @@ config.json and loss.png go to out_dir; resume with --init_from=resume.
 
 import sys
 
-from jaxgpt.config import format_config, parse_args, run_cli
+from jaxgpt.config import format_config, parse_args
+from jaxgpt.errors import run_cli
 from jaxgpt.parallel import maybe_initialize_distributed, set_cpu_devices
 from jaxgpt.trainer import train
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
-from jaxgpt.config import UserError
+from jaxgpt.errors import UserError
 
 KINDS = ("latest", "best")
 
@@ -76,8 +76,6 @@ class Checkpointer:
         check_meta(meta) may raise UserError (an incompatible run): that is not corruption and
         stops at once. With no intact checkpoint left this is an error, never a silent restart.
         """
-        from jaxgpt.config import UserError
-
         steps = self.all_steps()
         for step in steps:
             try:

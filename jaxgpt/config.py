@@ -19,9 +19,16 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
+from jaxgpt.errors import UserError, check_choice
 
-class UserError(Exception):
-    """A mistake in what the user asked for; scripts print it as one line, no traceback."""
+# name -> (n_layer, n_head, n_embd) of the GPT-2 sizes (model_size=...); all have a 1024-token
+# context and 50257 tokens
+GPT2_SIZES = {
+    "gpt2": (12, 12, 768),  # 124M parameters
+    "gpt2-medium": (24, 16, 1024),  # 350M
+    "gpt2-large": (36, 20, 1280),  # 774M
+    "gpt2-xl": (48, 25, 1600),  # 1558M
+}
 
 
 @dataclass
@@ -34,7 +41,9 @@ class Config:
     log_interval: int = 1
     eval_iters: int = 200
     eval_only: bool = False
-    always_save_checkpoint: bool = True  # latest is always kept for resume; see README
+    # accepted for nanoGPT compatibility and ignored: jaxgpt always writes both the latest
+    # checkpoint (for resume) and the best one (for sampling); see README
+    always_save_checkpoint: bool = True
     # 'scratch' | 'resume' | weights to start from: a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl),
     # a Hugging Face GPT-2 directory, a nanoGPT ckpt.pt, or another jaxgpt out_dir (fresh optimizer)
     init_from: str = "scratch"
@@ -107,8 +116,6 @@ class Config:
         if not self.init_from:
             raise UserError("init_from is empty; use scratch, resume, a GPT-2 name or a path to weights")
         if self.model_size:
-            from jaxgpt.pretrained import GPT2_SIZES
-
             check_choice("model_size", self.model_size, tuple(GPT2_SIZES))
             self.n_layer, self.n_head, self.n_embd = GPT2_SIZES[self.model_size]
         from jaxgpt.runtime import DTYPES, MATMUL_PRECISIONS
@@ -146,33 +153,6 @@ class Config:
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
         return self
-
-
-def run_cli(body, argv: Sequence[str]) -> int:
-    """Runs a script's body(argv); a UserError becomes one 'error: ...' line on stderr and exit
-    code 2. `--debug` anywhere in argv shows the full traceback instead.
-
-    Every script gets the persistent compilation cache here, before it compiles anything:
-    `--compile_cache=DIR` puts it in DIR, `--compile_cache=off` turns it off (see jaxgpt.runtime)."""
-    import sys
-
-    from jaxgpt.runtime import enable_compilation_cache
-
-    debug = "--debug" in argv
-    cache = [a for a in argv if a.startswith("--compile_cache=")]
-    try:
-        enable_compilation_cache(cache[-1].split("=", 1)[1] if cache else "")
-        return body([a for a in argv if a != "--debug" and not a.startswith("--compile_cache=")])
-    except UserError as e:
-        if debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
-    if value not in choices:
-        raise UserError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
 
 
 # ----------------------------------------------------------------------------- parsing

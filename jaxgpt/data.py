@@ -34,7 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxgpt import tokenizer as tok_lib
-from jaxgpt.config import UserError
+from jaxgpt.errors import UserError
 from jaxgpt.tokenizer import CharTokenizer
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgpt.config import UserError
+from jaxgpt.errors import UserError
 
 LORA_KEYS = ("lora_a", "lora_b")
 

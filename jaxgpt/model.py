@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxgpt.errors import UserError
+
 F32 = jnp.float32
 
 
@@ -138,9 +140,6 @@ def cached_attention(q, k, v, pos):
     return jnp.einsum("bhts,bhsd->bhtd", att.astype(v.dtype), v)  # (B, H, T, hs)
 
 
-ATTN_IMPLS = ("explicit", "xla", "cudnn")
-
-
 def attention(q, k, v, impl: str = "explicit", *, dropout_rate: float = 0.0, dropout_key=None):
     """Causal self-attention (B, T, H, hs) -> (B, T, H, hs) by the chosen implementation.
 
@@ -205,8 +204,6 @@ def pick_attention(requested: str, dtype: str, head_size: int, *, platform: str 
     An explicit 'cudnn' that cannot serve them is a UserError saying what to pass instead.
     `platform` defaults to the current devices' ('cpu', 'gpu', 'tpu'); the probe runs once per
     dtype and head size."""
-    from jaxgpt.config import UserError
-
     platform = platform or jax.devices()[0].platform
     if requested == "cudnn":
         why = (f"needs an NVIDIA GPU, but this run is on {platform}; pass --attn_impl=auto"

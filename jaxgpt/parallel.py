@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxgpt.config import UserError
+from jaxgpt.errors import UserError
 
 AXES = ("data", "fsdp")
 

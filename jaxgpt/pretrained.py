@@ -26,16 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from jaxgpt.config import UserError
+from jaxgpt.config import GPT2_SIZES
+from jaxgpt.errors import UserError
 
-# name -> (n_layer, n_head, n_embd); all have a 1024-token context and 50257 tokens
-GPT2_SIZES = {
-    "gpt2": (12, 12, 768),  # 124M parameters
-    "gpt2-medium": (24, 16, 1024),  # 350M
-    "gpt2-large": (36, 20, 1280),  # 774M
-    "gpt2-xl": (48, 25, 1600),  # 1558M
-}
-GPT2_VOCAB, GPT2_CONTEXT = 50257, 1024
 HUB_REPOS = {name: f"openai-community/{name}" for name in GPT2_SIZES}
 HF_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt")
 # Hugging Face's activation names -> ours

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxgpt.config import UserError
+from jaxgpt.errors import UserError
 
 F32 = jnp.float32
 

@@ -18,7 +18,7 @@ import numpy as np
 import tiktoken
 import tiktoken.registry
 
-from jaxgpt.config import UserError
+from jaxgpt.errors import UserError
 
 EOT = "<|endoftext|>"
 # GPT-2's pre-tokenizer, as tiktoken writes it (possessive quantifiers, same splits as the

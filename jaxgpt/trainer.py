@@ -26,7 +26,8 @@ from jaxgpt import data as data_lib
 from jaxgpt import lora, parallel, pretrained
 from jaxgpt.benchmark import device_peak, flops_per_token
 from jaxgpt.checkpoint import Checkpointer
-from jaxgpt.config import Config, UserError, save_config
+from jaxgpt.config import GPT2_SIZES, Config, save_config
+from jaxgpt.errors import UserError
 from jaxgpt.model import ModelConfig, num_params, with_attention
 from jaxgpt.optim import lr_schedule
 from jaxgpt.runtime import matmul_precision, resolve_dtype
@@ -195,7 +196,7 @@ def setup(cfg: Config, log=print) -> Run:
                                    cfg.attn_impl, log)
         init_params = pretrained.to_params(weights, cfg.block_size)
         if lora_cfg:
-            source = cfg.init_from if cfg.init_from in pretrained.GPT2_SIZES else os.path.abspath(cfg.init_from)
+            source = cfg.init_from if cfg.init_from in GPT2_SIZES else os.path.abspath(cfg.init_from)
             lora_base = {"source": source, "fingerprint": lora.fingerprint(init_params)}
         if meta["vocab_size"] > model_cfg.vocab_size:
             raise UserError(f"the data's tokenizer has {meta['vocab_size']} tokens but the model in {cfg.init_from} "

@@ -14,7 +14,7 @@ from bpe_fixture import gpt2_byte_alphabet, train_tiny_bpe, write_hf_tokenizer_f
 from conftest import make_corpus
 from jaxgpt import data
 from jaxgpt import tokenizer as tk
-from jaxgpt.config import UserError
+from jaxgpt.errors import UserError
 
 EXTRA = ("déjà vu — naïve café 日本語のテキスト\n  def f(x):\n\treturn x ** 2  # comment\r\n"
          "a\u00a0b\u3000c  \n\n\nEND.  \t\nROMEO's friends'll say 1234567 😀\n")

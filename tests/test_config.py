@@ -1,6 +1,7 @@
 import pytest
 
-from jaxgpt.config import Config, UserError, load_config_file, parse_args
+from jaxgpt.config import Config, load_config_file, parse_args
+from jaxgpt.errors import UserError
 
 
 def test_defaults_and_flags_are_typed():

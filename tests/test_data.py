@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxgpt import data
-from jaxgpt.config import UserError
+from jaxgpt.errors import UserError
 from jaxgpt.tokenizer import CharTokenizer, tokenizer_from_meta
 
 

@@ -20,7 +20,8 @@ from test_train import SEP, restore_params
 from jaxgpt import lora
 from jaxgpt.benchmark import device_peak
 from jaxgpt.checkpoint import load_model
-from jaxgpt.config import UserError, parse_args
+from jaxgpt.config import parse_args
+from jaxgpt.errors import UserError
 from jaxgpt.model import ModelConfig, build_model
 from jaxgpt.sampling import Engine
 from jaxgpt.step import init_state, make_eval_step, make_train_step

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, subprocess_env
-from jaxgpt.config import UserError
+from jaxgpt.errors import UserError
 from jaxgpt.parallel import mesh_dims, param_spec
 
 

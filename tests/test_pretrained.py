@@ -13,7 +13,7 @@ import torch
 import transformers
 
 from jaxgpt import pretrained
-from jaxgpt.config import UserError
+from jaxgpt.errors import UserError
 from jaxgpt.model import ModelConfig, build_model
 
 V, T_CTX = 97, 32

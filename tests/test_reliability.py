@@ -17,7 +17,8 @@ import train as train_script
 from conftest import ROOT, subprocess_env, tiny_args
 from jaxgpt import step as step_lib
 from jaxgpt.checkpoint import Checkpointer, load_model
-from jaxgpt.config import UserError, parse_args
+from jaxgpt.config import parse_args
+from jaxgpt.errors import UserError
 from jaxgpt.model import ModelConfig
 from jaxgpt.pretrained import export_hf
 from jaxgpt.trainer import train

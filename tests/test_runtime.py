@@ -12,7 +12,8 @@ import pytest
 from conftest import tiny_args
 from jaxgpt import runtime
 from jaxgpt.checkpoint import Checkpointer, load_model
-from jaxgpt.config import UserError, parse_args
+from jaxgpt.config import parse_args
+from jaxgpt.errors import UserError
 from jaxgpt.model import pick_attention
 from jaxgpt.trainer import train
 from test_train import run_script

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxgpt.config import UserError
+from jaxgpt.errors import UserError
 from jaxgpt.model import ModelConfig, build_model
 from jaxgpt.sampling import Engine, find_stop, generate, sample_token
 

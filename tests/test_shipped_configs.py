@@ -13,7 +13,7 @@ from conftest import ROOT, make_corpus
 from jaxgpt import runtime
 from jaxgpt.config import parse_args
 from jaxgpt.model import pick_attention
-from jaxgpt.pretrained import GPT2_SIZES
+from jaxgpt.config import GPT2_SIZES
 from jaxgpt.trainer import train
 
 CONFIGS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "*.py")))

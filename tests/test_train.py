@@ -11,7 +11,8 @@ import pytest
 
 from conftest import ROOT, subprocess_env, tiny_args
 from jaxgpt.checkpoint import Checkpointer, load_model
-from jaxgpt.config import Config, UserError, parse_args
+from jaxgpt.config import Config, parse_args
+from jaxgpt.errors import UserError
 from jaxgpt.model import ModelConfig
 from jaxgpt.sampling import Engine
 from jaxgpt.step import abstract_state
