@@ -22,11 +22,10 @@ from jaxgpt import parallel
 from jaxgpt.benchmark import device_peak, flops_per_token, peak_memory_bytes, sampling_speed, summarize, time_steps
 from jaxgpt.config import parse_args
 from jaxgpt.errors import run_cli
-from jaxgpt.model import build_model, num_params
+from jaxgpt.model import build_model, model_config, num_params
 from jaxgpt.runtime import matmul_precision, resolve_dtype
 from jaxgpt.sampling import Engine
 from jaxgpt.step import abstract_state, init_state, make_train_step
-from jaxgpt.trainer import model_config
 
 
 def bench_main(argv):

@@ -13,10 +13,10 @@ has no character tokenizer for GPT-2).
 import sys
 from dataclasses import dataclass
 
-from jaxgpt.checkpoint import load_model, save_standalone
 from jaxgpt.config import parse_args
 from jaxgpt.errors import UserError, check_choice, run_cli
 from jaxgpt.pretrained import export_hf
+from jaxgpt.run import load, save_standalone
 
 
 @dataclass
@@ -32,7 +32,7 @@ def export_main(argv) -> int:
     check_choice("which", ec.which, ("best", "latest"))
     if not (ec.hf_dir or ec.jaxgpt_dir):
         raise UserError("pass --hf_dir=DIR (a Hugging Face GPT-2 directory) and/or --jaxgpt_dir=DIR (a jaxgpt out_dir)")
-    _, params, model_cfg, tok, meta = load_model(ec.out_dir, ec.which)  # LoRA adapters come merged
+    _, params, model_cfg, tok, meta = load(ec.out_dir, ec.which, run=True)  # LoRA adapters come merged
     if ec.jaxgpt_dir:
         save_standalone(ec.jaxgpt_dir, params, model_cfg, meta)
         print(f"exported {ec.out_dir} (iter {meta['step']}) to the jaxgpt out_dir {ec.jaxgpt_dir}")

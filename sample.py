@@ -21,10 +21,9 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
-from jaxgpt import pretrained
-from jaxgpt.checkpoint import load_model
 from jaxgpt.config import parse_args
 from jaxgpt.errors import UserError, check_choice, run_cli
+from jaxgpt.run import load
 from jaxgpt.sampling import Engine, TextStream, check_sampling_args, cut_at_stop
 
 SEPARATOR = "---------------"
@@ -63,10 +62,8 @@ def sample_main(argv):
     check_choice("which", sc.which, ("best", "latest"))
     top_k = sc.top_k or None
     check_sampling_args(sc.max_new_tokens, sc.temperature, top_k, sc.top_p)
-    if sc.init_from == "resume":
-        graphdef, params, model_cfg, tok, _ = load_model(sc.out_dir, sc.which)
-    else:
-        graphdef, params, model_cfg, tok = pretrained.load_model(sc.init_from)
+    resume = sc.init_from == "resume"
+    graphdef, params, model_cfg, tok, _ = load(sc.out_dir if resume else sc.init_from, sc.which, run=resume)
     prompt_text = read_prompt(sc.start)
     prompt = tok.encode(prompt_text)
     stop = tok.encode(sc.stop) if sc.stop else None

@@ -26,13 +26,15 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 from tqdm import tqdm
 
+from jaxgpt import parallel
 from jaxgpt import tokenizer as tok_lib
 from jaxgpt.errors import UserError
 from jaxgpt.tokenizer import CharTokenizer
@@ -591,3 +593,72 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches on the devices
+
+# Token arrays up to this size are copied to the device once and batches are cut there,
+# inside jit; larger corpora stay in the memmap and batches are read on the host.
+RESIDENT_BYTES = 1 << 30
+
+
+def make_batch_fn(tokens: np.ndarray, batch_size: int, block_size: int, accum: int,
+                  sharding: NamedSharding) -> Callable:
+    """batch(key, i) -> (x, y), each (accum, B, T) (or (B, T) with accum=0), from fold_in(key, i).
+
+    The batch is the same on any number of devices; it is laid out with `sharding`. A corpus
+    that fits is copied to the devices once and cut there, inside jit; a larger one stays in
+    the memmap and each process reads only the rows of its own devices.
+    """
+    if tokens.shape[0] < block_size + 2:
+        raise UserError(f"a data split has {tokens.shape[0]} tokens, fewer than block_size + 1 = "
+                        f"{block_size + 1}; use a larger corpus or a smaller --block_size")
+    n_micro = max(accum, 1)
+    squeeze = (lambda t: t[0]) if accum == 0 else (lambda t: t)
+
+    if tokens.nbytes <= RESIDENT_BYTES:
+        dev = jax.device_put(tokens, parallel.replicated(sharding.mesh))
+
+        def cut(data, key, i):
+            keys = jax.random.split(jax.random.fold_in(key, i), n_micro)
+            xs, ys = jax.vmap(lambda k: get_batch(k, data, batch_size, block_size))(keys)
+            return squeeze(xs), squeeze(ys)
+
+        stacked = jax.jit(cut, out_shardings=(sharding, sharding))
+        return lambda key, i: stacked(dev, key, i)
+
+    n = tokens.shape[0]
+    shape = (n_micro, batch_size, block_size) if accum else (batch_size, block_size)
+
+    def host_batch(key, i):
+        keys = jax.random.split(jax.random.fold_in(key, i), n_micro)
+        offsets = np.stack([np.asarray(batch_offsets(k, n, batch_size, block_size)) for k in keys])
+        offsets = offsets if accum else offsets[0]  # (A, B) or (B,)
+
+        def rows(index, shift):  # the block of one device: read only its rows from the memmap
+            starts = offsets[index[:-1]] + shift
+            block = np.asarray(tokens[starts[..., None] + np.arange(block_size)]).astype(np.int32)
+            return block[..., index[-1]]
+
+        return tuple(parallel.global_batch_from_host(lambda idx, s=s: rows(idx, s), shape, sharding)
+                     for s in (0, 1))
+    return Prefetched(host_batch)
+
+
+class Prefetched:
+    """Reads batch i + 1 from the memmap in a background thread while step i runs."""
+
+    def __init__(self, fn: Callable):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.fn, self.pool, self.ahead = fn, ThreadPoolExecutor(max_workers=1), None
+
+    def __call__(self, key, i):
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None and ahead[0] is key and ahead[1] == i:
+            batch = ahead[2].result()
+        else:
+            batch = self.fn(key, i)
+        self.ahead = (key, i + 1, self.pool.submit(self.fn, key, i + 1))
+        return batch

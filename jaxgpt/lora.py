@@ -2,8 +2,14 @@
 
     python train.py --config configs/finetune_code_lora.py
 
-The adapters live in the model (`model.add_lora`: lora_a, lora_b beside a Linear's kernel).
-Here, the parameter tree is split in two: the adapters, which the optimizer trains, and the
+`LoRALinear` is a Linear with adapters: A (C_in, r) and B (r, C_out), nnx.LoRAParam named lora_a
+and lora_b beside the layer's own kernel and bias, so a LoRA model's parameter tree is the plain
+model's plus those two leaves per adapted layer (GPT-2 names stay where they were, and
+pretrained weights, checkpoints and export need no renaming). The frozen kernel is reached only
+through `Linear.base`, the one place a quantized kernel (jaxgpt.quant's QTensor and qdense, for
+QLoRA) would plug in.
+
+The parameter tree is split in two: the adapters, which the optimizer trains, and the
 frozen base, which has no gradient and no optimizer state and is never written to a LoRA run's
 checkpoints. `merge` folds the adapters into the base weights: W + (alpha / r) A B, for sampling
 and export.
@@ -13,15 +19,42 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import zlib
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxgpt.errors import UserError
+from jaxgpt.layers import Linear, dropout
 
 LORA_KEYS = ("lora_a", "lora_b")
+
+
+class LoRALinear(Linear):
+    """A Linear computing x W + b + (alpha / r) dropout(x) A B (rank r: (N, C_in) -> (N, r) ->
+    (N, C_out)). A starts random and B zero, so a new adapter changes nothing.
+
+    `path` names the layer (e.g. 'attn.c_attn'); the adapters' dropout key is the caller's key
+    folded with a hash of it, so each layer draws its own mask and the model's own dropout
+    streams stay as they are. Dropout applies whenever lora_dropout > 0 and a key is given,
+    whatever the model's own dropout."""
+
+    def __init__(self, in_features: int, out_features: int, *, rank: int, alpha: float, dropout: float,
+                 path: str, rngs: nnx.Rngs, **linear_kwargs):
+        super().__init__(in_features, out_features, rngs=rngs, **linear_kwargs)
+        self.lora_a = nnx.LoRAParam(nnx.initializers.lecun_normal()(rngs.params(), (in_features, rank)))
+        self.lora_b = nnx.LoRAParam(jnp.zeros((rank, out_features)))
+        self.lora_scale = alpha / rank
+        self.lora_dropout = dropout
+        self.key_id = zlib.crc32(path.encode()) & 0x7FFFFFFF
+
+    def forward_2d(self, x, dropout_key=None):
+        key = None if dropout_key is None else jax.random.fold_in(dropout_key, self.key_id)
+        xa = dropout(x, self.lora_dropout, key) @ self.lora_a[...].astype(x.dtype)  # (N, r)
+        return self.base(x) + (xa @ self.lora_b[...].astype(x.dtype)) * self.lora_scale
 
 
 def split(params: dict) -> tuple[dict, dict]:

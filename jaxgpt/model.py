@@ -18,7 +18,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxgpt.config import Config
 from jaxgpt.errors import UserError
+from jaxgpt.layers import Linear, dropout
+from jaxgpt.lora import LoRALinear
+from jaxgpt.runtime import resolve_dtype
 
 F32 = jnp.float32
 
@@ -36,7 +40,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; parameters are always float32
     attn_impl: str = "explicit"  # 'explicit' | 'xla' | 'cudnn': see attention()
     gelu: str = "exact"  # 'exact' (nanoGPT's nn.GELU) | 'tanh' (OpenAI GPT-2's approximation)
-    # LoRA adapters (rank 0 = none) on the Linear layers named in lora_targets: see add_lora()
+    # LoRA adapters (rank 0 = none) on the Linear layers named in lora_targets: see jaxgpt.lora
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -51,46 +55,14 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
 
-def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-    """Inverted dropout; identity when key is None or rate is 0."""
-    if key is None or rate == 0.0:
-        return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
-
-
-def dense(layer: nnx.Linear, x, lora_key=None):
-    """Applies a Linear to (..., C_in) as one 2-D matmul (N, C_in) @ (C_in, C_out).
-
-    XLA's CPU backend differentiates a 2-D matmul far faster than one whose weight gradient
-    contracts over two leading dims (B and T): 2.6x on the MLP of the laptop recipe.
-    A layer with LoRA adapters adds scale * dropout(x) @ A @ B (rank r: (N, C_in) -> (N, r) -> (N, C_out))."""
-    lead = x.shape[:-1]
-    x = x.reshape(-1, x.shape[-1])  # (N, C_in)
-    y = layer(x)
-    if hasattr(layer, "lora_a"):
-        xa = dropout(x, layer.lora_dropout, lora_key) @ layer.lora_a[...].astype(x.dtype)  # (N, r)
-        y = y + (xa @ layer.lora_b[...].astype(x.dtype)) * layer.lora_scale
-    return y.reshape(*lead, -1)
-
-
-def add_lora(layer: nnx.Linear, name: str, cfg: "ModelConfig", rngs: nnx.Rngs) -> nnx.Linear:
-    """Gives the Linear called `name` (e.g. 'attn.c_attn') low-rank adapters when cfg.lora_targets
-    names it: A (C_in, r) random, B (r, C_out) zero, so a new adapter changes nothing; the layer
-    computes x W + b + (alpha / r) x A B. They are nnx.LoRAParam, named lora_a and lora_b."""
-    if cfg.lora_rank <= 0 or name not in cfg.lora_targets.split(","):
-        return layer
-    c_in, c_out = layer.kernel.shape
-    layer.lora_a = nnx.LoRAParam(nnx.initializers.lecun_normal()(rngs.params(), (c_in, cfg.lora_rank)))
-    layer.lora_b = nnx.LoRAParam(jnp.zeros((cfg.lora_rank, c_out)))
-    layer.lora_scale = cfg.lora_alpha / cfg.lora_rank
-    layer.lora_dropout = cfg.lora_dropout
-    return layer
-
-
-def _lora_key(key, i):
-    """An adapter's dropout key, derived apart from the model's own streams (which stay as they were)."""
-    return None if key is None else jax.random.fold_in(key, 1000 + i)
+def linear(cfg: "ModelConfig", path: str, c_in: int, c_out: int, init, rngs: nnx.Rngs) -> Linear:
+    """The Linear layer at `path` (e.g. 'attn.c_attn'): with LoRA adapters when cfg.lora_targets
+    names it (see jaxgpt.lora), else plain. Both are called as layer(x, dropout_key)."""
+    kw = dict(use_bias=cfg.bias, dtype=jnp.dtype(cfg.dtype), kernel_init=init, rngs=rngs)
+    if cfg.lora_rank > 0 and path in cfg.lora_targets.split(","):
+        return LoRALinear(c_in, c_out, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                          path=path, **kw)
+    return Linear(c_in, c_out, **kw)
 
 
 def gelu(x, kind: str = "exact"):
@@ -234,27 +206,33 @@ def with_attention(cfg: "ModelConfig", requested: str = "auto", log=print) -> "M
     return dataclasses.replace(cfg, attn_impl=impl)
 
 
+def model_config(cfg: Config, vocab_size: int, log=print) -> ModelConfig:
+    """The one place a training Config becomes a ModelConfig: the model a config trains from
+    scratch, in the dtype and attention that serve it here."""
+    return with_attention(ModelConfig(model_type=cfg.model_type, vocab_size=vocab_size, block_size=cfg.block_size,
+                                      n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                                      dropout=cfg.dropout, bias=cfg.bias, dtype=resolve_dtype(cfg.dtype)),
+                          cfg.attn_impl, log)
+
+
 class CausalSelfAttention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        dt = jnp.dtype(cfg.dtype)
         init = nnx.initializers.normal(0.02)
         proj_init = nnx.initializers.normal(0.02 / math.sqrt(2 * cfg.n_layer))
-        self.c_attn = add_lora(nnx.Linear(cfg.n_embd, 3 * cfg.n_embd, use_bias=cfg.bias, dtype=dt,
-                                          kernel_init=init, rngs=rngs), "attn.c_attn", cfg, rngs)
-        self.c_proj = add_lora(nnx.Linear(cfg.n_embd, cfg.n_embd, use_bias=cfg.bias, dtype=dt,
-                                          kernel_init=proj_init, rngs=rngs), "attn.c_proj", cfg, rngs)
+        self.c_attn = linear(cfg, "attn.c_attn", cfg.n_embd, 3 * cfg.n_embd, init, rngs)
+        self.c_proj = linear(cfg, "attn.c_proj", cfg.n_embd, cfg.n_embd, proj_init, rngs)
         self.n_head = cfg.n_head
         self.dropout = cfg.dropout
         self.attn_impl = cfg.attn_impl
 
     def __call__(self, x, dropout_key=None, cache=None, pos=None):
-        """x (B, T, C) -> (B, T, C). With `cache` = (k, v), each (B, H, S, hs), the new tokens sit
-        at positions pos..pos+T-1: their keys and values are written into the cache, they attend
-        over it, and the updated cache is returned as a second value."""
+        """x (B, T, C) -> (y (B, T, C), cache). With `cache` = (k, v), each (B, H, S, hs), the new
+        tokens sit at positions pos..pos+T-1: their keys and values are written into the cache,
+        they attend over it, and the updated cache is returned; without one, cache stays None."""
         B, T, C = x.shape
         H = self.n_head
         k_att, k_res = _split(dropout_key, 2)
-        q, k, v = jnp.split(dense(self.c_attn, x, _lora_key(dropout_key, 0)), 3, axis=-1)  # (B, T, 3C) -> 3 x (B, T, C)
+        q, k, v = jnp.split(self.c_attn(x, dropout_key), 3, axis=-1)  # (B, T, 3C) -> 3 x (B, T, C)
         q, k, v = (t.reshape(B, T, H, C // H) for t in (q, k, v))  # (B, T, H, hs)
         if cache is None:
             y = attention(q, k, v, self.attn_impl, dropout_rate=self.dropout, dropout_key=k_att)
@@ -264,25 +242,21 @@ class CausalSelfAttention(nnx.Module):
             v_cache = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, 0, pos, 0))
             cache = (k_cache, v_cache)
             y = cached_attention(q, k_cache, v_cache, pos).transpose(0, 2, 1, 3)  # (B, H, T, hs) -> (B, T, H, hs)
-        y = dropout(dense(self.c_proj, y.reshape(B, T, C), _lora_key(dropout_key, 1)), self.dropout, k_res)  # (B, T, H, hs) -> (B, T, C)
-        return y if cache is None else (y, cache)
+        y = dropout(self.c_proj(y.reshape(B, T, C), dropout_key), self.dropout, k_res)  # (B, T, H, hs) -> (B, T, C)
+        return y, cache
 
 
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        dt = jnp.dtype(cfg.dtype)
-        self.c_fc = add_lora(nnx.Linear(cfg.n_embd, 4 * cfg.n_embd, use_bias=cfg.bias, dtype=dt,
-                                        kernel_init=nnx.initializers.normal(0.02), rngs=rngs),
-                             "mlp.c_fc", cfg, rngs)
-        self.c_proj = add_lora(nnx.Linear(4 * cfg.n_embd, cfg.n_embd, use_bias=cfg.bias, dtype=dt,
-                                          kernel_init=nnx.initializers.normal(0.02 / math.sqrt(2 * cfg.n_layer)),
-                                          rngs=rngs), "mlp.c_proj", cfg, rngs)
+        self.c_fc = linear(cfg, "mlp.c_fc", cfg.n_embd, 4 * cfg.n_embd, nnx.initializers.normal(0.02), rngs)
+        self.c_proj = linear(cfg, "mlp.c_proj", 4 * cfg.n_embd, cfg.n_embd,
+                             nnx.initializers.normal(0.02 / math.sqrt(2 * cfg.n_layer)), rngs)
         self.dropout = cfg.dropout
         self.gelu = cfg.gelu
 
     def __call__(self, x, dropout_key=None):
-        h = gelu(dense(self.c_fc, x, _lora_key(dropout_key, 2)), self.gelu)  # (B, T, 4C)
-        return dropout(dense(self.c_proj, h, _lora_key(dropout_key, 3)), self.dropout, dropout_key)
+        h = gelu(self.c_fc(x, dropout_key), self.gelu)  # (B, T, 4C)
+        return dropout(self.c_proj(h, dropout_key), self.dropout, dropout_key)
 
 
 class Block(nnx.Module):
@@ -296,14 +270,12 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(self, x, dropout_key=None, cache=None, pos=None):
+        """x (B, T, C) -> (x (B, T, C), cache), as CausalSelfAttention."""
         k_attn, k_mlp = _split(dropout_key, 2)
-        if cache is None:
-            x = x + self.attn(self.ln_1(x), k_attn)
-        else:
-            y, cache = self.attn(self.ln_1(x), cache=cache, pos=pos)
-            x = x + y
+        y, cache = self.attn(self.ln_1(x), k_attn, cache, pos)
+        x = x + y
         x = x + self.mlp(self.ln_2(x), k_mlp)
-        return x if cache is None else (x, cache)
+        return x, cache
 
 
 class GPT(nnx.Module):
@@ -328,7 +300,7 @@ class GPT(nnx.Module):
         x = self.wte(idx) + self.wpe(jnp.arange(T))  # (B, T, C)
         x = dropout(x.astype(cfg.dtype), cfg.dropout, keys[0])
         for block, k in zip(self.h, keys[1:]):
-            x = block(x, k)
+            x, _ = block(x, k)
         return self.lm_head(self.ln_f(x))
 
     def init_cache(self, batch_size: int, length: int):

@@ -1,14 +1,14 @@
 """GPT-2 weights in and out: OpenAI's checkpoints, Hugging Face directories, nanoGPT's ckpt.pt.
 
     from jaxgpt.pretrained import load_pretrained
-    model, model_config = load_pretrained("gpt2")      # or a directory, a ckpt.pt, a jaxgpt out_dir
+    model, model_config = load_pretrained("gpt2")      # or a Hugging Face directory, a ckpt.pt
     logits = model(idx)                                 # (B, T) -> (B, T, V), evaluation mode
 
-Sources `load_weights` understands (`init_from` in a training config takes the same):
+Sources `load_weights` understands (`init_from` in a training config takes these and a jaxgpt
+out_dir, which jaxgpt.run reads: this module knows nothing of checkpoints):
   gpt2 | gpt2-medium | gpt2-large | gpt2-xl   the Hugging Face cache, else a download
   a Hugging Face GPT-2 directory               config.json + model.safetensors or pytorch_model.bin
   a nanoGPT checkpoint, .../ckpt.pt            PyTorch state dict; the `_orig_mod.` prefix is stripped
-  a jaxgpt out_dir                             its best (else latest) checkpoint's weights
 
 Every source is read into one flat table of numpy arrays under the Hugging Face names
 (`h.0.attn.c_attn.weight`, ...), with every matrix laid out (in, out) as in GPT-2's Conv1D;
@@ -78,7 +78,7 @@ def load_weights(name_or_path: str) -> Weights:
         return _read_nanogpt(path)
     if os.path.isdir(path):  # a jaxgpt out_dir also holds a config.json (its train config): test it first
         if os.path.isdir(os.path.join(path, "checkpoints")):
-            return _read_jaxgpt(path)
+            raise UserError(f"{path} is a jaxgpt out_dir; read it with jaxgpt.run.load or load_weights")
         if os.path.isfile(os.path.join(path, "ckpt.pt")):
             return _read_nanogpt(os.path.join(path, "ckpt.pt"))
         if os.path.isfile(os.path.join(path, "config.json")):
@@ -174,22 +174,6 @@ def _read_nanogpt(path: str) -> Weights:
                    gelu="exact", source=path)
 
 
-def _read_jaxgpt(out_dir: str) -> Weights:
-    import jax
-
-    from jaxgpt.checkpoint import load_model
-
-    _, params, model_cfg, _, meta = load_model(out_dir, "best")
-    if model_cfg.model_type != "gpt":
-        raise UserError(f"{out_dir} holds a {model_cfg.model_type} model; only GPT models can be a starting point")
-    params = jax.tree.map(np.asarray, params)
-    tensors = from_params(params, model_cfg.n_layer, model_cfg.bias)
-    if not model_cfg.bias:  # keep a bias-free model bias-free (from_params fills in zeros for export)
-        tensors = {k: v for k, v in tensors.items() if not k.endswith(".bias")}
-    return Weights(tensors, n_head=model_cfg.n_head,
-                   gelu=model_cfg.gelu, source=out_dir, tokenizer_meta=meta["tokenizer"])
-
-
 def _canonical(state: dict[str, Any], transpose: bool) -> dict[str, np.ndarray]:
     """Hugging Face / nanoGPT names -> the flat table: drops 'transformer.', the tied lm_head and
     the attention-mask buffers; transposes nn.Linear weights (out, in) to (in, out)."""
@@ -211,7 +195,7 @@ def n_layers(tensors: dict[str, np.ndarray]) -> int:
     return len({k.split(".")[1] for k in tensors if k.startswith("h.")})
 
 
-def model_config(w: Weights, **overrides):
+def weights_config(w: Weights, **overrides):
     """The ModelConfig of a weights table; block_size, vocab_size, n_layer and n_embd from the shapes."""
     from jaxgpt.model import ModelConfig
 
@@ -281,31 +265,8 @@ def load_params(name_or_path: str, block_size: int | None = None, **overrides):
     """(params as numpy, ModelConfig, Weights) from any source; block_size crops the context."""
     w = load_weights(name_or_path)
     params = to_params(w, block_size)
-    cfg = model_config(w, **({"block_size": block_size} if block_size else {}), **overrides)
+    cfg = weights_config(w, **({"block_size": block_size} if block_size else {}), **overrides)
     return params, cfg, w
-
-
-def load_model(name_or_path: str, dtype: str = "auto"):
-    """(graphdef, params, ModelConfig, tokenizer) from any source, for sampling and evaluation, in
-    `dtype` ('auto': bfloat16 on GPUs and TPUs, float32 on CPUs; see jaxgpt.runtime).
-
-    The tokenizer is the source's own (a jaxgpt checkpoint's, or a directory's vocab.json +
-    merges.txt), else GPT-2's BPE through tiktoken, as nanoGPT assumes for its checkpoints."""
-    import jax
-    import jax.numpy as jnp
-
-    from jaxgpt.model import abstract_model, with_attention
-    from jaxgpt.runtime import resolve_dtype
-    from jaxgpt.tokenizer import load_bpe, tokenizer_from_meta
-
-    params, cfg, w = load_params(name_or_path, dtype=resolve_dtype(dtype))
-    cfg = with_attention(cfg)
-    graphdef = abstract_model(cfg)[0]
-    if w.tokenizer_meta is not None:
-        tokenizer = tokenizer_from_meta(w.tokenizer_meta)
-    else:
-        tokenizer = load_bpe(w.tokenizer_dir)
-    return graphdef, jax.tree.map(jnp.asarray, params), cfg, tokenizer
 
 
 def load_pretrained(name_or_path: str, dtype: str = "auto"):

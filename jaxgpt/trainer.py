@@ -7,231 +7,28 @@ are read one step later, after the next step has been dispatched.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
 from tqdm import tqdm
 
 from jaxgpt import data as data_lib
-from jaxgpt import lora, parallel, pretrained
+from jaxgpt import parallel
 from jaxgpt.benchmark import device_peak, flops_per_token
 from jaxgpt.checkpoint import Checkpointer
-from jaxgpt.config import GPT2_SIZES, Config, save_config
+from jaxgpt.config import Config, save_config
 from jaxgpt.errors import UserError
-from jaxgpt.model import ModelConfig, num_params, with_attention
+from jaxgpt.model import num_params
 from jaxgpt.optim import lr_schedule
-from jaxgpt.runtime import matmul_precision, resolve_dtype
-from jaxgpt.step import abstract_state, init_state, make_eval_step, make_train_step, state_from_params
-
-# Token arrays up to this size are copied to the device once and batches are cut there,
-# inside jit; larger corpora stay in the memmap and batches are read on the host.
-RESIDENT_BYTES = 1 << 30
-# settings that shape the model: a resumed run must keep them (dtype, attn_impl, device counts may
-# change, e.g. when a run moves from a GPU to a CPU)
-ARCH_KEYS = ("model_type", "block_size", "n_layer", "n_head", "n_embd", "bias")
-
-
-def model_config(cfg: Config, vocab_size: int, log=print) -> ModelConfig:
-    """The model a config trains from scratch, in the dtype and attention that serve it here."""
-    return with_attention(ModelConfig(model_type=cfg.model_type, vocab_size=vocab_size, block_size=cfg.block_size,
-                                      n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                                      dropout=cfg.dropout, bias=cfg.bias, dtype=resolve_dtype(cfg.dtype)),
-                          cfg.attn_impl, log)
-
-
-def run_keys(seed: int) -> dict[str, jax.Array]:
-    """Every random stream of a run, derived from the seed (the run's whole RNG state)."""
-    root = jax.random.key(seed)
-    return {name: jax.random.fold_in(root, i) for i, name in enumerate(("init", "data", "dropout", "eval"))}
-
-
-def make_batch_fn(tokens: np.ndarray, batch_size: int, block_size: int, accum: int,
-                  sharding: NamedSharding) -> Callable:
-    """batch(key, i) -> (x, y), each (accum, B, T) (or (B, T) with accum=0), from fold_in(key, i).
-
-    The batch is the same on any number of devices; it is laid out with `sharding`. A corpus
-    that fits is copied to the devices once and cut there, inside jit; a larger one stays in
-    the memmap and each process reads only the rows of its own devices.
-    """
-    if tokens.shape[0] < block_size + 2:
-        raise UserError(f"a data split has {tokens.shape[0]} tokens, fewer than block_size + 1 = "
-                        f"{block_size + 1}; use a larger corpus or a smaller --block_size")
-    n_micro = max(accum, 1)
-    squeeze = (lambda t: t[0]) if accum == 0 else (lambda t: t)
-
-    if tokens.nbytes <= RESIDENT_BYTES:
-        dev = jax.device_put(tokens, parallel.replicated(sharding.mesh))
-
-        def cut(data, key, i):
-            keys = jax.random.split(jax.random.fold_in(key, i), n_micro)
-            xs, ys = jax.vmap(lambda k: data_lib.get_batch(k, data, batch_size, block_size))(keys)
-            return squeeze(xs), squeeze(ys)
-
-        stacked = jax.jit(cut, out_shardings=(sharding, sharding))
-        return lambda key, i: stacked(dev, key, i)
-
-    n = tokens.shape[0]
-    shape = (n_micro, batch_size, block_size) if accum else (batch_size, block_size)
-
-    def host_batch(key, i):
-        keys = jax.random.split(jax.random.fold_in(key, i), n_micro)
-        offsets = np.stack([np.asarray(data_lib.batch_offsets(k, n, batch_size, block_size)) for k in keys])
-        offsets = offsets if accum else offsets[0]  # (A, B) or (B,)
-
-        def rows(index, shift):  # the block of one device: read only its rows from the memmap
-            starts = offsets[index[:-1]] + shift
-            block = np.asarray(tokens[starts[..., None] + np.arange(block_size)]).astype(np.int32)
-            return block[..., index[-1]]
-
-        return tuple(parallel.global_batch_from_host(lambda idx, s=s: rows(idx, s), shape, sharding)
-                     for s in (0, 1))
-    return Prefetched(host_batch)
-
-
-class Prefetched:
-    """Reads batch i + 1 from the memmap in a background thread while step i runs."""
-
-    def __init__(self, fn: Callable):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.fn, self.pool, self.ahead = fn, ThreadPoolExecutor(max_workers=1), None
-
-    def __call__(self, key, i):
-        ahead, self.ahead = self.ahead, None
-        if ahead is not None and ahead[0] is key and ahead[1] == i:
-            batch = ahead[2].result()
-        else:
-            batch = self.fn(key, i)
-        self.ahead = (key, i + 1, self.pool.submit(self.fn, key, i + 1))
-        return batch
-
-
-@dataclass
-class Run:
-    """What a training run is made of, before the loop starts."""
-    cfg: Config
-    model_cfg: ModelConfig
-    tok_meta: dict[str, Any]
-    batches: dict[str, Callable]  # split -> batch(key, i) with accumulation steps
-    eval_batches: dict[str, Callable]  # split -> batch(key, i) with a single micro-batch
-    mesh: Mesh
-    init_params: dict | None = None  # init_from weights (numpy, host); with LoRA the frozen base
-    lora_base: dict | None = None  # LoRA: {"source": where the base comes from, "fingerprint": ...}
-    origin: str = "scratch"  # where the run's weights started (init_from of its first start), kept on resume
-
-
-def padded_vocab(meta: dict[str, Any]) -> int:
-    """A BPE vocabulary trained from scratch is padded to a multiple of 64 (50257 -> 50304), which
-    makes the embedding and head matmuls faster; padded ids never occur in the data. A char
-    vocabulary is left exact."""
-    v = meta["vocab_size"]
-    return v if meta["tokenizer"] == "char" else -(-v // 64) * 64
-
-
-def setup(cfg: Config, log=print) -> Run:
-    """Resolves where the model comes from (scratch, a checkpoint to resume, or pretrained
-    weights), prepares the data with the matching tokenizer, and builds the batch functions."""
-    cfg.validate()
-    mesh = parallel.make_mesh(cfg.sharding, cfg.mesh_shape)
-    parallel.check_batch(mesh, cfg.batch_size)
-    # 'auto' becomes the dtype for these devices, so config.json and the checkpoints record what ran
-    cfg.dtype = resolve_dtype(cfg.dtype, mesh.devices.flat[0].platform)
-    weights, ckpt_meta, tokenizer_dir, base_tok = None, None, cfg.tokenizer_dir, None
-    if cfg.init_from == "resume":
-        ckpt = Checkpointer(cfg.out_dir, "latest")
-        ckpt_meta = ckpt.newest_meta()
-        ckpt.close()
-        if ckpt_meta is None:
-            raise UserError(f"init_from=resume but {cfg.out_dir} has no checkpoint; "
-                            f"train from scratch first or fix --out_dir")
-        check_resume_compatible(cfg, ckpt_meta)
-        if ckpt_meta.get("lora_base"):  # a LoRA run's checkpoints hold only the adapters
-            weights = pretrained.load_weights(ckpt_meta["lora_base"]["source"])
-    elif pretrained.is_pretrained_source(cfg.init_from):
-        weights = pretrained.load_weights(cfg.init_from)
-        base_tok = weights.tokenizer_meta  # a jaxgpt base: the new data is encoded with its tokenizer
-        if base_tok is None and cfg.tokenizer != "gpt2":
-            raise UserError(f"init_from={cfg.init_from} holds GPT-2 weights, which read BPE tokens; "
-                            f"pass --tokenizer=gpt2")
-        if cfg.tokenizer == "gpt2" and not tokenizer_dir:
-            tokenizer_dir = weights.tokenizer_dir  # a Hugging Face directory brings its BPE files
-    data_dir = cfg.resolved_data_dir()
-    include, exclude = cfg.globs()
-    meta = data_lib.ensure_prepared(data_dir, cfg.dataset, cfg.input_file, tokenizer=cfg.tokenizer,
-                                    tokenizer_dir=tokenizer_dir, include=include, exclude=exclude,
-                                    tokenizer_meta=base_tok)
-    if meta.get("tokenizer") != cfg.tokenizer:
-        raise UserError(f"{data_dir} was prepared with the {meta.get('tokenizer')!r} tokenizer, not {cfg.tokenizer!r}; "
-                        f"pass --tokenizer={meta.get('tokenizer')} or a --data_dir prepared for {cfg.tokenizer!r}")
-    tok_meta = {k: v for k, v in meta.items() if k not in data_lib.CORPUS_KEYS}
-    runtime = dict(dropout=cfg.dropout, dtype=cfg.dtype)
-    init_params, lora_base = None, None
-    if ckpt_meta is not None:  # the architecture is the checkpoint's (checked against cfg above)
-        model_cfg = with_attention(dataclasses.replace(ModelConfig.from_dict(ckpt_meta["model_config"]), **runtime),
-                                   cfg.attn_impl, log)
-        if weights is not None:
-            init_params = pretrained.to_params(weights, model_cfg.block_size)
-            lora_base = lora.check_base(ckpt_meta["lora_base"], init_params)
-    elif weights is not None:
-        if cfg.model_type != "gpt":
-            raise UserError(f"init_from={cfg.init_from} loads a GPT; drop --model_type={cfg.model_type}")
-        if base_tok is not None and base_tok != tok_meta:
-            raise UserError(f"{data_dir} was prepared with a different tokenizer than the base model in "
-                            f"{cfg.init_from}; use a new --data_dir, which is then encoded with the base's tokenizer")
-        lora_cfg = {}
-        if cfg.finetune_method == "lora":
-            lora_cfg = dict(lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                            lora_targets=cfg.lora_targets)
-        model_cfg = with_attention(pretrained.model_config(weights, block_size=cfg.block_size, **runtime, **lora_cfg),
-                                   cfg.attn_impl, log)
-        init_params = pretrained.to_params(weights, cfg.block_size)
-        if lora_cfg:
-            source = cfg.init_from if cfg.init_from in GPT2_SIZES else os.path.abspath(cfg.init_from)
-            lora_base = {"source": source, "fingerprint": lora.fingerprint(init_params)}
-        if meta["vocab_size"] > model_cfg.vocab_size:
-            raise UserError(f"the data's tokenizer has {meta['vocab_size']} tokens but the model in {cfg.init_from} "
-                            f"only {model_cfg.vocab_size}; prepare the data with the model's tokenizer")
-        log(f"init_from {cfg.init_from}: {model_cfg.n_layer} layers, {model_cfg.n_head} heads, "
-            f"n_embd {model_cfg.n_embd}, vocab {model_cfg.vocab_size}, context {model_cfg.block_size} "
-            f"(the config's model shape is not used)")
-    else:
-        model_cfg = model_config(cfg, padded_vocab(meta), log)
-    batches, eval_batches = {}, {}
-    for split in data_lib.SPLITS:
-        tokens = data_lib.load_split(data_dir, split, meta)
-        batches[split] = make_batch_fn(tokens, cfg.batch_size, cfg.block_size, cfg.gradient_accumulation_steps,
-                                       parallel.batch_sharding(mesh, 3))
-        eval_batches[split] = make_batch_fn(tokens, cfg.batch_size, cfg.block_size, 0,
-                                            parallel.batch_sharding(mesh, 2))
-    origin = cfg.init_from if ckpt_meta is None else ckpt_meta.get("origin", ckpt_meta["train_config"]["init_from"])
-    return Run(cfg, model_cfg, tok_meta, batches, eval_batches, mesh, init_params, lora_base, origin)
-
-
-def check_resume_compatible(cfg: Config, ckpt_meta: dict[str, Any]) -> None:
-    """The run's model-shaping settings must be the ones it was started with."""
-    saved = ckpt_meta["train_config"]
-    diffs = [f"{k}: checkpoint {saved[k]!r}, config {getattr(cfg, k)!r}"
-             for k in ARCH_KEYS if k in saved and saved[k] != getattr(cfg, k)]
-    if diffs:
-        raise UserError("cannot resume: the model differs from the checkpoint's (" + "; ".join(diffs)
-                        + "); use the run's original settings or a new --out_dir")
-
-
-def check_same_tokenizer(ckpt_meta: dict[str, Any], tok_meta: dict[str, Any]) -> None:
-    if ckpt_meta["tokenizer"] != tok_meta:
-        raise UserError("cannot resume: the data's tokenizer differs from the checkpoint's; "
-                        "point --data_dir at the data the run was trained on")
-
+from jaxgpt.run import run_keys, setup, start_state
+from jaxgpt.runtime import matmul_precision
+from jaxgpt.step import abstract_state, make_eval_step, make_train_step
 
 class NonFiniteLoss(UserError):
     """The loss or gradient became NaN or inf (with on_nonfinite=stop)."""
@@ -318,33 +115,15 @@ def _train(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
     keys = run_keys(cfg.seed)
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
 
-    # the state is created directly in its shardings: no device ever holds a whole fsdp model
     graphdef, abstract, optimizer = abstract_state(run.model_cfg, cfg)
     state_sh = parallel.state_shardings(abstract, run.mesh)
     latest, best = Checkpointer(cfg.out_dir, "latest", max_to_keep=2), Checkpointer(cfg.out_dir, "best")
-    best_val = math.inf
     is_lora = run.lora_base is not None
     # checkpoints never hold a frozen LoRA base (it is loaded from its source); {} without LoRA
     saveable = lambda st: st.replace(frozen={})  # noqa: E731
-    if cfg.init_from == "resume":
-        state, meta, step = latest.restore_intact(
-            saveable(parallel.with_shardings(abstract, state_sh)), lambda m: check_same_tokenizer(m, run.tok_meta), log)
-        if is_lora:
-            state = state.replace(frozen=jax.device_put(run.init_params, state_sh.frozen))
-        best_val = meta["best_val_loss"]
-        log(f"resuming from {cfg.out_dir} at iter {step} (best val loss {best_val:.4f})")
-    else:
-        if is_lora:  # new adapters (B = 0) around the frozen pretrained base
-            base = jax.device_put(run.init_params, state_sh.frozen)
-            state = jax.jit(lambda k, b: init_state(run.model_cfg, cfg, k)[1].replace(frozen=b),
-                            out_shardings=state_sh)(keys["init"], base)
-        elif run.init_params is not None:  # pretrained weights, laid out in their shardings, fresh optimizer
-            params = jax.device_put(run.init_params, state_sh.params)
-            state = jax.jit(lambda p: state_from_params(p, optimizer), out_shardings=state_sh)(params)
-        else:
-            state = jax.jit(lambda k: init_state(run.model_cfg, cfg, k)[1], out_shardings=state_sh)(keys["init"])
-        if main and os.path.exists(metrics_path):
-            os.remove(metrics_path)  # a fresh run starts a fresh log
+    state, best_val = start_state(run, cfg, abstract, optimizer, state_sh, latest, keys["init"], log)
+    if cfg.init_from != "resume" and main and os.path.exists(metrics_path):
+        os.remove(metrics_path)  # a fresh run starts a fresh log
 
     n_trainable = num_params(state.params)
     n_params = n_trainable + num_params(state.frozen)

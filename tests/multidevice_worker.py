@@ -23,7 +23,10 @@ from conftest import make_corpus, tiny_args  # noqa: E402
 from jaxgpt import parallel  # noqa: E402
 from jaxgpt.config import parse_args  # noqa: E402
 from jaxgpt.step import abstract_state, init_state, make_train_step  # noqa: E402
-from jaxgpt.trainer import make_batch_fn, model_config, run_keys, train  # noqa: E402
+from jaxgpt.data import make_batch_fn  # noqa: E402
+from jaxgpt.model import model_config  # noqa: E402
+from jaxgpt.run import run_keys  # noqa: E402
+from jaxgpt.trainer import train  # noqa: E402
 
 
 def step_losses(sharding: str, mesh_shape: str, steps: int = 10, lora_rank: int = 0):
@@ -82,13 +85,14 @@ def main():
         report[f"val_{name}"] = val_losses(os.path.join(tmp, name, "out"))
     # a corpus too big for the devices (RESIDENT_BYTES = 0 here): each device's rows are read from the
     # memmap on the host, prefetched, on a 2x2 mesh (data x fsdp)
-    import jaxgpt.trainer as trainer_lib
+    import jaxgpt.data as data_lib
+    import jaxgpt.run as run_lib
 
-    resident, trainer_lib.RESIDENT_BYTES = trainer_lib.RESIDENT_BYTES, 0
+    resident, data_lib.RESIDENT_BYTES = data_lib.RESIDENT_BYTES, 0
     memmap = args("memmap", sharding="fsdp", mesh_shape="2x2")
-    report["memmap_prefetched"] = isinstance(trainer_lib.setup(memmap, log=quiet).batches["train"], trainer_lib.Prefetched)
+    report["memmap_prefetched"] = isinstance(run_lib.setup(memmap, log=quiet).batches["train"], data_lib.Prefetched)
     train(memmap, log=quiet)
-    trainer_lib.RESIDENT_BYTES = resident
+    data_lib.RESIDENT_BYTES = resident
     report["val_memmap_2x2"] = val_losses(os.path.join(tmp, "memmap", "out"))
     # an fsdp checkpoint of 4 devices resumes on 1, and on 2 in dp
     train(args("resume", sharding="fsdp", mesh_shape="4", max_iters=10), log=quiet)

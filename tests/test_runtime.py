@@ -11,7 +11,8 @@ import pytest
 
 from conftest import tiny_args
 from jaxgpt import runtime
-from jaxgpt.checkpoint import Checkpointer, load_model
+from jaxgpt.checkpoint import Checkpointer
+from jaxgpt.run import load as load_model
 from jaxgpt.config import parse_args
 from jaxgpt.errors import UserError
 from jaxgpt.model import pick_attention

@@ -12,7 +12,7 @@ import transformers
 import sample as sample_script
 from bpe_fixture import train_tiny_bpe, write_hf_tokenizer_files
 from conftest import make_corpus, tiny_args
-from jaxgpt.checkpoint import load_model
+from jaxgpt.run import load as load_model
 from jaxgpt.config import parse_args
 from jaxgpt.sampling import Engine, TextStream
 from jaxgpt.trainer import train
@@ -52,7 +52,7 @@ def run(capsys, *args):
 def expected(source, prompt, n, samples, seed, **kw):
     """The texts the engine generates for this request: sample.py must print exactly these."""
     graphdef, params, cfg, tok, *_ = (load_model(source, "best") if "out" in source.rsplit("/", 1)[-1]
-                                      else sample_script.pretrained.load_model(source))
+                                      else load_model(source))
     result = Engine(graphdef, params, cfg.block_size, vocab_size=tok.vocab_size).generate(
         tok.encode(prompt), max_new_tokens=n, num_samples=samples, key=jax.random.key(seed), **kw)
     return [tok.decode(row) for row in result.tokens], tok

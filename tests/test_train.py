@@ -10,14 +10,16 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, subprocess_env, tiny_args
-from jaxgpt.checkpoint import Checkpointer, load_model
+from jaxgpt.checkpoint import Checkpointer
+from jaxgpt.run import load as load_model
 from jaxgpt.config import Config, parse_args
 from jaxgpt.errors import UserError
 from jaxgpt.model import ModelConfig
 from jaxgpt.sampling import Engine
 from jaxgpt.step import abstract_state
 from jaxgpt.tokenizer import tokenizer_from_meta
-from jaxgpt.trainer import model_config, train
+from jaxgpt.model import model_config
+from jaxgpt.trainer import train
 
 
 def read_metrics(out_dir):
@@ -169,16 +171,17 @@ def test_script_errors_are_one_line(args, message):
 def test_memmap_path_trains_like_the_device_resident_path(tmp_path, corpus_file, monkeypatch):
     """Corpora too big for the devices are read from the memmap on the host (prefetched);
     the batches, and so the losses, are the same as when the corpus sits on the device."""
-    import jaxgpt.trainer as trainer
+    import jaxgpt.data as data_lib
+    import jaxgpt.run as run_lib
 
     resident = parse_args(tiny_args(tmp_path / "a", corpus_file, max_iters=6, eval_interval=3,
                                     gradient_accumulation_steps=2))
     train(resident, log=lambda s: None)
-    monkeypatch.setattr(trainer, "RESIDENT_BYTES", 0)
+    monkeypatch.setattr(data_lib, "RESIDENT_BYTES", 0)
     host = parse_args(tiny_args(tmp_path / "b", corpus_file, max_iters=6, eval_interval=3,
                                 gradient_accumulation_steps=2))
-    batch = trainer.setup(host).batches["train"]
-    assert isinstance(batch, trainer.Prefetched)
+    batch = run_lib.setup(host).batches["train"]
+    assert isinstance(batch, data_lib.Prefetched)
     train(host, log=lambda s: None)
     a, b = read_metrics(resident.out_dir), read_metrics(host.out_dir)
     assert [(r["train_loss"], r["val_loss"]) for r in a] == [(r["train_loss"], r["val_loss"]) for r in b]
