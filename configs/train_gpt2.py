@@ -1,7 +1,7 @@
 """Reproduce GPT-2 (124M) on OpenWebText-like text: nanoGPT's train_gpt2 recipe.
 
 Prepare the corpus first (a directory of text files, e.g. OpenWebText extracted to .txt):
-    python -m jaxgpt.data --tokenizer=gpt2 --input /path/to/openwebtext --data_dir data/openwebtext
+    python -m jaxgpt.prepare --tokenizer=gpt2 --input /path/to/openwebtext --data_dir data/openwebtext
 then: python train.py --config configs/train_gpt2.py   (8 x A100 40GB took nanoGPT about 4 days)
 
 ~0.5M tokens per step: 12 sequences x 1024 tokens x 40 accumulation steps = 491,520. With several

@@ -23,7 +23,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxgpt import data as data_lib
-from jaxgpt import lora, parallel, pretrained
+from jaxgpt import lora, parallel, prepare, pretrained
 from jaxgpt.checkpoint import Checkpointer, checkpoint_dir, find_checkpoint
 from jaxgpt.config import GPT2_SIZES, Config
 from jaxgpt.errors import UserError
@@ -99,13 +99,13 @@ def setup(cfg: Config, log=print) -> Run:
             tokenizer_dir = weights.tokenizer_dir  # a Hugging Face directory brings its BPE files
     data_dir = cfg.resolved_data_dir()
     include, exclude = cfg.globs()
-    meta = data_lib.ensure_prepared(data_dir, cfg.dataset, cfg.input_file, tokenizer=cfg.tokenizer,
+    meta = prepare.ensure_prepared(data_dir, cfg.dataset, cfg.input_file, tokenizer=cfg.tokenizer,
                                     tokenizer_dir=tokenizer_dir, include=include, exclude=exclude,
                                     tokenizer_meta=base_tok)
     if meta.get("tokenizer") != cfg.tokenizer:
         raise UserError(f"{data_dir} was prepared with the {meta.get('tokenizer')!r} tokenizer, not {cfg.tokenizer!r}; "
                         f"pass --tokenizer={meta.get('tokenizer')} or a --data_dir prepared for {cfg.tokenizer!r}")
-    tok_meta = {k: v for k, v in meta.items() if k not in data_lib.CORPUS_KEYS}
+    tok_meta = {k: v for k, v in meta.items() if k not in prepare.CORPUS_KEYS}
     runtime = dict(dropout=cfg.dropout, dtype=cfg.dtype)
     init_params, lora_base = None, None
     if ckpt_meta is not None:  # the architecture is the checkpoint's (checked against cfg above)

@@ -12,7 +12,7 @@ import tiktoken.load
 
 from bpe_fixture import gpt2_byte_alphabet, train_tiny_bpe, write_hf_tokenizer_files
 from conftest import make_corpus
-from jaxgpt import data
+from jaxgpt import data, prepare
 from jaxgpt import tokenizer as tk
 from jaxgpt.errors import UserError
 
@@ -146,15 +146,15 @@ def test_safe_cuts_never_change_tokens(enc):
         except UnicodeDecodeError:
             continue
         same = enc.encode_ordinary(left) + enc.encode_ordinary(right) == enc.encode_ordinary(text)
-        if data.safe_cut(raw, c - 1, c) == c:
+        if prepare.safe_cut(raw, c - 1, c) == c:
             safe += 1
             assert same, (c, raw[c - 5:c + 5])
         changed += not same
     assert safe > 150 and changed > 100
-    assert data.safe_cut(b"a \nb", 0, 3) == 2  # before the newline, not after it
-    assert data.safe_cut("a\u3000b".encode(), 0, 3) == 1  # Unicode whitespace: before its first byte
-    assert data.safe_cut("a \u3000b".encode(), 0, 1) == -1  # the next character is whitespace
-    assert data.safe_cut("a\u3000\u00a0b".encode(), 0, 4) == 4
+    assert prepare.safe_cut(b"a \nb", 0, 3) == 2  # before the newline, not after it
+    assert prepare.safe_cut("a\u3000b".encode(), 0, 3) == 1  # Unicode whitespace: before its first byte
+    assert prepare.safe_cut("a \u3000b".encode(), 0, 1) == -1  # the next character is whitespace
+    assert prepare.safe_cut("a\u3000\u00a0b".encode(), 0, 4) == 4
 
 
 # --- preparing corpora -----------------------------------------------------------------------
@@ -164,11 +164,11 @@ def test_streaming_prepare_equals_one_shot_encode(enc, hf_dir, tmp_path, monkeyp
     text = EXTRA * 30 + "x" * 20000 + "\n" + "\u3000".join(["日本語"] * 3000) + make_corpus(40000, seed=7)
     path = tmp_path / "big.txt"
     path.write_text(text, encoding="utf-8")
-    monkeypatch.setattr(data, "CHUNK_BYTES", 4096)  # ~200 tasks of ~1.5 kB from ~300 kB
-    monkeypatch.setattr(data, "MIN_CHUNK_BYTES", 1024)
-    monkeypatch.setattr(data, "READ_BYTES", 3000)  # refills and a cut-less run longer than a read
+    monkeypatch.setattr(prepare, "CHUNK_BYTES", 4096)  # ~200 tasks of ~1.5 kB from ~300 kB
+    monkeypatch.setattr(prepare, "MIN_CHUNK_BYTES", 1024)
+    monkeypatch.setattr(prepare, "READ_BYTES", 3000)  # refills and a cut-less run longer than a read
     expect = enc.encode_ordinary(text) + [enc.eot_token]
-    meta2 = data.prepare(str(path), str(tmp_path / "w2"), tokenizer="gpt2", tokenizer_dir=hf_dir, workers=2,
+    meta2 = prepare.prepare(str(path), str(tmp_path / "w2"), tokenizer="gpt2", tokenizer_dir=hf_dir, workers=2,
                          verbose=False)
     meta, got = tokens_of(tmp_path / "w2")
     assert got == expect
@@ -176,10 +176,10 @@ def test_streaming_prepare_equals_one_shot_encode(enc, hf_dir, tmp_path, monkeyp
     assert meta["train_tokens"] + meta["val_tokens"] == len(expect)
     val_bytes = len(tk.tokenizer_from_meta(meta).decode(got[meta["train_tokens"]:-1]).encode())
     assert 0.09 < val_bytes / len(text.encode()) < 0.11  # val = the last 10% of the bytes
-    data.prepare(str(path), str(tmp_path / "w1"), tokenizer="gpt2", tokenizer_dir=hf_dir, workers=1, verbose=False)
+    prepare.prepare(str(path), str(tmp_path / "w1"), tokenizer="gpt2", tokenizer_dir=hf_dir, workers=1, verbose=False)
     # the start method used once JAX runs (fork otherwise): workers rebuild the tokenizer from a pickle
-    monkeypatch.setattr(data, "_pool_context", lambda: multiprocessing.get_context("forkserver"))
-    data.prepare(str(path), str(tmp_path / "w3"), tokenizer="gpt2", tokenizer_dir=hf_dir, workers=2, verbose=False)
+    monkeypatch.setattr(prepare, "_pool_context", lambda: multiprocessing.get_context("forkserver"))
+    prepare.prepare(str(path), str(tmp_path / "w3"), tokenizer="gpt2", tokenizer_dir=hf_dir, workers=2, verbose=False)
     for split in data.SPLITS:
         assert (tmp_path / "w1" / f"{split}.bin").read_bytes() == (tmp_path / "w2" / f"{split}.bin").read_bytes() \
             == (tmp_path / "w3" / f"{split}.bin").read_bytes()
@@ -205,7 +205,7 @@ def make_tree(root):
 
 def test_directory_corpus_globs_binary_and_eot(enc, hf_dir, tmp_path):
     files = make_tree(tmp_path / "src")
-    meta = data.prepare(str(tmp_path / "src"), str(tmp_path / "d"), tokenizer="gpt2", tokenizer_dir=hf_dir,
+    meta = prepare.prepare(str(tmp_path / "src"), str(tmp_path / "d"), tokenizer="gpt2", tokenizer_dir=hf_dir,
                         include=["**/*.py"], exclude=["build/**"], workers=1, verbose=False)
     expect = []
     for rel in ("a.py", "pkg/b.py", "pkg/sub/c.py"):  # sorted; hidden, cached, empty and binary left out
@@ -213,29 +213,29 @@ def test_directory_corpus_globs_binary_and_eot(enc, hf_dir, tmp_path):
     assert tokens_of(tmp_path / "d")[1] == expect
     assert (meta["documents"], meta["skipped_files"]) == (3, 1)
     with pytest.raises(UserError, match=r"no file in .*src matches include \*\*/\*\.rs and exclude \*\*/\.\*"):
-        data.prepare(str(tmp_path / "src"), str(tmp_path / "e"), tokenizer="gpt2", tokenizer_dir=hf_dir,
+        prepare.prepare(str(tmp_path / "src"), str(tmp_path / "e"), tokenizer="gpt2", tokenizer_dir=hf_dir,
                      include=["**/*.rs"], verbose=False)
     with pytest.raises(UserError, match="all binary or empty"):
-        data.prepare(str(tmp_path / "src"), str(tmp_path / "e"), include=["pkg/blob.py", "pkg/empty.py"])
+        prepare.prepare(str(tmp_path / "src"), str(tmp_path / "e"), include=["pkg/blob.py", "pkg/empty.py"])
 
 
 def test_globs_and_listing(tmp_path):
-    g = data.glob_regex
+    g = prepare.glob_regex
     assert g("**/*.py").match("a.py") and g("**/*.py").match("x/y/a.py") and not g("**/*.py").match("a.pyc")
     assert g("*.py").match("a.py") and not g("*.py").match("x/a.py")
     assert g("build/**").match("build/x/y.c") and g("a/**/b").match("a/b") and g("a/**/b").match("a/x/y/b")
     assert g("?.c").match("a.c") and not g("?.c").match("/.c") and g("[!a]b").match("xb")
     make_tree(tmp_path / "src")
-    assert data.list_files(str(tmp_path / "src"), exclude=["pkg/sub"]) == \
+    assert prepare.list_files(str(tmp_path / "src"), exclude=["pkg/sub"]) == \
         ["a.py", "build/gen.py", "notes.txt", "pkg/b.py", "pkg/blob.py", "pkg/empty.py"]
     # a data_dir inside the corpus is never read back
-    assert data.list_files(str(tmp_path / "src"), skip_dirs=[str(tmp_path / "src" / "pkg")]) == \
+    assert prepare.list_files(str(tmp_path / "src"), skip_dirs=[str(tmp_path / "src" / "pkg")]) == \
         ["a.py", "build/gen.py", "notes.txt"]
 
 
 def test_char_tokenizer_on_a_directory(tmp_path):
     files = make_tree(tmp_path / "src")
-    meta = data.prepare(str(tmp_path / "src"), str(tmp_path / "d"), include=["**/*.py"], exclude=["build"],
+    meta = prepare.prepare(str(tmp_path / "src"), str(tmp_path / "d"), include=["**/*.py"], exclude=["build"],
                         verbose=False)
     text = "\n".join(files[r] for r in ("a.py", "pkg/b.py", "pkg/sub/c.py"))
     tok = tk.tokenizer_from_meta(meta)
@@ -248,29 +248,29 @@ def test_small_corpus_bad_utf8_and_cli_errors(hf_dir, tmp_path, capsys):
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("hello world", encoding="utf-8")
     with pytest.raises(UserError, match="too small to split"):
-        data.prepare(str(tiny), str(tmp_path / "d"), tokenizer="gpt2", tokenizer_dir=hf_dir, verbose=False)
+        prepare.prepare(str(tiny), str(tmp_path / "d"), tokenizer="gpt2", tokenizer_dir=hf_dir, verbose=False)
     assert not list((tmp_path / "d").iterdir())  # nothing half-written is left
     late = tmp_path / "late.txt"
     late.write_bytes(make_corpus(3000).encode() + b"caf\xe9\n" + make_corpus(300).encode())
     with pytest.raises(UserError, match=rf"late.txt is not UTF-8 text \(bad byte at offset {len(make_corpus(3000)) + 3}\)"):
-        data.prepare(str(late), str(tmp_path / "d"), tokenizer="gpt2", tokenizer_dir=hf_dir, verbose=False)
+        prepare.prepare(str(late), str(tmp_path / "d"), tokenizer="gpt2", tokenizer_dir=hf_dir, verbose=False)
     with pytest.raises(SystemExit) as e:
-        data.main(["--input", str(tmp_path / "missing"), "--data_dir", str(tmp_path / "d"), "--tokenizer", "gpt2"])
+        prepare.main(["--input", str(tmp_path / "missing"), "--data_dir", str(tmp_path / "d"), "--tokenizer", "gpt2"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: input file not found") and err.count("\n") == 1
 
 
 def test_ensure_prepared_passes_the_tokenizer_through(enc, hf_dir, tmp_path, corpus_file):
-    assert data.DOWNLOADS["shakespeare"] == data.DOWNLOADS["shakespeare_char"]
-    meta = data.ensure_prepared(str(tmp_path / "d"), "mine", corpus_file, tokenizer="gpt2", tokenizer_dir=hf_dir)
+    assert prepare.DOWNLOADS["shakespeare"] == prepare.DOWNLOADS["shakespeare_char"]
+    meta = prepare.ensure_prepared(str(tmp_path / "d"), "mine", corpus_file, tokenizer="gpt2", tokenizer_dir=hf_dir)
     assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == enc.n_vocab
-    assert set(data.CORPUS_KEYS) <= set(meta) and tk.tokenizer_from_meta(meta).encode("to be") == enc.encode("to be")
+    assert set(prepare.CORPUS_KEYS) <= set(meta) and tk.tokenizer_from_meta(meta).encode("to be") == enc.encode("to be")
     base = tk.CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz \n").meta()  # a base model's tokenizer
-    meta = data.ensure_prepared(str(tmp_path / "c"), "mine", corpus_file, tokenizer_meta=base)
+    meta = prepare.ensure_prepared(str(tmp_path / "c"), "mine", corpus_file, tokenizer_meta=base)
     assert meta["chars"] == base["chars"]  # the new data is encoded with the base's vocabulary,
     text = open(corpus_file).read()  # the characters it lacks (capitals, punctuation) dropped
     kept = "".join(c for c in text if c in base["chars"])
     ids = np.concatenate([data.load_split(str(tmp_path / "c"), s, meta) for s in data.SPLITS])
     assert tk.tokenizer_from_meta(meta).decode(ids) == kept and len(kept) < len(text)
     with pytest.raises(UserError, match="pass --tokenizer=char"):
-        data.ensure_prepared(str(tmp_path / "e"), "mine", corpus_file, tokenizer="gpt2", tokenizer_meta=base)
+        prepare.ensure_prepared(str(tmp_path / "e"), "mine", corpus_file, tokenizer="gpt2", tokenizer_meta=base)

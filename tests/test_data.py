@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgpt import data
+from jaxgpt import data, prepare
 from jaxgpt.errors import UserError
 from jaxgpt.tokenizer import CharTokenizer, tokenizer_from_meta
 
@@ -25,7 +25,7 @@ def test_unknown_characters_are_named():
 
 
 def test_prepare_writes_splits_and_meta(tmp_path, corpus_file):
-    meta = data.prepare(corpus_file, str(tmp_path / "d"), verbose=False)
+    meta = prepare.prepare(corpus_file, str(tmp_path / "d"), verbose=False)
     text = open(corpus_file, encoding="utf-8").read()
     tok = CharTokenizer.from_text(text)
     ids = np.array(tok.encode(text))
@@ -37,28 +37,28 @@ def test_prepare_writes_splits_and_meta(tmp_path, corpus_file):
     np.testing.assert_array_equal(val, ids[n:])
     on_disk = json.load(open(tmp_path / "d" / "meta.json"))
     assert on_disk["vocab_size"] == tok.vocab_size and on_disk["chars"] == tok.chars
-    assert data.token_dtype(70000) == np.uint32
+    assert prepare.token_dtype(70000) == np.uint32
 
 
 def test_bad_input_files(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     with pytest.raises(UserError, match="empty"):
-        data.prepare(str(empty), str(tmp_path / "d"))
+        prepare.prepare(str(empty), str(tmp_path / "d"))
     latin = tmp_path / "latin.txt"
     latin.write_bytes("caf\xe9".encode("latin-1"))
     with pytest.raises(UserError, match="not UTF-8"):
-        data.prepare(str(latin), str(tmp_path / "d"))
+        prepare.prepare(str(latin), str(tmp_path / "d"))
     with pytest.raises(UserError, match="not found"):
-        data.prepare(str(tmp_path / "missing.txt"), str(tmp_path / "d"))
+        prepare.prepare(str(tmp_path / "missing.txt"), str(tmp_path / "d"))
 
 
 def test_offline_download_error_says_what_to_do(tmp_path, monkeypatch):
     def no_network(*a, **k):
-        raise data.urllib.error.URLError("no network")
-    monkeypatch.setattr(data.urllib.request, "urlopen", no_network)
+        raise prepare.urllib.error.URLError("no network")
+    monkeypatch.setattr(prepare.urllib.request, "urlopen", no_network)
     with pytest.raises(UserError, match="--input_file=PATH"):
-        data.ensure_prepared(str(tmp_path / "d"), "shakespeare_char")
+        prepare.ensure_prepared(str(tmp_path / "d"), "shakespeare_char")
 
 
 def test_batches_shift_by_one_and_match_host_and_device():
@@ -91,9 +91,9 @@ def test_every_window_of_the_corpus_can_be_drawn_and_none_past_its_end(on_device
 
 
 def test_prepare_cli_writes_the_requested_val_fraction(tmp_path, corpus_file, capsys):
-    """python -m jaxgpt.data --val_fraction=0.25: train is the first 75% of the tokens, val the rest."""
+    """python -m jaxgpt.prepare --val_fraction=0.25: train is the first 75% of the tokens, val the rest."""
     out = tmp_path / "d"
-    data.main(["--input", corpus_file, "--data_dir", str(out), "--val_fraction", "0.25"])
+    prepare.main(["--input", corpus_file, "--data_dir", str(out), "--val_fraction", "0.25"])
     assert f"prepared {out}: char vocab" in capsys.readouterr().out
     text = open(corpus_file, encoding="utf-8").read()
     tok = CharTokenizer.from_text(text)
@@ -104,5 +104,5 @@ def test_prepare_cli_writes_the_requested_val_fraction(tmp_path, corpus_file, ca
     np.testing.assert_array_equal(data.load_split(str(out), "train", meta), ids[:n])
     np.testing.assert_array_equal(data.load_split(str(out), "val", meta), ids[n:])
     with pytest.raises(SystemExit) as e:
-        data.main(["--input", corpus_file, "--data_dir", str(tmp_path / "e"), "--val_fraction", "1.5"])
+        prepare.main(["--input", corpus_file, "--data_dir", str(tmp_path / "e"), "--val_fraction", "1.5"])
     assert e.value.code == 2 and "val_fraction must be between 0 and 1" in capsys.readouterr().err

@@ -16,7 +16,7 @@ STACK = [
     ("config",),
     ("tokenizer", "layers", "parallel"),
     ("lora", "optim", "data"),
-    ("model",),
+    ("model", "prepare"),
     ("step", "pretrained", "sampling", "benchmark", "checkpoint"),
     ("run",),
     ("trainer",),
