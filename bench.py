@@ -42,6 +42,7 @@ def bench_main(argv):
     cfg = parse_args(rest).validate()
     if not opts["sample_tokens"]:
         parallel.set_cpu_devices(cfg.cpu_devices)
+        parallel.maybe_initialize_distributed()  # under a launcher: one job over all processes
     with matmul_precision(cfg.matmul_precision):
         return bench_sampling(cfg, opts) if opts["sample_tokens"] else bench(cfg, steps, vocab)
 
@@ -68,9 +69,12 @@ def bench(cfg, steps: int, vocab: int) -> int:
     state, times, compile_s = time_steps(step, state, make_batch, jax.random.key(1), steps)
     res = summarize(times, A * B * T, flops_per_token(mcfg, n), peak)
     res.update(compile_s=compile_s, params=n, device=jax.devices()[0].device_kind, devices=mesh.devices.size,
-               sharding=cfg.sharding,
+               sharding=cfg.sharding, processes=jax.process_count(),
                peak_memory_bytes=peak_memory_bytes(), peak_source=peak_src, dtype=cfg.dtype, steps=steps)
-    print(f"device {res['device']} x {mesh.devices.size} ({cfg.sharding}); peak {peak_src}")
+    if jax.process_index():  # one report for the job
+        return 0
+    print(f"device {res['device']} x {mesh.devices.size} ({cfg.sharding}), {jax.process_count()} process(es); "
+          f"peak {peak_src}")
     print(f"{res['ms_per_iter']:.2f} ms/iter (median of {steps}), {res['tokens_per_s']:,.0f} tokens/s, "
           f"MFU {100 * res['mfu']:.1f}%, compile {compile_s:.1f} s, peak memory "
           + (f"{res['peak_memory_bytes'] / 2**20:.0f} MiB" if res["peak_memory_bytes"] else "not reported"))

@@ -23,6 +23,7 @@ import numpy as np
 
 from jaxgpt.config import parse_args
 from jaxgpt.errors import UserError, check_choice, run_cli
+from jaxgpt.parallel import maybe_initialize_distributed
 from jaxgpt.run import load
 from jaxgpt.sampling import Engine, TextStream, check_sampling_args, cut_at_stop
 
@@ -59,6 +60,9 @@ def read_prompt(start: str) -> str:
 
 def sample_main(argv):
     sc = parse_args(argv, SampleConfig)
+    maybe_initialize_distributed()  # under a launcher, process 0 samples and prints; the others are done
+    if jax.process_index() > 0:
+        return 0
     check_choice("which", sc.which, ("best", "latest"))
     top_k = sc.top_k or None
     check_sampling_args(sc.max_new_tokens, sc.temperature, top_k, sc.top_p)

@@ -19,10 +19,11 @@ def train_main(argv):
     set_cpu_devices(cfg.cpu_devices)  # before JAX starts its backends
     maybe_initialize_distributed()  # several processes (a pod slice, GPU nodes): one program
     import jax
-    if jax.process_index() == 0:
+    main_process = jax.process_index() == 0
+    if main_process:
         print("config:\n" + format_config(cfg))
     summary = train(cfg)
-    if "best_val_loss" in summary:
+    if "best_val_loss" in summary and main_process:
         print(f"done: iter {summary['iter']}, best val loss {summary['best_val_loss']:.4f}; "
               f"sample with: python sample.py --out_dir={cfg.out_dir}")
     return 0
@@ -30,6 +31,7 @@ def train_main(argv):
 
 def main(argv):
     return run_cli(train_main, argv)
+
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

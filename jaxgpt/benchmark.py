@@ -61,16 +61,20 @@ def device_peak(dtype: str = "float32", devices=None) -> tuple[float, str]:
     for name, flops in PEAK_FLOPS:
         if name in kind:
             return len(devices) * flops, f"table: {len(devices)} x {dev.device_kind} bf16 dense {flops / 1e12:.0f} TFLOP/s"
-    key = (dtype, len(devices))
+    # measured on this process's devices and scaled to all of them: in a job of several processes
+    # (hosts) each measures its own, and the job's peak is the per-device peak x every device
+    local = [d for d in devices if d.process_index == jax.process_index()]
+    key = (dtype, len(local), len(devices))
     if key not in _PEAK:
-        flops = measured_matmul_peak(devices, dtype=jnp.dtype(dtype))
-        _PEAK[key] = (flops, f"measured: {dtype} 1024^3 matmuls on {len(devices)} {dev.platform} device(s) "
-                             f"= {flops / 1e9:.1f} GFLOP/s")
+        flops = measured_matmul_peak(local, dtype=jnp.dtype(dtype)) * len(devices) / len(local)
+        _PEAK[key] = (flops, f"measured: {dtype} 1024^3 matmuls on {len(local)} {dev.platform} device(s)"
+                             + (f", x {len(devices) / len(local):g} for the job's {len(devices)}" if len(local) < len(devices) else "")
+                             + f" = {flops / 1e9:.1f} GFLOP/s")
     return _PEAK[key]
 
 
 def peak_memory_bytes() -> int | None:
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}  # this process's first device
     return stats.get("peak_bytes_in_use")
 
 

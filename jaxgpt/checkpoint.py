@@ -16,6 +16,7 @@ import os
 import time
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 from jaxgpt.errors import UserError
@@ -42,6 +43,10 @@ class Checkpointer:
             self.manager.delete(step)
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        if jax.process_count() > 1:
+            # the async commits of two managers (latest and best at one step) can wait on each
+            # other's cross-process barriers (seen: a 300 s barrier time-out); finish each save first
+            self.manager.wait_until_finished()
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

@@ -44,7 +44,8 @@ class Config:
     # accepted for nanoGPT compatibility and ignored: jaxgpt always writes both the latest
     # checkpoint (for resume) and the best one (for sampling); see README
     always_save_checkpoint: bool = True
-    # 'scratch' | 'resume' | weights to start from: a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl),
+    # 'scratch' | 'resume' | 'auto' (resume if out_dir holds a checkpoint, else scratch) | weights to
+    # start from: a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl),
     # a Hugging Face GPT-2 directory, a nanoGPT ckpt.pt, or another jaxgpt out_dir (fresh optimizer)
     init_from: str = "scratch"
     # finetuning: 'full' trains every weight; 'lora' trains low-rank adapters on a frozen base

@@ -77,7 +77,7 @@ def make_batch_fn(tokens: np.ndarray, batch_size: int, block_size: int, accum: i
     squeeze = (lambda t: t[0]) if accum == 0 else (lambda t: t)
 
     if tokens.nbytes <= RESIDENT_BYTES:
-        dev = jax.device_put(tokens, parallel.replicated(sharding.mesh))
+        dev = parallel.put(tokens, parallel.replicated(sharding.mesh))
 
         def cut(data, key, i):
             keys = jax.random.split(jax.random.fold_in(key, i), n_micro)

@@ -33,7 +33,29 @@ def run_cli(body, argv: Sequence[str]) -> int:
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
+        _leave_job(2)
         return 2
+    except Exception:
+        _leave_job(1, traceback=True)
+        raise
+
+
+def _leave_job(code: int, traceback: bool = False) -> None:
+    """In a job of several processes, a process that fails exits at once: JAX's exit handler
+    would otherwise wait at a barrier for the others, which wait for it in their next collective,
+    so the job would hang instead of ending (the launcher then ends the others)."""
+    import os
+
+    jax = sys.modules.get("jax")
+    if jax is None or not jax.distributed.is_initialized() or jax.process_count() == 1:
+        return
+    if traceback:
+        import traceback as tb
+
+        tb.print_exc()
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(code)
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:

@@ -25,20 +25,49 @@ from jaxgpt.errors import UserError
 AXES = ("data", "fsdp")
 
 
-def maybe_initialize_distributed() -> None:
-    """Calls jax.distributed.initialize() when launched as several processes.
+def maybe_initialize_distributed(timeout_s: int = 120) -> None:
+    """Joins a job of several processes when launched as one; does nothing otherwise.
 
-    Detected from the environment that launchers set: a coordinator address
-    (JAX_COORDINATOR_ADDRESS), SLURM or Open MPI with more than one task, or a multi-host
-    Cloud TPU slice (TPU_WORKER_HOSTNAMES naming several hosts). jax reads the rest itself.
+    Explicit: JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID, as `python -m jaxgpt.launch` sets them, or as a user sets them on each node.
+    Detected by JAX itself: SLURM or Open MPI with more than one task, or a multi-host Cloud TPU
+    slice (TPU_WORKER_HOSTNAMES naming several hosts). On CPUs the processes talk through gloo.
+    A process that cannot reach the others within timeout_s ends with one line.
     """
     env = os.environ
-    multi = (env.get("JAX_COORDINATOR_ADDRESS")
+    explicit = {}
+    if env.get("JAX_NUM_PROCESSES") or env.get("JAX_PROCESS_ID"):
+        try:
+            explicit = dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                            num_processes=int(env["JAX_NUM_PROCESSES"]), process_id=int(env["JAX_PROCESS_ID"]))
+        except (KeyError, ValueError):
+            raise UserError("a multi-process start needs JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES=N and "
+                            "JAX_PROCESS_ID=i (0..N-1) together; or start with python -m jaxgpt.launch") from None
+    multi = (explicit
              or int(env.get("SLURM_NTASKS", "1")) > 1
              or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
              or len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1)
-    if multi and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+    if explicit and explicit["num_processes"] == 1:
+        return
+    if not multi or jax.distributed.is_initialized():
+        return
+    if env.get("JAX_PLATFORMS", "").startswith("cpu") or not _has_accelerator():
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(initialization_timeout=timeout_s, **explicit)
+    except Exception as e:  # noqa: BLE001 -- any failure to join is the same fact for the user
+        where = explicit.get("coordinator_address") or env.get("JAX_COORDINATOR_ADDRESS", "the coordinator")
+        raise UserError(f"process {explicit.get('process_id', '?')} could not join the job at {where} within "
+                        f"{timeout_s} s ({type(e).__name__}); check that every process was started with the "
+                        f"same address and process count") from None
+
+
+def _has_accelerator() -> bool:
+    """Whether a GPU or TPU plugin is installed (checked without starting a backend)."""
+    import importlib.util
+
+    return any(importlib.util.find_spec(m) is not None for m in ("jax_cuda12_plugin", "jax_cuda13_plugin",
+                                                                  "jax_rocm60_plugin", "libtpu"))
 
 
 def set_cpu_devices(n: int) -> None:
@@ -135,6 +164,36 @@ def bytes_per_device(tree) -> dict:
 def host_value(x) -> np.ndarray:
     """A replicated (e.g. scalar) array as numpy, also when it spans several processes."""
     return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
+
+
+def put(tree, shardings):
+    """Host (numpy) arrays onto their shardings, also when the mesh spans several processes:
+    each process writes only the pieces of its own devices (jax.device_put cannot address
+    another process's devices). Every process must hold the same host values."""
+    return jax.tree.map(lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x[idx])),
+                        tree, shardings)
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is true on any process of the job (a host-level collective: every process
+    must call it at the same point). With one process, the flag itself."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+def process_zero_first(fn, *args, **kwargs):
+    """fn(*args, **kwargs) on process 0, then on the others once it is done: for work on a shared
+    disk that one process must do (preparing the data) and the others then only read."""
+    if jax.process_count() == 1:
+        return fn(*args, **kwargs)
+    from jax.experimental import multihost_utils
+
+    out = fn(*args, **kwargs) if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("jaxgpt: process 0 done first")
+    return out if jax.process_index() == 0 else fn(*args, **kwargs)
 
 
 def global_batch_from_host(make_rows, shape: tuple[int, ...], sharding: NamedSharding):

@@ -70,10 +70,22 @@ def padded_vocab(meta: dict[str, Any]) -> int:
     return v if meta["tokenizer"] == "char" else -(-v // 64) * 64
 
 
+def has_checkpoint(out_dir: str) -> bool:
+    ckpt = Checkpointer(out_dir, "latest")
+    try:
+        return ckpt.newest_meta() is not None
+    finally:
+        ckpt.close()
+
+
 def setup(cfg: Config, log=print) -> Run:
     """Resolves where the model comes from (scratch, a checkpoint to resume, or pretrained
     weights), prepares the data with the matching tokenizer, and builds the batch functions."""
     cfg.validate()
+    if cfg.init_from == "auto":  # the command a preemptible VM reruns: resume if there is a run
+        cfg.init_from = "resume" if has_checkpoint(cfg.out_dir) else "scratch"
+        log(f"init_from=auto: {'resuming the run in' if cfg.init_from == 'resume' else 'no checkpoint yet in'} "
+            f"{cfg.out_dir}" + ("" if cfg.init_from == "resume" else "; starting from scratch"))
     mesh = parallel.make_mesh(cfg.sharding, cfg.mesh_shape)
     parallel.check_batch(mesh, cfg.batch_size)
     # 'auto' becomes the dtype for these devices, so config.json and the checkpoints record what ran
@@ -99,9 +111,9 @@ def setup(cfg: Config, log=print) -> Run:
             tokenizer_dir = weights.tokenizer_dir  # a Hugging Face directory brings its BPE files
     data_dir = cfg.resolved_data_dir()
     include, exclude = cfg.globs()
-    meta = prepare.ensure_prepared(data_dir, cfg.dataset, cfg.input_file, tokenizer=cfg.tokenizer,
-                                    tokenizer_dir=tokenizer_dir, include=include, exclude=exclude,
-                                    tokenizer_meta=base_tok)
+    meta = parallel.process_zero_first(prepare.ensure_prepared, data_dir, cfg.dataset, cfg.input_file,
+                                       tokenizer=cfg.tokenizer, tokenizer_dir=tokenizer_dir, include=include,
+                                       exclude=exclude, tokenizer_meta=base_tok)
     if meta.get("tokenizer") != cfg.tokenizer:
         raise UserError(f"{data_dir} was prepared with the {meta.get('tokenizer')!r} tokenizer, not {cfg.tokenizer!r}; "
                         f"pass --tokenizer={meta.get('tokenizer')} or a --data_dir prepared for {cfg.tokenizer!r}")
@@ -175,15 +187,15 @@ def start_state(run: Run, cfg: Config, abstract, optimizer, state_sh, latest: Ch
             parallel.with_shardings(abstract, state_sh).replace(frozen={}),
             lambda m: check_same_tokenizer(m, run.tok_meta), log)
         if run.lora_base is not None:
-            state = state.replace(frozen=jax.device_put(run.init_params, state_sh.frozen))
+            state = state.replace(frozen=parallel.put(run.init_params, state_sh.frozen))
         log(f"resuming from {cfg.out_dir} at iter {step} (best val loss {meta['best_val_loss']:.4f})")
         return state, meta["best_val_loss"]
     if run.lora_base is not None:
-        base = jax.device_put(run.init_params, state_sh.frozen)
+        base = parallel.put(run.init_params, state_sh.frozen)
         state = jax.jit(lambda k, b: init_state(run.model_cfg, cfg, k)[1].replace(frozen=b),
                         out_shardings=state_sh)(key, base)
     elif run.init_params is not None:
-        params = jax.device_put(run.init_params, state_sh.params)
+        params = parallel.put(run.init_params, state_sh.params)
         state = jax.jit(lambda p: state_from_params(p, optimizer), out_shardings=state_sh)(params)
     else:
         state = jax.jit(lambda k: init_state(run.model_cfg, cfg, k)[1], out_shardings=state_sh)(key)

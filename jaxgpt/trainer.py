@@ -31,6 +31,9 @@ from jaxgpt.run import Run, run_keys, setup, start_state
 from jaxgpt.runtime import matmul_precision
 from jaxgpt.step import abstract_state, make_eval_step, make_train_step
 
+# with several processes, how often (in steps) they agree on whether a signal asked them to stop
+STOP_CHECK = 10
+
 class NonFiniteLoss(UserError):
     """The loss or gradient became NaN or inf (with on_nonfinite=stop)."""
 
@@ -220,7 +223,9 @@ class Loop:
                     self.eval_and_save(it)
                 if it >= cfg.max_iters:
                     break
-                if stop.stop:
+                # every process must stop at the same step: with several, they agree every
+                # STOP_CHECK steps (a one-bool host collective), since signals arrive at different moments
+                if stop.stop if jax.process_count() == 1 else it % STOP_CHECK == 0 and parallel.any_process(stop.stop):
                     self.stop_at(it)
                     break
                 batch = self.run.batches["train"](self.keys["data"], it)

@@ -11,7 +11,7 @@ import os
 
 # bottom to top; the README's Layout lists the same layers
 STACK = [
-    ("quant", "runtime"),
+    ("quant", "runtime", "launch"),
     ("errors",),
     ("config",),
     ("tokenizer", "layers", "parallel"),

@@ -1,0 +1,116 @@
+"""Start one job as several processes on this machine: the local stand-in for a multi-node run.
+
+    python -m jaxgpt.launch --nproc=4 train.py --config configs/shakespeare_char_cpu.py --cpu_devices=1
+    python -m jaxgpt.launch --nproc=2 bench.py --n_layer=2 --steps=5
+
+Each process runs the same command with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+JAX_PROCESS_ID set; jaxgpt.parallel.maybe_initialize_distributed() reads them and joins the
+job, as it joins a SLURM, Open MPI or Cloud TPU job from their own variables. Process 0 hosts
+the coordinator.
+
+The launcher keeps the job whole: when a process exits with an error (or is killed), it says
+which one, in one line, and ends the others (SIGTERM, then SIGKILL after --grace seconds), so no
+process waits for ever on a peer that is gone. SIGINT / SIGTERM to the launcher reach every
+process, which save one consistent checkpoint and exit (what a preempted VM does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+# the variables a jaxgpt process reads to join a job (besides the launchers' own, see parallel.py)
+ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def describe(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def launch(command: list[str], nproc: int, port: int = 0, grace: float = 15.0, env: dict | None = None,
+           log=lambda s: print(s, file=sys.stderr, flush=True)) -> int:
+    """Runs `command` (a script and its arguments, run with this Python) as nproc processes of one
+    job and returns the job's exit code: 0 when all succeed, else the first failure's."""
+    base = dict(os.environ if env is None else env)
+    base.update({ENV_COORDINATOR: f"127.0.0.1:{port or free_port()}", ENV_NUM_PROCESSES: str(nproc),
+                 "XLA_PYTHON_CLIENT_PREALLOCATE": base.get("XLA_PYTHON_CLIENT_PREALLOCATE", "false")})
+    procs = [subprocess.Popen([sys.executable, *command], env={**base, ENV_PROCESS_ID: str(i)})
+             for i in range(nproc)]
+    stopping: list[float] = []  # when the others were asked to stop
+
+    def forward(signum, frame):  # preemption or Ctrl-C: every process checkpoints and exits
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    failure = 0
+
+    def check():
+        nonlocal failure
+        for i, p in enumerate(procs):
+            code = p.poll()
+            if code not in (None, 0) and not failure:
+                failure = code if code > 0 else 128 - code
+                running = [q for q in procs if q.poll() is None]
+                log(f"error: process {i} of {nproc} {describe(code)}"
+                    + ("; stopping the other processes" if running else ""))
+                for q in running:
+                    q.terminate()
+                stopping.append(time.monotonic())
+
+    try:
+        while any(p.poll() is None for p in procs):
+            check()
+            if stopping and time.monotonic() - stopping[0] > grace:
+                for q in procs:
+                    if q.poll() is None:
+                        q.kill()
+            time.sleep(0.05)
+        check()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    return failure
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m jaxgpt.launch", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--nproc", type=int, required=True, help="processes in the job")
+    ap.add_argument("--port", type=int, default=0, help="the coordinator's port on 127.0.0.1 (default: a free one)")
+    ap.add_argument("--grace", type=float, default=15.0,
+                    help="seconds the other processes get to exit after one failed, before they are killed")
+    ap.add_argument("command", nargs=argparse.REMAINDER, help="script.py and its arguments")
+    a = ap.parse_args(argv)
+    if a.nproc < 1:
+        print(f"error: --nproc must be >= 1, got {a.nproc}", file=sys.stderr)
+        return 2
+    if not a.command or not os.path.isfile(a.command[0]):
+        print("error: give the script to run after the flags, e.g. python -m jaxgpt.launch --nproc=2 "
+              "train.py --config configs/shakespeare_char_cpu.py", file=sys.stderr)
+        return 2
+    return launch(a.command, a.nproc, a.port, a.grace)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
