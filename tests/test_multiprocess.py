@@ -30,11 +30,26 @@ def args(tmp_path, corpus_file, out, **kw):
     return tiny_args(tmp_path, corpus_file, out_dir=str(tmp_path / out), compile_cache="off", **kw)
 
 
-def launch(nproc, argv, **popen):
+JOBS = []  # every job started, so that none outlives its test
+
+
+@pytest.fixture(autouse=True)
+def no_job_left_behind():
+    yield
+    while JOBS:
+        p = JOBS.pop()
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)  # the launcher and its processes
+            p.wait()
+
+
+def launch(nproc, argv):
     env = subprocess_env(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    return subprocess.Popen([sys.executable, "-m", "jaxgpt.launch", f"--nproc={nproc}", "--grace=20", "train.py",
-                             *argv], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            **popen)
+    p = subprocess.Popen([sys.executable, "-m", "jaxgpt.launch", f"--nproc={nproc}", "--grace=20", "train.py",
+                          *argv], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         start_new_session=True)
+    JOBS.append(p)
+    return p
 
 
 def run_job(nproc, argv, timeout=300):
