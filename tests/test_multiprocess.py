@@ -81,15 +81,18 @@ def test_processes_match_one_process_and_checkpoints_move_between_counts(tmp_pat
     ref = in_process(args(tmp_path, corpus_file, "ref"))
     shutil.copytree(ref, tmp_path / "ref_in_2")
     run_job(2, args(tmp_path, corpus_file, "ref_in_2", max_iters=15, init_from="resume"))
-    # 2 processes x 2 devices, dp: the same losses as one process
-    out, _ = run_job(2, args(tmp_path, corpus_file, "dp", cpu_devices=2))
+    # 2 processes x 2 devices, a 2x2 mesh: batch split across the processes (data), parameters and
+    # optimizer state split over each process's two devices (fsdp): the same losses as one process
+    hybrid = dict(sharding="fsdp", mesh_shape="2x2")
+    out, _ = run_job(2, args(tmp_path, corpus_file, "job", cpu_devices=2, **hybrid))
     assert out.count("done: iter 10") == 1  # process 0 alone reports
-    assert_same(losses(tmp_path / "dp"), losses(ref), [0, 5, 10])
-    # its checkpoint resumes in 1 process and in a job of 4 x 1 with fsdp: the same as 1 -> 2
-    shutil.copytree(tmp_path / "dp", tmp_path / "dp_in_4")
-    in_process(args(tmp_path, corpus_file, "dp", max_iters=15, init_from="resume"))
-    run_job(4, args(tmp_path, corpus_file, "dp_in_4", max_iters=15, init_from="resume", sharding="fsdp"))
-    for other in ("dp", "dp_in_4"):
+    assert_same(losses(tmp_path / "job"), losses(ref), [0, 5, 10])
+    # its checkpoint resumes in 1 process, and in 4 x 1, where the fsdp pairs now span processes:
+    # the same as 1 -> 2 (which ran plain dp over 2 processes)
+    shutil.copytree(tmp_path / "job", tmp_path / "job_in_4")
+    in_process(args(tmp_path, corpus_file, "job", max_iters=15, init_from="resume"))
+    run_job(4, args(tmp_path, corpus_file, "job_in_4", max_iters=15, init_from="resume", **hybrid))
+    for other in ("job", "job_in_4"):
         assert_same(losses(tmp_path / other), losses(tmp_path / "ref_in_2"), [15])
 
 
