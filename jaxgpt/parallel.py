@@ -47,12 +47,10 @@ def maybe_initialize_distributed(timeout_s: int = 120) -> None:
              or int(env.get("SLURM_NTASKS", "1")) > 1
              or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
              or len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1)
-    if explicit and explicit["num_processes"] == 1:
+    if not multi or (explicit and explicit["num_processes"] == 1) or jax.distributed.is_initialized():
         return
-    if not multi or jax.distributed.is_initialized():
-        return
-    if env.get("JAX_PLATFORMS", "").startswith("cpu") or not _has_accelerator():
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # collectives between the CPU devices of several processes (what an accelerator's never use)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(initialization_timeout=timeout_s, **explicit)
     except Exception as e:  # noqa: BLE001 -- any failure to join is the same fact for the user
@@ -60,14 +58,6 @@ def maybe_initialize_distributed(timeout_s: int = 120) -> None:
         raise UserError(f"process {explicit.get('process_id', '?')} could not join the job at {where} within "
                         f"{timeout_s} s ({type(e).__name__}); check that every process was started with the "
                         f"same address and process count") from None
-
-
-def _has_accelerator() -> bool:
-    """Whether a GPU or TPU plugin is installed (checked without starting a backend)."""
-    import importlib.util
-
-    return any(importlib.util.find_spec(m) is not None for m in ("jax_cuda12_plugin", "jax_cuda13_plugin",
-                                                                  "jax_rocm60_plugin", "libtpu"))
 
 
 def set_cpu_devices(n: int) -> None:
