@@ -64,7 +64,11 @@ def launch(command: list[str], nproc: int, port: int = 0, grace: float = 15.0, e
 
     def check():
         nonlocal failure
-        for i, p in enumerate(procs):
+        # a process killed by a signal is named before one that failed in the same instant: the
+        # others often fail only because their peer vanished (a reset connection)
+        order = sorted(range(nproc), key=lambda i: (procs[i].poll() or 0) >= 0)
+        for i in order:
+            p = procs[i]
             code = p.poll()
             if code not in (None, 0) and not failure:
                 failure = code if code > 0 else 128 - code

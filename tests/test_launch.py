@@ -24,17 +24,18 @@ JOB = textwrap.dedent("""
     local = np.arange(2.0 * len(jax.local_devices())) + 100 * jax.process_index()
     x = jax.make_array_from_process_local_data(NamedSharding(mesh, P(parallel.AXES)), local)
     total = jax.jit(lambda a: a.sum(), out_shardings=parallel.replicated(mesh))(x)
-    print(f"process {jax.process_index()} of {jax.process_count()}: {jax.device_count()} devices, "
-          f"sum {float(parallel.host_value(total))}", flush=True)
     mode = sys.argv[2] if len(sys.argv) > 2 else ""
-    if mode == "fail" and jax.process_index() == 1:
-        os._exit(3)
-    if mode in ("fail", "wait"):
+    if mode in ("fail", "wait"):  # before the report below: a signal may follow it at once
         import signal
         def on_term(*a):  # what train.py does, minus the checkpoint: leave the job in order
             print(f"process {jax.process_index()} got SIGTERM", flush=True)
             sys.exit(0)
         signal.signal(signal.SIGTERM, on_term)
+    print(f"process {jax.process_index()} of {jax.process_count()}: {jax.device_count()} devices, "
+          f"sum {float(parallel.host_value(total))}", flush=True)
+    if mode == "fail" and jax.process_index() == 1:
+        os._exit(3)
+    if mode in ("fail", "wait"):
         time.sleep(120)
 """)
 
