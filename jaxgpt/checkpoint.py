@@ -7,21 +7,49 @@ The metadata holds everything needed to use a checkpoint on its own: the model c
 train config, the tokenizer metadata, the step, the best val loss and the RNG/data state
 (batches and dropout masks are derived from the seed and the step). Orbax writes each step
 to a temporary directory and renames it when complete, so a crash never leaves a half
-checkpoint in place of a good one.
+checkpoint in place of a good one. A save that fails on the disk (full, read-only) becomes one
+UserError line, its temporary directory is removed, and the earlier checkpoints stay listed.
+Readers (`readable`) try checkpoints newest first and never move or delete anything.
 """
 
 from __future__ import annotations
 
+import glob
+import logging
 import os
+import shutil
+import sys
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import orbax.checkpoint as ocp
 
 from jaxgpt.errors import UserError
+from jaxgpt.rundir import disk_errno, disk_error
 
 KINDS = ("latest", "best")
+TMP_SUFFIX = ".orbax-checkpoint-tmp"
+
+
+def _quiet_orbax() -> None:
+    """Orbax reports a failed write or read on its background threads as well as to the caller:
+    ERROR log lines and, from TensorStore callbacks that outlive their event loop, 'Event loop is
+    closed' tracebacks, dozens per failure. The caller's exception is what jaxgpt reports (as one
+    line); this silences the echoes, and only those."""
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
+    if getattr(sys.unraisablehook, "_jaxgpt_quiet", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(u):
+        text = f"{u.exc_value} {u.object!r}"
+        if "Event loop is closed" in text or "orbax" in text or "array index" in text:
+            return
+        previous(u)
+
+    hook._jaxgpt_quiet = True
+    sys.unraisablehook = hook
 
 
 def checkpoint_dir(out_dir: str, kind: str) -> str:
@@ -31,22 +59,45 @@ def checkpoint_dir(out_dir: str, kind: str) -> str:
 class Checkpointer:
     """Saves and restores (state, metadata) under out_dir for one kind ('latest' or 'best')."""
 
-    def __init__(self, out_dir: str, kind: str, max_to_keep: int = 1):
+    def __init__(self, out_dir: str, kind: str, max_to_keep: int = 1, create: bool = True):
         assert kind in KINDS
+        _quiet_orbax()
+        self.kind, self.in_flight = kind, None  # the step of a save that may still be writing
         self.manager = ocp.CheckpointManager(
             checkpoint_dir(out_dir, kind),
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create))
 
     def save(self, step: int, state, meta: dict[str, Any]) -> None:
-        if step in self.manager.all_steps():  # a rerun of steps after falling back to an older checkpoint
-            self.manager.wait_until_finished()
-            self.manager.delete(step)
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        """Starts writing checkpoint `step` (asynchronously: `wait` for it to be on disk). The
+        previous save is finished first (Orbax would wait for it too), so an error is its own."""
+        self.wait()
+        try:
+            if step in self.manager.all_steps():  # a rerun of steps after falling back to an older checkpoint
+                self.manager.delete(step)
+            self.in_flight = step
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        except Exception as e:  # noqa: BLE001 -- a disk error becomes one line; others pass
+            self._failed(e)
         if jax.process_count() > 1:
             # the async commits of two managers (latest and best at one step) can wait on each
             # other's cross-process barriers (seen: a 300 s barrier time-out); finish each save first
-            self.manager.wait_until_finished()
+            self.wait()
+
+    def _failed(self, error: Exception):
+        """A save failed: its temporary directory goes (it only takes space; the earlier checkpoints
+        were never touched), and a disk problem becomes one UserError line."""
+        step, self.in_flight = self.in_flight, None
+        for tmp in glob.glob(os.path.join(str(self.manager.directory), f"*{TMP_SUFFIX}*")):
+            shutil.rmtree(tmp, ignore_errors=True)
+        code = disk_errno(error)
+        if code is None:
+            raise error
+        self.manager.reload()
+        steps = self.all_steps()
+        kept = (f"the {self.kind} checkpoints written before are intact (newest: iter {steps[0]})" if steps
+                else f"no {self.kind} checkpoint was written before")
+        raise disk_error(f"the {self.kind} checkpoint at iter {step}", str(self.manager.directory), code, kept) from None
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -110,21 +161,54 @@ class Checkpointer:
             f"moved it to {dst} and trying an older one")
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Returns once the save in flight is on disk, complete and renamed into place."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 -- the background write failed
+            self._failed(e)
+        self.in_flight = None
 
     def close(self) -> None:
         self.manager.close()
 
 
+def readable(out_dir: str, prefer: str = "best") -> Iterator[tuple[Checkpointer, int]]:
+    """Every listed checkpoint a reader may try, best first: the `prefer` kind newest first, then
+    the other kind. Creates, moves and deletes nothing. No checkpoint at all is a UserError."""
+    found = False
+    for kind in [prefer] + [k for k in KINDS if k != prefer]:
+        if not os.path.isdir(checkpoint_dir(out_dir, kind)):
+            continue
+        ckpt = Checkpointer(out_dir, kind, create=False)
+        try:
+            for step in ckpt.all_steps():
+                found = True
+                yield ckpt, step
+        finally:
+            ckpt.close()
+    if not found:
+        raise UserError(f"no checkpoint in {out_dir}; train one first with "
+                        f"python train.py --config ... --out_dir={out_dir}")
+
+
 def find_checkpoint(out_dir: str, prefer: str = "best") -> tuple[Checkpointer, int]:
-    """The checkpoint to sample from: `prefer` if it exists, else the other kind."""
-    order = [prefer] + [k for k in KINDS if k != prefer]
-    for kind in order:
+    """The newest listed checkpoint of `prefer` if it exists, else of the other kind (unread)."""
+    for kind in [prefer] + [k for k in KINDS if k != prefer]:
         if os.path.isdir(checkpoint_dir(out_dir, kind)):
-            ckpt = Checkpointer(out_dir, kind)
+            ckpt = Checkpointer(out_dir, kind, create=False)
             step = ckpt.latest_step()
             if step is not None:
                 return ckpt, step
             ckpt.close()
     raise UserError(f"no checkpoint in {out_dir}; train one first with "
                     f"python train.py --config ... --out_dir={out_dir}")
+
+
+def listed_steps(out_dir: str) -> dict[str, list[int]]:
+    """kind -> the steps listed on disk, newest first, read from the directory names alone."""
+    out = {}
+    for kind in KINDS:
+        d = checkpoint_dir(out_dir, kind)
+        names = os.listdir(d) if os.path.isdir(d) else []
+        out[kind] = sorted((int(n) for n in names if n.isdigit()), reverse=True)
+    return out

@@ -48,6 +48,8 @@ class Config:
     # start from: a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl),
     # a Hugging Face GPT-2 directory, a nanoGPT ckpt.pt, or another jaxgpt out_dir (fresh optimizer)
     init_from: str = "scratch"
+    # a fresh run (not resume) on an out_dir that holds a run's checkpoints: False refuses, True deletes them
+    overwrite: bool = False
     # finetuning: 'full' trains every weight; 'lora' trains low-rank adapters on a frozen base
     # (init_from), and the run's checkpoints hold only the adapters and a reference to the base
     finetune_method: str = "full"

@@ -1,6 +1,7 @@
 """Mistakes in what the user asked for: one line on stderr, no traceback.
 
-A `UserError` anywhere below a script becomes `error: ...` and exit code 2 in `run_cli`;
+A `UserError` anywhere below a script becomes `error: ...` and exit code 2 in `run_cli`, and
+Ctrl-C `interrupted: ...` and exit code 130 (a KeyboardInterrupt's message says what state is left);
 `check_choice` is the common case of a value outside its allowed set. This module sits at the
 bottom of the package: everything may raise a UserError, and it depends on nothing of ours but
 `runtime` (the compilation cache every script turns on before compiling).
@@ -20,7 +21,8 @@ class UserError(Exception):
 
 def run_cli(body, argv: Sequence[str]) -> int:
     """Runs a script's body(argv); a UserError becomes one 'error: ...' line on stderr and exit
-    code 2. `--debug` anywhere in argv shows the full traceback instead.
+    code 2, Ctrl-C (KeyboardInterrupt) one 'interrupted: <what is left>' line and exit code 130.
+    `--debug` anywhere in argv shows the full traceback instead.
 
     Every script gets the persistent compilation cache here, before it compiles anything:
     `--compile_cache=DIR` puts it in DIR, `--compile_cache=off` turns it off (see jaxgpt.runtime)."""
@@ -35,6 +37,12 @@ def run_cli(body, argv: Sequence[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         _leave_job(2)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C: one line saying what is left, exit code 130 (128 + SIGINT)
+        if debug:
+            raise
+        print(f"interrupted{f': {e}' if str(e) else ''}", file=sys.stderr)
+        _leave_job(130)
+        return 130
     except Exception:
         _leave_job(1, traceback=True)
         raise

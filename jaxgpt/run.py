@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -24,7 +26,7 @@ from jax.sharding import Mesh
 
 from jaxgpt import data as data_lib
 from jaxgpt import lora, parallel, prepare, pretrained
-from jaxgpt.checkpoint import Checkpointer, checkpoint_dir, find_checkpoint
+from jaxgpt.checkpoint import Checkpointer, checkpoint_dir, listed_steps, readable
 from jaxgpt.config import GPT2_SIZES, Config
 from jaxgpt.errors import UserError
 from jaxgpt.model import ModelConfig, abstract_model, model_config, with_attention
@@ -78,6 +80,32 @@ def has_checkpoint(out_dir: str) -> bool:
         ckpt.close()
 
 
+def check_fresh_run(cfg: Config) -> None:
+    """A fresh run (anything but resume) never starts over a run's checkpoints unless told to
+    (overwrite=True); eval_only writes nothing, so it may read any out_dir. Reads directory names
+    only, so it is cheap and changes nothing."""
+    if cfg.init_from in ("resume", "auto") or cfg.overwrite or cfg.eval_only:
+        return
+    steps = listed_steps(cfg.out_dir)
+    if steps["latest"] or steps["best"]:
+        kind = "latest" if steps["latest"] else "best"
+        raise UserError(f"{cfg.out_dir} already holds a run ({kind} checkpoint at iter {steps[kind][0]}); continue it "
+                        f"with --init_from=resume, or pass --overwrite=True to start over and delete it")
+
+
+RUN_FILES = ("checkpoints", "metrics.jsonl", "loss.png")
+
+
+def clear_run(out_dir: str, log=print) -> None:
+    """overwrite=True on an out_dir that holds a run: deletes its checkpoints, metrics and plot."""
+    gone = [n for n in RUN_FILES if os.path.lexists(os.path.join(out_dir, n))]
+    for name in gone:
+        path = os.path.join(out_dir, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    if gone:
+        log(f"overwrite=True: deleted the earlier run's {', '.join(gone)} in {out_dir}")
+
+
 def setup(cfg: Config, log=print) -> Run:
     """Resolves where the model comes from (scratch, a checkpoint to resume, or pretrained
     weights), prepares the data with the matching tokenizer, and builds the batch functions."""
@@ -86,6 +114,7 @@ def setup(cfg: Config, log=print) -> Run:
         cfg.init_from = "resume" if has_checkpoint(cfg.out_dir) else "scratch"
         log(f"init_from=auto: {'resuming the run in' if cfg.init_from == 'resume' else 'no checkpoint yet in'} "
             f"{cfg.out_dir}" + ("" if cfg.init_from == "resume" else "; starting from scratch"))
+    check_fresh_run(cfg)
     mesh = parallel.make_mesh(cfg.sharding, cfg.mesh_shape)
     parallel.check_batch(mesh, cfg.batch_size)
     # 'auto' becomes the dtype for these devices, so config.json and the checkpoints record what ran
@@ -209,37 +238,45 @@ def is_run_dir(path: str) -> bool:
     return os.path.isdir(os.path.join(os.path.expanduser(path), "checkpoints"))
 
 
-def load(source: str, prefer: str = "best", dtype: str = "auto", run: bool = False):
-    """Any model a user can name, ready for sampling or export: a jaxgpt out_dir (its `prefer`
-    checkpoint, else the other kind; a LoRA run's adapters merged into its base), a GPT-2 name,
-    a Hugging Face GPT-2 directory or a nanoGPT ckpt.pt.
+def load(source: str, prefer: str = "best", dtype: str = "auto", run: bool = False, log=None):
+    """Any model a user can name, ready for sampling or export: a jaxgpt out_dir (its newest
+    intact `prefer` checkpoint, else the other kind's; a LoRA run's adapters merged into its base),
+    a GPT-2 name, a Hugging Face GPT-2 directory or a nanoGPT ckpt.pt.
 
     Returns (graphdef, params, ModelConfig, tokenizer, meta); `nnx.merge(graphdef, params)` is the
     model. A run computes in the dtype it recorded; weights from elsewhere in `dtype` ('auto':
     bfloat16 on GPUs and TPUs, float32 on CPUs). The tokenizer is the source's own (a run's, or a
     directory's vocab.json + merges.txt), else GPT-2's BPE, as nanoGPT assumes for its checkpoints.
     meta is a run's checkpoint metadata, else {"source": source}. run=True: `source` must be a
-    run (an --out_dir), and one without checkpoints is reported as such."""
+    run (an --out_dir), and one without checkpoints is reported as such. A damaged checkpoint is
+    skipped, never moved or deleted; `log` (default: stderr) says which one was used instead."""
     if run or is_run_dir(source):
-        return _load_run(os.path.expanduser(source), prefer)
+        return _load_run(os.path.expanduser(source), prefer, log)
     params, cfg, w = pretrained.load_params(source, dtype=resolve_dtype(dtype))
     cfg = with_attention(cfg)
     tokenizer = load_bpe(w.tokenizer_dir)
     return abstract_model(cfg)[0], jax.tree.map(jnp.asarray, params), cfg, tokenizer, {"source": source}
 
 
-def _load_run(out_dir: str, prefer: str):
-    ckpt, step = find_checkpoint(out_dir, prefer)
-    meta = ckpt.restore_meta(step)
-    # the attention implementation is the one that works here, not where the run trained
-    model_cfg = with_attention(ModelConfig.from_dict(meta["model_config"]))
-    train_cfg = Config(**{k: v for k, v in meta["train_config"].items() if k in Config.__dataclass_fields__})
-    graphdef, abstract, _ = abstract_state(model_cfg, train_cfg)
-    abstract = abstract.replace(frozen={})  # checkpoints never hold a frozen LoRA base
-    # onto one device, whatever mesh the run was trained on
-    one = parallel.make_mesh("dp", "1")
-    state, meta = ckpt.restore(parallel.with_shardings(abstract, parallel.state_shardings(abstract, one)), step)
-    ckpt.close()
+def _load_run(out_dir: str, prefer: str, log=None):
+    """The newest checkpoint that reads back whole: `prefer` first, then the other kind."""
+    skipped = []
+    for ckpt, step in readable(out_dir, prefer):
+        try:
+            graphdef, state, meta, model_cfg = _restore_one(ckpt, step)
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- any read failure means a damaged checkpoint
+            skipped.append(f"{ckpt.kind} iter {step} ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})")
+            continue
+        if skipped:
+            (log or (lambda m: print(m, file=sys.stderr)))(
+                f"warning: skipped unreadable checkpoint(s) in {out_dir}: {'; '.join(skipped)}; "
+                f"using the {ckpt.kind} checkpoint at iter {step}")
+        break
+    else:
+        raise UserError(f"no intact checkpoint in {out_dir}: every one is damaged ({'; '.join(skipped)}); "
+                        f"train again with --overwrite=True, or restore the directory from a copy")
     params, base = state.params, meta.get("lora_base")
     if base:
         base_params = pretrained.to_params(load_weights(base["source"]), model_cfg.block_size)
@@ -247,6 +284,20 @@ def _load_run(out_dir: str, prefer: str):
         params, model_cfg = lora.merge(lora.join(params, base_params), model_cfg)
         graphdef = abstract_model(model_cfg)[0]
     return graphdef, params, model_cfg, tokenizer_from_meta(meta["tokenizer"]), meta
+
+
+def _restore_one(ckpt: Checkpointer, step: int):
+    """(graphdef, state, meta, ModelConfig) of one checkpoint, restored onto one device."""
+    meta = ckpt.restore_meta(step)
+    # the attention implementation is the one that works here, not where the run trained
+    model_cfg = with_attention(ModelConfig.from_dict(meta["model_config"]))
+    train_cfg = Config(**{k: v for k, v in meta["train_config"].items() if k in Config.__dataclass_fields__})
+    graphdef, abstract, _ = abstract_state(model_cfg, train_cfg)
+    abstract = abstract.replace(frozen={})  # checkpoints never hold a frozen LoRA base
+    one = parallel.make_mesh("dp", "1")  # onto one device, whatever mesh the run was trained on
+    state, meta = ckpt.restore(parallel.with_shardings(abstract, parallel.state_shardings(abstract, one)), step)
+    tokenizer_from_meta(meta["tokenizer"])  # damaged tokenizer metadata is a damaged checkpoint too
+    return graphdef, state, meta, model_cfg
 
 
 def load_weights(source: str) -> pretrained.Weights:
@@ -263,12 +314,13 @@ def load_weights(source: str) -> pretrained.Weights:
                               tokenizer_meta=meta["tokenizer"])
 
 
-def save_standalone(out_dir: str, params, model_cfg, meta: dict[str, Any]) -> None:
+def save_standalone(out_dir: str, params, model_cfg, meta: dict[str, Any], name: str = "") -> None:
     """Writes params as an ordinary jaxgpt run (a latest checkpoint, with a fresh optimizer state
-    so it can be resumed or finetuned further): what export.py writes for a merged LoRA run."""
+    so it can be resumed or finetuned further): what export.py writes for a merged LoRA run.
+    `name`: the out_dir the run will be known by, when out_dir is a temporary directory."""
     if os.path.isdir(checkpoint_dir(out_dir, "latest")):
         raise UserError(f"{out_dir} already holds a run; export to a new directory")
-    train_cfg = {**meta["train_config"], "finetune_method": "full", "out_dir": out_dir}
+    train_cfg = {**meta["train_config"], "finetune_method": "full", "out_dir": name or out_dir}
     cfg = Config(**{k: v for k, v in train_cfg.items() if k in Config.__dataclass_fields__})
     state = jax.jit(lambda p: state_from_params(p, make_optimizer(cfg)))(params)
     new_meta = {**meta, "model_config": dataclasses.asdict(model_cfg), "train_config": train_cfg, "lora_base": None,

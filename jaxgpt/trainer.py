@@ -8,6 +8,7 @@ are read one step later, after the next step has been dispatched.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -27,7 +28,8 @@ from jaxgpt.config import Config, save_config
 from jaxgpt.errors import UserError
 from jaxgpt.model import num_params
 from jaxgpt.optim import lr_schedule
-from jaxgpt.run import Run, run_keys, setup, start_state
+from jaxgpt.run import Run, check_fresh_run, clear_run, run_keys, setup, start_state
+from jaxgpt.rundir import RunLock, writing
 from jaxgpt.runtime import matmul_precision
 from jaxgpt.step import abstract_state, make_eval_step, make_train_step
 
@@ -39,26 +41,36 @@ class NonFiniteLoss(UserError):
 
 
 class _finish:
-    """Closes the progress bar and lets checkpoint writes complete, also when the loop fails."""
+    """Lets checkpoint writes complete and closes the progress bar, also when the loop fails or is
+    interrupted (further signals wait meanwhile). After an error, a failure to close is not reported
+    over it."""
 
-    def __init__(self, *closables):
-        self.closables = closables
+    def __init__(self, signals: "StopFlag", *closables):
+        self.signals, self.closables = signals, closables
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        for c in self.closables:
-            if hasattr(c, "wait"):
-                c.wait()
-            c.close()
+    def __exit__(self, typ, *exc):
+        with self.signals.deferred(honour=False):
+            for c in self.closables:
+                try:
+                    if hasattr(c, "wait"):
+                        c.wait()
+                    c.close()
+                except Exception:  # noqa: BLE001
+                    if typ is None:
+                        raise
 
 
 class StopFlag:
-    """SIGINT / SIGTERM set a flag; the loop finishes its step, checkpoints and stops."""
+    """SIGINT / SIGTERM set a flag; the loop finishes its step, checkpoints and stops. A second
+    signal stops at once (KeyboardInterrupt), except while a checkpoint is being written
+    (`deferred`): then it waits until the write is complete, so a checkpoint is never cut short."""
 
     def __init__(self):
         self.stop = False
+        self.deferring, self.pending = 0, False
         self._old = {}
 
     def __enter__(self):
@@ -71,9 +83,29 @@ class StopFlag:
         return self
 
     def _handle(self, signum, frame):
-        if self.stop:  # a second Ctrl-C: stop at once
-            raise KeyboardInterrupt
-        self.stop = True
+        if not self.stop:
+            self.stop = True
+            return
+        if self.deferring:  # a second signal during a checkpoint write: after the write
+            if not self.pending:
+                os.write(2, b"\nsignal received: stopping once the checkpoint being written is complete\n")
+            self.pending = True
+            return
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def deferred(self, honour: bool = True):
+        """Signals wait until the block ends; honour: a second signal that came meanwhile then
+        stops at once (else it is dropped: the caller is stopping anyway)."""
+        self.deferring += 1
+        try:
+            yield
+        finally:
+            self.deferring -= 1
+        if not self.deferring and self.pending:
+            self.pending = False
+            if honour:
+                raise KeyboardInterrupt
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -112,17 +144,26 @@ def _train(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
     main = jax.process_index() == 0  # only process 0 writes logs, metrics and plots
     if not main:
         log = lambda s: None  # noqa: E731
-    run = setup(cfg, log)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    if main:
-        save_config(cfg, os.path.join(cfg.out_dir, "config.json"))
-    loop = Loop(run, cfg, main, log)
-    if cfg.eval_only:
-        return loop.eval_only()
-    summary = loop.train()
-    if main:
-        plot_losses(loop.metrics_path, os.path.join(cfg.out_dir, "loss.png"))
-    return summary
+    check_fresh_run(cfg)  # before anything is created (setup checks again once init_from=auto is resolved)
+    # one training process per out_dir (process 0 of a job); eval_only writes nothing and locks nothing
+    with RunLock(cfg.out_dir) if main and not cfg.eval_only else contextlib.nullcontext():
+        run = setup(cfg, log)
+        if cfg.eval_only:
+            return Loop(run, cfg, main, log).eval_only()
+        if cfg.overwrite and cfg.init_from != "resume":
+            parallel.process_zero_first(clear_run, cfg.out_dir, log)
+        config_path = os.path.join(cfg.out_dir, "config.json")
+        with writing("config.json", config_path):
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            if main:
+                save_config(cfg, config_path)
+        loop = Loop(run, cfg, main, log)
+        summary = loop.train()
+        if main:
+            png = os.path.join(cfg.out_dir, "loss.png")
+            with writing("the loss plot", png, "The checkpoints are saved"):
+                plot_losses(loop.metrics_path, png)
+        return summary
 
 
 class Loop:
@@ -135,10 +176,13 @@ class Loop:
         self.metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
         graphdef, abstract, optimizer = abstract_state(run.model_cfg, cfg)
         state_sh = parallel.state_shardings(abstract, run.mesh)
-        self.latest, self.best = Checkpointer(cfg.out_dir, "latest", max_to_keep=2), Checkpointer(cfg.out_dir, "best")
+        create = not cfg.eval_only  # an evaluation creates nothing
+        self.latest = Checkpointer(cfg.out_dir, "latest", max_to_keep=2, create=create)
+        self.best = Checkpointer(cfg.out_dir, "best", create=create)
+        self.signals = StopFlag()
         self.state, self.best_val = start_state(run, cfg, abstract, optimizer, state_sh, self.latest,
                                                 self.keys["init"], log)
-        if cfg.init_from != "resume" and main and os.path.exists(self.metrics_path):
+        if cfg.init_from != "resume" and create and main and os.path.exists(self.metrics_path):
             os.remove(self.metrics_path)  # a fresh run starts a fresh log
         self.describe()
         repl = parallel.replicated(run.mesh)
@@ -190,7 +234,8 @@ class Loop:
                 "rng": {"seed": cfg.seed,
                         "derivation": "fold_in(key(seed), stream); per step fold_in(stream_key, step)"},
                 "data_state": {"step": it}, "lora_base": run.lora_base, "origin": run.origin}
-        ckpt.save(it, self.state.replace(frozen={}), meta)
+        with self.signals.deferred():  # a second signal stops after Orbax has taken the state
+            ckpt.save(it, self.state.replace(frozen={}), meta)
 
     def check_finite(self, first_bad) -> None:
         """on_nonfinite=stop: end the run, saving nothing, once a step was not finite."""
@@ -212,39 +257,53 @@ class Loop:
                    file=sys.stderr)
         self.bar, self.say = bar, (bar.write if not bar.disable else self.log)
         self.summary: dict[str, Any] = {"n_params": self.n_params, "n_trainable": self.n_trainable}
-        pending = None  # (iter, metrics on device) of the last log step, read one step later
         self.log_mark, self.recent_ms = None, None  # (time, iter) of the last log line; ms/iter since then
         self.t_mark, self.steps_since_mark, self.ms_per_iter = time.perf_counter(), 0, float("nan")
-        it, resumed = start, cfg.init_from == "resume"
-        with StopFlag() as stop, _finish(self.latest, self.best, bar):
-            while True:
-                due = it % cfg.eval_interval == 0 or it == cfg.max_iters
-                if due and not (resumed and it == start):  # a resumed step was evaluated before
-                    self.eval_and_save(it)
-                if it >= cfg.max_iters:
-                    break
-                # every process must stop at the same step: with several, they agree every
-                # STOP_CHECK steps (a one-bool host collective), since signals arrive at different moments
-                if stop.stop if jax.process_count() == 1 else it % STOP_CHECK == 0 and parallel.any_process(stop.stop):
-                    self.stop_at(it)
-                    break
-                batch = self.run.batches["train"](self.keys["data"], it)
-                self.state, metrics = self.train_step(self.state, batch, self.keys["dropout"])
-                if self.sync_steps:
-                    jax.block_until_ready(metrics)
-                if pending is not None:
-                    self.log_step(*pending)
-                    pending = None
-                if it % cfg.log_interval == 0:
-                    pending = (it, metrics)
-                if it == start:  # exclude compilation from the timing
-                    jax.block_until_ready(self.state)
-                    self.t_mark, self.steps_since_mark = time.perf_counter(), -1
-                it += 1
-                self.steps_since_mark += 1
-                bar.update(1)
-        self.summary["iter"] = it
+        self.it = start
+        try:
+            with self.signals as stop, _finish(self.signals, self.latest, self.best, bar):
+                self._loop(stop, bar)
+        except KeyboardInterrupt:  # a second signal: every save begun has completed (_finish waited)
+            self.latest.manager.reload()
+            newest = self.latest.all_steps()
+            raise KeyboardInterrupt(
+                f"training stopped at iter {self.it}; "
+                + (f"the newest checkpoint is iter {newest[0]} in {self.latest.manager.directory}. Continue with "
+                   f"--init_from=resume --out_dir={cfg.out_dir}" if newest else "no checkpoint was written")) from None
+        self.summary["iter"] = self.it
         return self.summary
+
+    def _loop(self, stop: StopFlag, bar) -> None:
+        cfg, start, it = self.cfg, self.start, self.start
+        resumed = cfg.init_from == "resume"
+        pending = None  # (iter, metrics on device) of the last log step, read one step later
+        while True:
+            due = it % cfg.eval_interval == 0 or it == cfg.max_iters
+            if due and not (resumed and it == start):  # a resumed step was evaluated before
+                self.eval_and_save(it)
+            if it >= cfg.max_iters:
+                break
+            # every process must stop at the same step: with several, they agree every
+            # STOP_CHECK steps (a one-bool host collective), since signals arrive at different moments
+            if stop.stop if jax.process_count() == 1 else it % STOP_CHECK == 0 and parallel.any_process(stop.stop):
+                self.stop_at(it)
+                break
+            batch = self.run.batches["train"](self.keys["data"], it)
+            self.state, metrics = self.train_step(self.state, batch, self.keys["dropout"])
+            if self.sync_steps:
+                jax.block_until_ready(metrics)
+            if pending is not None:
+                self.log_step(*pending)
+                pending = None
+            if it % cfg.log_interval == 0:
+                pending = (it, metrics)
+            if it == start:  # exclude compilation from the timing
+                jax.block_until_ready(self.state)
+                self.t_mark, self.steps_since_mark = time.perf_counter(), -1
+            it += 1
+            self.it = it
+            self.steps_since_mark += 1
+            bar.update(1)
 
     def eval_and_save(self, it: int) -> None:
         """Evaluates, saves latest (and best when val improved), appends to metrics.jsonl, logs."""
@@ -266,7 +325,7 @@ class Loop:
                "mfu": self.fpt * self.tokens_per_iter / (ms / 1000) / self.peak if timed else nan,
                "best_val_loss": self.best_val, "skipped_steps": int(parallel.host_value(self.state.skipped))}
         if self.main:
-            with open(self.metrics_path, "a", encoding="utf-8") as f:
+            with writing("metrics", self.metrics_path), open(self.metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
         self.say(f"iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
                  + (f", {ms:.1f} ms/iter, MFU {100 * row['mfu']:.1f}%" if timed else ""))
@@ -277,7 +336,10 @@ class Loop:
         """A signal asked to stop: checkpoint where the loop is and say how to continue."""
         jax.block_until_ready(self.state)
         self.check_finite(self.state.first_nonfinite)
-        self.save(self.latest, it)
+        with self.signals.deferred(honour=False):  # stopping anyway: a second signal changes nothing
+            self.save(self.latest, it)
+            self.latest.wait()  # "saved" is said once it is on disk, complete
+            self.best.wait()
         self.say(f"stopped at iter {it}; checkpoint saved. Continue with --init_from=resume "
                  f"--out_dir={self.cfg.out_dir}")
         self.summary["stopped_at"] = it

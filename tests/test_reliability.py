@@ -89,7 +89,8 @@ def test_other_tokenizer_and_larger_block_size(trained, tmp_path, corpus_file, c
     for f in ("train.bin", "val.bin"):
         (other / f).write_bytes(open(os.path.join(trained.data_dir, f), "rb").read())
     json.dump({**meta, "tokenizer": "gpt2"}, open(other / "meta.json", "w"))
-    assert_one_line(*run_main(train_script.main, tiny_args(tmp_path, corpus_file, data_dir=str(other)), capsys),
+    assert_one_line(*run_main(train_script.main, tiny_args(tmp_path, corpus_file, data_dir=str(other),
+                                                          out_dir=str(tmp_path / "fresh")), capsys),
                     "prepared with the 'gpt2' tokenizer, not 'char'")
     assert_one_line(*run_main(train_script.main, tiny_args(tmp_path, corpus_file, init_from="resume", block_size=32,
                                                           max_iters=6), capsys),

@@ -13,7 +13,7 @@ import os
 STACK = [
     ("quant", "runtime", "launch"),
     ("errors",),
-    ("config",),
+    ("config", "rundir"),
     ("tokenizer", "layers", "parallel"),
     ("lora", "optim", "data"),
     ("model", "prepare"),
