@@ -7,9 +7,12 @@ to a standalone jaxgpt out_dir. A LoRA run is exported with its adapters merged 
 
 --which=latest exports the latest checkpoint instead of the best one. A BPE model's directory
 also gets vocab.json and merges.txt; a char model's gets jaxgpt_tokenizer.json (Hugging Face
-has no character tokenizer for GPT-2).
+has no character tokenizer for GPT-2). Each directory is written into a temporary sibling and
+renamed into place when whole, so Ctrl-C or a full disk never leaves half an export; a directory
+that holds files is replaced only with --overwrite=True (never the run being exported).
 """
 
+import os
 import sys
 from dataclasses import dataclass
 
@@ -17,6 +20,7 @@ from jaxgpt.config import parse_args
 from jaxgpt.errors import UserError, check_choice, run_cli
 from jaxgpt.pretrained import export_hf
 from jaxgpt.run import load, save_standalone
+from jaxgpt.rundir import check_output_dir, replace_dir
 
 
 @dataclass
@@ -25,6 +29,7 @@ class ExportConfig:
     hf_dir: str = ""  # where to write the Hugging Face directory
     jaxgpt_dir: str = ""  # where to write a standalone jaxgpt out_dir
     which: str = "best"  # 'best' | 'latest'
+    overwrite: bool = False  # replace a --hf_dir / --jaxgpt_dir that already holds files
 
 
 def export_main(argv) -> int:
@@ -32,12 +37,18 @@ def export_main(argv) -> int:
     check_choice("which", ec.which, ("best", "latest"))
     if not (ec.hf_dir or ec.jaxgpt_dir):
         raise UserError("pass --hf_dir=DIR (a Hugging Face GPT-2 directory) and/or --jaxgpt_dir=DIR (a jaxgpt out_dir)")
+    if ec.hf_dir and ec.jaxgpt_dir and os.path.realpath(ec.hf_dir) == os.path.realpath(ec.jaxgpt_dir):
+        raise UserError(f"--hf_dir and --jaxgpt_dir are both {ec.hf_dir}; give them different directories")
+    for flag in ("jaxgpt_dir", "hf_dir"):  # checked before any work: nothing is loaded or written otherwise
+        check_output_dir(flag, getattr(ec, flag), ec.overwrite, protect=(ec.out_dir,))
     _, params, model_cfg, tok, meta = load(ec.out_dir, ec.which, run=True)  # LoRA adapters come merged
     if ec.jaxgpt_dir:
-        save_standalone(ec.jaxgpt_dir, params, model_cfg, meta)
+        with replace_dir(ec.jaxgpt_dir, "the exported run") as tmp:
+            save_standalone(tmp, params, model_cfg, meta, name=ec.jaxgpt_dir)
         print(f"exported {ec.out_dir} (iter {meta['step']}) to the jaxgpt out_dir {ec.jaxgpt_dir}")
     if ec.hf_dir:
-        export_hf(params, model_cfg, ec.hf_dir, tok)
+        with replace_dir(ec.hf_dir, "the Hugging Face directory") as tmp:
+            export_hf(params, model_cfg, tmp, tok)
         print(f"exported {ec.out_dir} (iter {meta['step']}) to the Hugging Face directory {ec.hf_dir}")
     return 0
 

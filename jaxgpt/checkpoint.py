@@ -95,8 +95,8 @@ class Checkpointer:
             raise error
         self.manager.reload()
         steps = self.all_steps()
-        kept = (f"the {self.kind} checkpoints written before are intact (newest: iter {steps[0]})" if steps
-                else f"no {self.kind} checkpoint was written before")
+        kept = (f"The {self.kind} checkpoints written before are intact (newest: iter {steps[0]})" if steps
+                else f"No {self.kind} checkpoint was written before")
         raise disk_error(f"the {self.kind} checkpoint at iter {step}", str(self.manager.directory), code, kept) from None
 
     def latest_step(self) -> int | None:

@@ -263,7 +263,7 @@ def _load_run(out_dir: str, prefer: str, log=None):
     skipped = []
     for ckpt, step in readable(out_dir, prefer):
         try:
-            graphdef, state, meta, model_cfg = _restore_one(ckpt, step)
+            graphdef, state, meta, model_cfg = read_checkpoint(ckpt, step)
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 -- any read failure means a damaged checkpoint
@@ -286,7 +286,7 @@ def _load_run(out_dir: str, prefer: str, log=None):
     return graphdef, params, model_cfg, tokenizer_from_meta(meta["tokenizer"]), meta
 
 
-def _restore_one(ckpt: Checkpointer, step: int):
+def read_checkpoint(ckpt: Checkpointer, step: int):
     """(graphdef, state, meta, ModelConfig) of one checkpoint, restored onto one device."""
     meta = ckpt.restore_meta(step)
     # the attention implementation is the one that works here, not where the run trained

@@ -44,9 +44,9 @@ def disk_errno(e: BaseException) -> int | None:
         seen.add(id(e))
         if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
             return e.errno
-        m = re.search(r"os_error_code='?(\d+)", str(e))
-        if m and int(m.group(1)) in DISK_ERRNOS:
-            return int(m.group(1))
+        m = re.search(r"os_error_code='?(\d+)|\[Errno (\d+)\]", str(e))
+        if m and int(m.group(1) or m.group(2)) in DISK_ERRNOS:
+            return int(m.group(1) or m.group(2))
         e = e.__cause__ or e.__context__
     return None
 
