@@ -72,12 +72,19 @@ def padded_vocab(meta: dict[str, Any]) -> int:
     return v if meta["tokenizer"] == "char" else -(-v // 64) * 64
 
 
-def has_checkpoint(out_dir: str) -> bool:
-    ckpt = Checkpointer(out_dir, "latest")
+def newest_meta(out_dir: str) -> dict[str, Any] | None:
+    """The metadata of out_dir's newest latest checkpoint that reads back, or None (creates nothing)."""
+    if not listed_steps(out_dir)["latest"]:
+        return None
+    ckpt = Checkpointer(out_dir, "latest", create=False)
     try:
-        return ckpt.newest_meta() is not None
+        return ckpt.newest_meta()
     finally:
         ckpt.close()
+
+
+def has_checkpoint(out_dir: str) -> bool:
+    return newest_meta(out_dir) is not None
 
 
 def check_fresh_run(cfg: Config) -> None:
@@ -121,9 +128,7 @@ def setup(cfg: Config, log=print) -> Run:
     cfg.dtype = resolve_dtype(cfg.dtype, mesh.devices.flat[0].platform)
     weights, ckpt_meta, tokenizer_dir, base_tok = None, None, cfg.tokenizer_dir, None
     if cfg.init_from == "resume":
-        ckpt = Checkpointer(cfg.out_dir, "latest")
-        ckpt_meta = ckpt.newest_meta()
-        ckpt.close()
+        ckpt_meta = newest_meta(cfg.out_dir)
         if ckpt_meta is None:
             raise UserError(f"init_from=resume but {cfg.out_dir} has no checkpoint; "
                             f"train from scratch first or fix --out_dir")

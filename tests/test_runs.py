@@ -107,6 +107,9 @@ def test_a_fresh_run_never_deletes_a_run(run, capsys):
     assert Checkpointer(out, "latest").all_steps() == [3, 0]
     assert [json.loads(line)["iter"] for line in open(os.path.join(out, "metrics.jsonl"))] == [0, 3]
     assert not os.path.exists(os.path.join(out, rundir.LOCK_NAME))
+    # a run that fails before writing anything leaves no out_dir behind (the lock made it)
+    one_line(capsys, train_script.main(args(run, init_from="resume", out_dir=str(run / "none"))))
+    assert not os.path.exists(run / "none")
 
 
 def test_one_trainer_per_out_dir_and_a_killed_one_leaves_no_lock(run, capsys):
