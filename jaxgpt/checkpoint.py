@@ -43,8 +43,12 @@ def _quiet_orbax() -> None:
     previous = sys.unraisablehook
 
     def hook(u):
-        text = f"{u.exc_value} {u.object!r}"
-        if "Event loop is closed" in text or "orbax" in text or "array index" in text:
+        tb, files = u.exc_traceback, [getattr(getattr(u.object, "cr_code", None), "co_filename", "")]
+        while tb is not None:
+            files.append(tb.tb_frame.f_code.co_filename)
+            tb = tb.tb_next
+        if ("Event loop is closed" in str(u.exc_value) or disk_errno(u.exc_value) is not None
+                or any("orbax" in f or "tensorstore" in f for f in files)):
             return
         previous(u)
 
