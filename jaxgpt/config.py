@@ -287,7 +287,7 @@ def _field_types(cls) -> dict[str, type]:
 
 def _unknown_key(key: str, cls, where: str) -> UserError:
     valid = [f.name for f in fields(cls)]
-    close = difflib.get_close_matches(key, valid, n=1)
+    close = [k for k in valid if k.startswith(key) or key.startswith(k)] or difflib.get_close_matches(key, valid, n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""
     return UserError(f"unknown config key '{key}'{where}; {hint}valid keys: {', '.join(valid)}")
 
