@@ -10,9 +10,10 @@ values); the model and optimizer are the config's. For GPT-2 124M: --n_layer=12 
 --n_embd=768 --block_size=1024 --vocab_size=50304 (dtype=auto computes in bfloat16 on GPUs and TPUs).
 """
 
+import dataclasses
 import json
 import sys
-
+from dataclasses import dataclass
 from functools import partial
 
 import jax
@@ -20,7 +21,7 @@ from flax import nnx
 
 from jaxgpt import parallel
 from jaxgpt.benchmark import device_peak, flops_per_token, peak_memory_bytes, sampling_speed, summarize, time_steps
-from jaxgpt.config import parse_args
+from jaxgpt.config import INT32_MAX, coerce, parse_args, rng, validate_fields
 from jaxgpt.errors import run_cli
 from jaxgpt.model import build_model, model_config, num_params
 from jaxgpt.runtime import matmul_precision, resolve_dtype
@@ -28,18 +29,36 @@ from jaxgpt.sampling import Engine
 from jaxgpt.step import abstract_state, init_state, make_train_step
 
 
+@dataclass
+class BenchOptions:
+    """bench.py's own flags; every other flag is a training config key."""
+    steps: int = 50  # timed train steps
+    vocab_size: int = 65
+    sample_tokens: int = 0  # > 0: benchmark sampling this many new tokens instead of training
+    num_samples: int = 5
+    prompt_tokens: int = 1
+    window_keep: int = 0
+
+
+BENCH_RULES = {"steps": rng(1, 1_000_000), "vocab_size": rng(1, 1 << 22), "sample_tokens": rng(0, INT32_MAX),
+               "num_samples": rng(1, 1 << 20), "prompt_tokens": rng(1, 1 << 20),
+               "window_keep": rng(0, note="(0 means block_size)")}
+
+
 def bench_main(argv):
-    # bench.py's own flags; everything else is a training config flag
-    opts = {"steps": 50, "vocab_size": 65, "sample_tokens": 0, "num_samples": 5, "prompt_tokens": 1, "window_keep": 0}
-    rest = []
+    names = {f.name for f in dataclasses.fields(BenchOptions)}
+    values, rest = {}, []
     for a in argv:
         key = a[2:].split("=", 1)[0] if a.startswith("--") else None
-        if key in opts and "=" in a:
-            opts[key] = int(a.split("=", 1)[1])
+        if key in names and "=" in a:
+            values[key] = coerce(key, a.split("=", 1)[1], int)
         else:
             rest.append(a)
-    steps, vocab = opts["steps"], opts["vocab_size"]
-    cfg = parse_args(rest).validate()
+    o = BenchOptions(**values)
+    validate_fields(o, BENCH_RULES)
+    opts = dataclasses.asdict(o)
+    steps, vocab = o.steps, o.vocab_size
+    cfg = parse_args(rest).validate(paths=False)
     if not opts["sample_tokens"]:
         parallel.set_cpu_devices(cfg.cpu_devices)
         parallel.maybe_initialize_distributed()  # under a launcher: one job over all processes

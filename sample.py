@@ -4,28 +4,33 @@
         --max_new_tokens=500 --temperature=0.8 --top_k=200 --seed=1337
     python sample.py --init_from=gpt2 --start="The meaning of life is"   # or a directory / ckpt.pt
 
---start=FILE:prompt.txt reads the prompt from a file; --top_p=0.9 nucleus sampling;
+--start=FILE:prompt.txt reads the prompt from a file (UTF-8, or UTF-16/32 with a byte-order mark);
+--top_p=0.9 nucleus sampling;
 --stream prints the first sample as it is generated; --stop=STRING ends each sample at
 STRING; --which=latest samples from the latest checkpoint instead of the best one.
 Statistics go to stderr: tokens generated, tokens/s of prefill and decoding (compilation
-excluded), compilation seconds, and the wall time from the script's start.
+excluded), compilation seconds, and the wall time from the script's start. Every flag is checked
+(SAMPLE_RULES) and the prompt file read before the model is loaded; a request whose arrays cannot
+fit in free memory is refused before anything compiles (jaxgpt.sampling.check_fits).
 """
 
 import time
 
 T_START = time.perf_counter()  # before the imports: the wall time sample.py reports starts here
 
+import os
 import sys
 from dataclasses import dataclass
 
 import jax
 import numpy as np
 
-from jaxgpt.config import parse_args
-from jaxgpt.errors import UserError, check_choice, run_cli
+from jaxgpt.config import ANY, choice, nonempty, parse_args, rng, validate_fields
+from jaxgpt.errors import UserError, run_cli
 from jaxgpt.parallel import maybe_initialize_distributed
 from jaxgpt.run import load
-from jaxgpt.sampling import Engine, TextStream, check_sampling_args, cut_at_stop
+from jaxgpt.sampling import SAMPLING_RULES, Engine, TextStream, cut_at_stop
+from jaxgpt.tokenizer import decode_text
 
 SEPARATOR = "---------------"
 
@@ -47,28 +52,48 @@ class SampleConfig:
     which: str = "best"  # 'best' | 'latest' checkpoint
 
 
+SAMPLE_RULES = {
+    **SAMPLING_RULES,
+    "top_k": lambda key, v: v == 0 or SAMPLING_RULES["top_k"](key, v),  # the flag's 0 is the engine's None
+    "init_from": nonempty("use resume (the out_dir's checkpoint), a GPT-2 name or a path to weights"),
+    "out_dir": ANY,  # load() says what is missing there
+    "start": ANY,  # text, or FILE:path (read_prompt checks the file)
+    "num_samples": rng(1, 1 << 20), "seed": rng(0, 2**32, hi_open=True),
+    "stop": ANY,
+    "window_keep": rng(0, note="(0 means block_size)"),  # <= block_size: checked by the engine
+    "which": choice("best", "latest"),
+}
+MAX_PROMPT_BYTES = 64 << 20
+
+
 def read_prompt(start: str) -> str:
-    if start.startswith("FILE:"):
-        path = start[5:]
-        try:
-            with open(path, encoding="utf-8") as f:
-                return f.read()
-        except OSError as e:
-            raise UserError(f"cannot read prompt file {path}: {e.strerror}") from None
-    return start
+    """The prompt: `start` itself, or the text of FILE:path (UTF-8 with or without a byte-order
+    mark, UTF-16 or UTF-32 with one; see jaxgpt.tokenizer.decode_text)."""
+    if not start.startswith("FILE:"):
+        return start
+    path = start[5:]
+    if os.path.isdir(path):
+        raise UserError(f"cannot read prompt file {path}: it is a directory; pass --start=FILE:path/to/prompt.txt")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_PROMPT_BYTES + 1)
+    except OSError as e:
+        raise UserError(f"cannot read prompt file {path}: {e.strerror}") from None
+    if len(data) > MAX_PROMPT_BYTES:
+        raise UserError(f"prompt file {path} is over {MAX_PROMPT_BYTES >> 20} MiB; a prompt is at most that")
+    return decode_text(data, f"prompt file {path}")
 
 
 def sample_main(argv):
     sc = parse_args(argv, SampleConfig)
+    validate_fields(sc, SAMPLE_RULES)
+    prompt_text = read_prompt(sc.start)
     maybe_initialize_distributed()  # under a launcher, process 0 samples and prints; the others are done
     if jax.process_index() > 0:
         return 0
-    check_choice("which", sc.which, ("best", "latest"))
     top_k = sc.top_k or None
-    check_sampling_args(sc.max_new_tokens, sc.temperature, top_k, sc.top_p)
     resume = sc.init_from == "resume"
     graphdef, params, model_cfg, tok, _ = load(sc.out_dir if resume else sc.init_from, sc.which, run=resume)
-    prompt_text = read_prompt(sc.start)
     prompt = tok.encode(prompt_text)
     stop = tok.encode(sc.stop) if sc.stop else None
     engine = Engine(graphdef, params, model_cfg.block_size, vocab_size=tok.vocab_size)

@@ -4,8 +4,16 @@
 
 A config file is Python-shaped but never executed: it may only hold assignments
 ``name = value`` where the value is a literal or simple arithmetic on literals
-(``batch_size = 12``, ``gradient_accumulation_steps = 5 * 8``). Unknown keys and
-values of the wrong type stop with a `UserError` that lists the valid keys.
+(``batch_size = 12``, ``gradient_accumulation_steps = 5 * 8``), bounded: at most 1 MiB of
+UTF-8, values nested at most 50 deep, numbers of at most 256 bits, strings of at most 64 KiB, so
+no config can hang or exhaust memory while it is read. Unknown keys and values of the wrong type
+stop with a `UserError` that lists the valid keys; errors in a file name its path and line.
+
+Validation is a table: `Config.RULES` maps every key to a rule, `rule(key, value)` raising a
+UserError that names the key and its valid range (see `rng`, `choice`, `ANY`). A new key adds one
+line there (bool keys need none: their type is their range); cross-key checks live in
+`Config.validate`. The scripts' own configs (sample.py's, bench.py's) use the same mechanism
+through `validate_fields`.
 """
 
 from __future__ import annotations
@@ -14,12 +22,15 @@ import ast
 import dataclasses
 import difflib
 import json
+import math
 import operator
 import os
+import re
 from dataclasses import dataclass, fields
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from jaxgpt.errors import UserError, check_choice
+from jaxgpt.runtime import DTYPES, MATMUL_PRECISIONS
 
 # name -> (n_layer, n_head, n_embd) of the GPT-2 sizes (model_size=...); all have a 1024-token
 # context and 50257 tokens
@@ -29,6 +40,106 @@ GPT2_SIZES = {
     "gpt2-large": (36, 20, 1280),  # 774M
     "gpt2-xl": (48, 25, 1600),  # 1558M
 }
+
+LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+PATH_KEYS = ("out_dir", "data_dir")  # the keys whose rules look at the file system
+INT32_MAX = 2**31 - 1
+
+# ----------------------------------------------------------------------------- rules
+# rule(key, value) raises a UserError naming the key and what is allowed; None is fine.
+Rule = Callable[[str, Any], None]
+
+
+def show(value: Any, limit: int = 60) -> str:
+    """repr(value), cut to `limit` characters (a flag may carry megabytes)."""
+    r = repr(value)
+    return r if len(r) <= limit else r[:limit] + "..."
+
+
+def ANY(key: str, value: Any) -> None:
+    """Any value of the key's type (its type is checked when it is parsed)."""
+
+
+def rng(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False,
+        note: str = "") -> Rule:
+    """A finite number in the interval: rng(0, 1, hi_open=True) is [0, 1); rng(1) is >= 1.
+    `note` is added after the range, e.g. '(0 disables clipping)'."""
+    def rule(key: str, value: Any) -> None:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{key} must be a finite number, got {value}")
+        ok = ((lo is None or (value > lo if lo_open else value >= lo))
+              and (hi is None or (value < hi if hi_open else value <= hi)))
+        if not ok:
+            if lo is not None and hi is not None:
+                where = f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+            elif lo is not None:
+                where = f"{'>' if lo_open else '>='} {lo}"
+            else:
+                where = f"{'<' if hi_open else '<='} {hi}"
+            raise UserError(f"{key} must be {where}{' ' + note if note else ''}, got {show(value)}")
+    return rule
+
+
+def choice(*choices: Any) -> Rule:
+    return lambda key, value: check_choice(key, value, choices)
+
+
+def nonempty(hint: str) -> Rule:
+    def rule(key: str, value: str) -> None:
+        if not value.strip():
+            raise UserError(f"{key} is empty; {hint}")
+    return rule
+
+
+def directory_to_write(key: str, path: str) -> None:
+    """A directory that is (or can be) created and written: not a file, under a writable directory."""
+    if not path.strip():
+        raise UserError(f"{key} is empty; pass a directory, e.g. --{key}=out")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{key} {path} is a file, not a directory; pass a directory (it is created if missing)")
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UserError(f"{key} {path} cannot be created: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{key} {path} is not writable ({probe} does not allow writing); pick another directory")
+
+
+def directory_or_missing(key: str, path: str) -> None:
+    """Empty (the default), a directory, or a path not there yet; never a file."""
+    if path and os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{key} {path} is a file, not a directory; pass a directory")
+
+
+def mesh_shape_rule(key: str, value: str) -> None:
+    if value and not re.fullmatch(r"[1-9][0-9]{0,5}(x[1-9][0-9]{0,5})?", value.strip().lower()):
+        raise UserError(f"{key} must look like 'N' or 'DxF' with positive N, D, F (e.g. 2x4), or '' for all "
+                        f"devices; got {show(value)}")
+
+
+def lora_targets_rule(key: str, value: str) -> None:
+    targets = [t.strip() for t in value.split(",") if t.strip()]
+    if not targets:
+        raise UserError(f"{key} is empty; name one or more of {', '.join(LORA_TARGETS)}")
+    for t in targets:
+        check_choice(f"each of {key}", t, LORA_TARGETS)
+
+
+def validate_fields(obj, rules: dict[str, Rule]) -> None:
+    """Checks every field of the dataclass `obj` with its rule; an error from a value read from a
+    config file is prefixed with its file:line (see parse_args). bool fields need no rule."""
+    origins = getattr(obj, "_origins", {})
+    for f in fields(obj):
+        rule = rules.get(f.name)
+        if rule is None:
+            if _field_types(type(obj))[f.name] is bool:
+                continue
+            raise KeyError(f"{type(obj).__name__}.{f.name} has no validation rule; add one to its RULES")
+        try:
+            rule(f.name, getattr(obj, f.name))
+        except UserError as e:
+            raise UserError(f"{origins[f.name]}: {e}" if f.name in origins else str(e)) from None
 
 
 @dataclass
@@ -114,48 +225,59 @@ class Config:
         split = lambda s: tuple(p.strip() for p in s.split(",") if p.strip())  # noqa: E731
         return split(self.include), split(self.exclude)
 
-    def validate(self) -> "Config":
-        check_choice("model_type", self.model_type, ("gpt", "bigram"))
-        if not self.init_from:
-            raise UserError("init_from is empty; use scratch, resume, a GPT-2 name or a path to weights")
+    def validate(self, paths: bool = True) -> "Config":
+        """Every key against its rule in RULES (type and range, paths of the right kind; paths=False
+        leaves the paths alone, for bench.py, which writes none), then what depends on several keys.
+        Sets n_layer, n_head, n_embd from model_size."""
+        validate_fields(self, self.RULES if paths else {**self.RULES, **dict.fromkeys(PATH_KEYS, ANY)})
         if self.model_size:
-            check_choice("model_size", self.model_size, tuple(GPT2_SIZES))
             self.n_layer, self.n_head, self.n_embd = GPT2_SIZES[self.model_size]
-        from jaxgpt.runtime import DTYPES, MATMUL_PRECISIONS
-
-        check_choice("dtype", self.dtype, DTYPES)
-        check_choice("matmul_precision", self.matmul_precision, MATMUL_PRECISIONS)
-        check_choice("attn_impl", self.attn_impl, ("auto", "explicit", "xla", "cudnn"))
-        check_choice("sharding", self.sharding, ("dp", "fsdp"))
-        check_choice("on_nonfinite", self.on_nonfinite, ("stop", "skip"))
-        check_choice("tokenizer", self.tokenizer, ("char", "gpt2"))
-        check_choice("finetune_method", self.finetune_method, ("full", "lora"))
         if self.finetune_method == "lora":
             if self.init_from == "scratch":
                 raise UserError("finetune_method=lora trains adapters on a base model; set --init_from to a GPT-2 "
                                 "name, a Hugging Face directory, a nanoGPT ckpt.pt or a jaxgpt out_dir")
             if self.model_type != "gpt":
                 raise UserError("finetune_method=lora needs model_type=gpt")
-            if self.lora_rank < 1:
-                raise UserError(f"lora_rank must be >= 1, got {self.lora_rank}")
-            targets = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
             self.lora_targets = ",".join(t.strip() for t in self.lora_targets.split(",") if t.strip())
-            for t in self.lora_targets.split(","):
-                check_choice("each of lora_targets", t, targets)
-            if not 0.0 <= self.lora_dropout < 1.0:
-                raise UserError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        for name in ("batch_size", "block_size", "n_layer", "n_head", "n_embd",
-                     "gradient_accumulation_steps", "eval_iters", "eval_interval", "log_interval"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_iters < 0:
-            raise UserError(f"max_iters must be >= 0, got {self.max_iters}")
         if self.model_type == "gpt" and self.n_embd % self.n_head:
             raise UserError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
                             f"pick e.g. n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.decay_lr and self.min_lr > self.learning_rate:
+            raise UserError(f"min_lr ({self.min_lr}) must be <= learning_rate ({self.learning_rate}): the schedule "
+                            f"decays from learning_rate to min_lr; lower --min_lr or pass --decay_lr=False")
         return self
+
+
+# Every key's rule (bool keys need none). Counts and sizes have upper bounds far above any real
+# run, so that a typo (an extra zero or two) fails here instead of exhausting memory later.
+Config.RULES = {
+    "out_dir": directory_to_write,
+    "eval_interval": rng(1, INT32_MAX), "log_interval": rng(1, INT32_MAX), "eval_iters": rng(1, INT32_MAX),
+    "init_from": nonempty("use scratch, resume, a GPT-2 name or a path to weights"),
+    "finetune_method": choice("full", "lora"),
+    "lora_rank": rng(1, 65536), "lora_alpha": rng(0, lo_open=True), "lora_dropout": rng(0, 1, hi_open=True),
+    "lora_targets": lora_targets_rule,
+    "dataset": ANY,  # only names data/<dataset> and the download
+    "data_dir": directory_or_missing,
+    "input_file": ANY,  # read (and checked) only when data_dir is not prepared yet: jaxgpt.prepare
+    "tokenizer": choice("char", "gpt2"),
+    "tokenizer_dir": ANY,  # checked where it is read, only for the gpt2 tokenizer: jaxgpt.tokenizer.load_bpe
+    "include": ANY, "exclude": ANY,  # globs, checked where the corpus is listed: jaxgpt.prepare.glob_regex
+    "gradient_accumulation_steps": rng(1, 1 << 20), "batch_size": rng(1, 1 << 20), "block_size": rng(1, 1 << 20),
+    "model_type": choice("gpt", "bigram"),
+    "model_size": lambda key, v: v == "" or check_choice(key, v, tuple(GPT2_SIZES)),  # "": n_layer, n_head, n_embd
+    "n_layer": rng(1, 4096), "n_head": rng(1, 4096), "n_embd": rng(1, 1 << 17),
+    "dropout": rng(0, 1, hi_open=True),
+    "learning_rate": rng(0, lo_open=True), "max_iters": rng(0, INT32_MAX),
+    "weight_decay": rng(0), "beta1": rng(0, 1, hi_open=True), "beta2": rng(0, 1, hi_open=True),
+    "grad_clip": rng(0, note="(0 disables clipping)"),
+    "on_nonfinite": choice("stop", "skip"),
+    "warmup_iters": rng(0, INT32_MAX), "lr_decay_iters": rng(0, INT32_MAX), "min_lr": rng(0),
+    "dtype": choice(*DTYPES), "matmul_precision": choice(*MATMUL_PRECISIONS),
+    "attn_impl": choice("auto", "explicit", "xla", "cudnn"),
+    "seed": rng(0, 2**32, hi_open=True),
+    "sharding": choice("dp", "fsdp"), "mesh_shape": mesh_shape_rule, "cpu_devices": rng(0, 4096),
+}
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -167,7 +289,7 @@ def _field_types(cls) -> dict[str, type]:
 
 def _unknown_key(key: str, cls, where: str) -> UserError:
     valid = [f.name for f in fields(cls)]
-    close = difflib.get_close_matches(key, valid, n=1)
+    close = [k for k in valid if k.startswith(key) or key.startswith(k)] or difflib.get_close_matches(key, valid, n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""
     return UserError(f"unknown config key '{key}'{where}; {hint}valid keys: {', '.join(valid)}")
 
@@ -184,51 +306,106 @@ def coerce(key: str, value: Any, typ: type) -> Any:
                 return False
         else:
             try:
-                value = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
+                value = ast.literal_eval(text) if len(text) <= 1000 else text  # a number is short
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
                 pass
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if typ is bool and not isinstance(value, bool):
-        raise UserError(f"{key} expects True or False, got {value!r}")
+        raise UserError(f"{key} expects True or False, got {show(value)}")
     if typ is int and (isinstance(value, bool) or not isinstance(value, int)):
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise UserError(f"{key} expects an integer, got {value!r}")
+        raise UserError(f"{key} expects an integer, got {show(value)}")
     if typ is float and not isinstance(value, float):
-        raise UserError(f"{key} expects a number, got {value!r}")
+        raise UserError(f"{key} expects a number, got {show(value)}")
     if typ is str and not isinstance(value, str):
-        raise UserError(f"{key} expects a string, got {value!r}")
+        raise UserError(f"{key} expects a string, got {show(value)}")
     return value
 
 
 _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
            ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Pow: operator.pow,
            ast.Mod: operator.mod}
+# Bounds on reading a config file: no file, expression or value may hang or exhaust memory.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_DEPTH = 50  # nesting of an expression
+MAX_INT_BITS = 256
+MAX_STR = 1 << 16
+_VALUE_TYPES = (bool, int, float, str)
 
 
-def _literal(node: ast.AST) -> Any:
-    """Evaluates literals and arithmetic on them; nothing else (no names, no calls)."""
+def _bounded(value: Any) -> Any:
+    if not isinstance(value, _VALUE_TYPES):
+        raise ValueError(f"values must be numbers, strings or True/False, not {type(value).__name__}")
+    if isinstance(value, int) and value.bit_length() > MAX_INT_BITS:
+        raise ValueError(f"a number over 2**{MAX_INT_BITS} is not a config value")
+    if isinstance(value, str) and len(value) > MAX_STR:
+        raise ValueError(f"a string over {MAX_STR} characters is not a config value")
+    return value
+
+
+def _binop(op: ast.operator, a: Any, b: Any) -> Any:
+    """a op b, refused before it is computed when its result would be too large."""
+    if isinstance(op, ast.Pow) and isinstance(a, int) and isinstance(b, int) and b > 0 \
+            and a not in (0, 1, -1) and a.bit_length() * b > MAX_INT_BITS + 64:
+        raise ValueError(f"a number over 2**{MAX_INT_BITS} is not a config value")
+    if isinstance(op, ast.Mult) and {type(a), type(b)} & {str} and {type(a), type(b)} & {int, bool}:
+        s, n = (a, b) if isinstance(a, str) else (b, a)
+        if len(s) * max(n, 0) > MAX_STR:
+            raise ValueError(f"a string over {MAX_STR} characters is not a config value")
+    if isinstance(op, ast.Mod) and isinstance(a, str):
+        raise ValueError("string formatting (%) is not allowed")
+    return _BINOPS[type(op)](a, b)
+
+
+def _literal(node: ast.AST, depth: int = 0) -> Any:
+    """Evaluates literals and arithmetic on them; nothing else (no names, no calls), bounded in
+    depth and in the size of every intermediate value."""
+    if depth > MAX_DEPTH:
+        raise ValueError(f"the value is nested more than {MAX_DEPTH} deep")
     if isinstance(node, ast.Constant):
-        return node.value
+        return _bounded(node.value)
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-        v = _literal(node.operand)
-        return -v if isinstance(node.op, ast.USub) else +v
+        v = _literal(node.operand, depth + 1)
+        return _bounded(-v if isinstance(node.op, ast.USub) else +v)
     if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-        return _BINOPS[type(node.op)](_literal(node.left), _literal(node.right))
+        return _bounded(_binop(node.op, _literal(node.left, depth + 1), _literal(node.right, depth + 1)))
     raise ValueError("only literals and arithmetic on them are allowed")
 
 
-def load_config_file(path: str, cls=Config) -> dict[str, Any]:
-    """Reads `name = value` assignments from a config file without executing it."""
-    if not os.path.isfile(path):
+def read_config_source(path: str) -> str:
+    """The text of a config file: an existing regular file of at most MAX_CONFIG_BYTES of UTF-8."""
+    if not os.path.exists(path):
         raise UserError(f"config file not found: {path}; pass an existing file, e.g. --config configs/shakespeare_char_cpu.py")
-    with open(path, encoding="utf-8") as f:
-        source = f.read()
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path} is not a file (a directory?); pass a config file, e.g. "
+                        f"--config configs/shakespeare_char_cpu.py")
+    size = os.path.getsize(path)
+    if size > MAX_CONFIG_BYTES:
+        raise UserError(f"config file {path} has {size:,} bytes, over the {MAX_CONFIG_BYTES:,} a config file may "
+                        f"have; is it the right file?")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise UserError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {path} is not UTF-8 text (bad byte at offset {e.start}); save it as UTF-8") from None
+
+
+def load_config_file(path: str, cls=Config, origins: dict[str, str] | None = None) -> dict[str, Any]:
+    """Reads `name = value` assignments from a config file without executing it; `origins`, when
+    given, receives 'path:line' of each key."""
+    source = read_config_source(path)
     try:
         tree = ast.parse(source, filename=path)
     except SyntaxError as e:
         raise UserError(f"{path}:{e.lineno}: syntax error in config file: {e.msg}") from None
+    except (RecursionError, MemoryError):
+        raise UserError(f"{path}: an expression in this config file is nested too deeply to read") from None
     types = _field_types(cls)
     values: dict[str, Any] = {}
     for stmt in tree.body:
@@ -242,9 +419,14 @@ def load_config_file(path: str, cls=Config) -> dict[str, Any]:
             raise _unknown_key(key, cls, f" in {path}:{stmt.lineno}")
         try:
             raw = _literal(stmt.value)
-        except ValueError as e:
+        except (ValueError, TypeError, ZeroDivisionError, OverflowError) as e:
             raise UserError(f"{path}:{stmt.lineno}: {key}: {e}") from None
-        values[key] = coerce(key, raw, types[key])
+        try:
+            values[key] = coerce(key, raw, types[key])
+        except UserError as e:
+            raise UserError(f"{path}:{stmt.lineno}: {e}") from None
+        if origins is not None:
+            origins[key] = f"{path}:{stmt.lineno}"
     return values
 
 
@@ -255,6 +437,7 @@ def parse_args(argv: Sequence[str], cls=Config):
     """
     types = _field_types(cls)
     values: dict[str, Any] = {}
+    origins: dict[str, str] = {}  # key -> 'file:line' of the config file that set it last
     overrides: list[tuple[str, str]] = []
     args = list(argv)
     i = 0
@@ -263,24 +446,27 @@ def parse_args(argv: Sequence[str], cls=Config):
         if arg == "--config":
             if i + 1 >= len(args):
                 raise UserError("--config needs a file path, e.g. --config configs/shakespeare_char_cpu.py")
-            values.update(load_config_file(args[i + 1], cls))
+            values.update(load_config_file(args[i + 1], cls, origins))
             i += 2
             continue
         if arg.startswith("--config="):
-            values.update(load_config_file(arg.split("=", 1)[1], cls))
+            values.update(load_config_file(arg.split("=", 1)[1], cls, origins))
         elif arg.startswith("--"):
             if "=" not in arg:
                 raise UserError(f"flags take the form --key=value; got '{arg}'")
             key, value = arg[2:].split("=", 1)
             overrides.append((key, value))
         else:
-            values.update(load_config_file(arg, cls))
+            values.update(load_config_file(arg, cls, origins))
         i += 1
     for key, value in overrides:
         if key not in types:
             raise _unknown_key(key, cls, "")
         values[key] = coerce(key, value, types[key])
-    return cls(**values)
+        origins.pop(key, None)
+    obj = cls(**values)
+    obj._origins = origins  # not a field: validate_fields names the file:line of a bad value
+    return obj
 
 
 def format_config(cfg) -> str:

@@ -21,15 +21,84 @@ from jaxgpt import parallel
 from jaxgpt.errors import UserError
 
 SPLITS = ("train", "val")
+# Token arrays up to this size are copied to the device once and batches are cut there,
+# inside jit; larger corpora stay in the memmap and batches are read on the host.
+RESIDENT_BYTES = 1 << 30
+
+
+# What meta.json must hold, whatever the tokenizer: key -> type
+META_TYPES = {"tokenizer": str, "vocab_size": int, "dtype": str}
+TOKEN_DTYPES = ("uint16", "uint32")
+
+
+def _redo(data_dir: str) -> str:
+    return (f"delete {os.path.join(data_dir, 'meta.json')} and rerun with --input_file (or python -m jaxgpt.prepare "
+            f"--input FILE --data_dir {data_dir}) to prepare it again")
 
 
 def load_meta(data_dir: str) -> dict[str, Any]:
-    with open(os.path.join(data_dir, "meta.json"), encoding="utf-8") as f:
-        return json.load(f)
+    """meta.json of a prepared data_dir, checked: a damaged or foreign file is one UserError
+    naming it and how to prepare the data again."""
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isdir(data_dir):
+        raise UserError(f"data_dir {data_dir} is not a directory; pass the directory jaxgpt.prepare wrote")
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found: {data_dir} is not prepared; prepare it with python -m jaxgpt.prepare "
+                        f"--input FILE --data_dir {data_dir} (or train with --input_file)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UserError(f"{path} is damaged ({str(e).splitlines()[0][:80]}); {_redo(data_dir)}") from None
+    problem = meta_problem(meta)
+    if problem:
+        raise UserError(f"{path} is damaged ({problem}); {_redo(data_dir)}")
+    return meta
+
+
+def meta_problem(meta: Any) -> str:
+    """What is wrong with a meta.json's content, or '' when it is usable."""
+    if not isinstance(meta, dict):
+        return "not a JSON object"
+    for key, typ in META_TYPES.items():
+        if key not in meta:
+            return f"no {key!r}"
+        if not isinstance(meta[key], typ) or isinstance(meta[key], bool):
+            return f"{key!r} is {meta[key]!r}, not {'an integer' if typ is int else 'a string'}"
+    if meta["dtype"] not in TOKEN_DTYPES:
+        return f"'dtype' is {meta['dtype']!r}, not one of {', '.join(TOKEN_DTYPES)}"
+    if not 1 <= meta["vocab_size"] <= np.iinfo(np.dtype(meta["dtype"])).max + 1:
+        return f"'vocab_size' {meta['vocab_size']} does not fit its dtype {meta['dtype']}"
+    if meta["tokenizer"] == "char" and not (isinstance(meta.get("chars"), list)
+                                            and len(meta["chars"]) == meta["vocab_size"]
+                                            and all(isinstance(c, str) and len(c) == 1 for c in meta["chars"])):
+        return "'chars' is not a list of vocab_size characters"
+    return ""
 
 
 def load_split(data_dir: str, split: str, meta: dict[str, Any]) -> np.ndarray:
-    return np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.dtype(meta["dtype"]), mode="r")
+    """The tokens of a split (np.memmap), checked against meta.json: a file cut short or of the
+    wrong size, and (for a corpus that fits on the devices, which is read whole anyway) ids past
+    the vocabulary, are one UserError naming the file."""
+    path = os.path.join(data_dir, f"{split}.bin")
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found; {_redo(data_dir)}")
+    dtype = np.dtype(meta["dtype"])
+    size = os.path.getsize(path)
+    expected = meta.get(f"{split}_tokens")
+    if size % dtype.itemsize or (isinstance(expected, int) and size != expected * dtype.itemsize):
+        want = f"{expected:,} {dtype.name} tokens" if isinstance(expected, int) else f"whole {dtype.name} tokens"
+        raise UserError(f"{path} has {size:,} bytes, not the {want} ({dtype.itemsize} bytes each) meta.json "
+                        f"describes: it is damaged or cut short; {_redo(data_dir)}")
+    if size == 0:
+        raise UserError(f"{path} holds no tokens; use a larger corpus, then {_redo(data_dir)}")
+    tokens = np.memmap(path, dtype=dtype, mode="r")
+    if tokens.nbytes <= RESIDENT_BYTES:
+        top = int(tokens.max())
+        if top >= meta["vocab_size"]:
+            raise UserError(f"{path} holds token id {top}, outside the vocabulary of {meta['vocab_size']} in "
+                            f"meta.json: the files do not belong together; {_redo(data_dir)}")
+    return tokens
 
 
 def batch_offsets(key: jax.Array, n_tokens: int, batch_size: int, block_size: int) -> jax.Array:
@@ -57,10 +126,6 @@ def get_batch(key: jax.Array, data, batch_size: int, block_size: int):
 # ---------------------------------------------------------------------------------------------
 # Batches on the devices
 
-# Token arrays up to this size are copied to the device once and batches are cut there,
-# inside jit; larger corpora stay in the memmap and batches are read on the host.
-RESIDENT_BYTES = 1 << 30
-
 
 def make_batch_fn(tokens: np.ndarray, batch_size: int, block_size: int, accum: int,
                   sharding: NamedSharding) -> Callable:
@@ -70,8 +135,9 @@ def make_batch_fn(tokens: np.ndarray, batch_size: int, block_size: int, accum: i
     that fits is copied to the devices once and cut there, inside jit; a larger one stays in
     the memmap and each process reads only the rows of its own devices.
     """
-    if tokens.shape[0] < block_size + 2:
-        raise UserError(f"a data split has {tokens.shape[0]} tokens, fewer than block_size + 1 = "
+    if tokens.shape[0] < block_size + 1:  # one window: block_size inputs and the target after them
+        name = getattr(tokens, "filename", None) or "a data split"
+        raise UserError(f"{name} has {tokens.shape[0]} tokens, fewer than block_size + 1 = "
                         f"{block_size + 1}; use a larger corpus or a smaller --block_size")
     n_micro = max(accum, 1)
     squeeze = (lambda t: t[0]) if accum == 0 else (lambda t: t)

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from jaxgpt import tokenizer as tok_lib
 from jaxgpt.data import SPLITS, load_meta
-from jaxgpt.errors import UserError
+from jaxgpt.errors import UserError, run_cli
 from jaxgpt.tokenizer import CharTokenizer
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -55,6 +55,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def read_text(path: str) -> str:
     if not os.path.isfile(path):
         raise UserError(f"input file not found: {path}; pass an existing text file with --input_file=PATH")
+    check_not_utf16(path)
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -63,6 +64,16 @@ def read_text(path: str) -> str:
     if not text:
         raise UserError(f"{path} is empty; give a text corpus to train on")
     return text
+
+
+def check_not_utf16(path: str) -> None:
+    """A corpus is UTF-8 (a UTF-8 byte-order mark is kept as a character): a UTF-16 or UTF-32 file,
+    recognised by its byte-order mark, is one line saying how to convert it."""
+    with open(path, "rb") as f:
+        enc = tok_lib.bom_encoding(f.read(4))
+    if enc in ("utf-16", "utf-32"):
+        raise UserError(f"{path} is {enc.upper()} text (it starts with a {enc.upper()} byte-order mark); convert it "
+                        f"to UTF-8 first, e.g. iconv -f {enc.upper()} -t UTF-8 {path} > {os.path.basename(path)}.utf8")
 
 
 def encode_chars(text: str, tok: CharTokenizer) -> np.ndarray:
@@ -107,7 +118,10 @@ def glob_regex(pattern: str) -> re.Pattern:
         else:
             out.append(re.escape(p[i]))
             i += 1
-    return re.compile("(?s:" + "".join(out) + r")\Z")
+    try:
+        return re.compile("(?s:" + "".join(out) + r")\Z")
+    except re.error as e:
+        raise UserError(f"the glob {pattern!r} is malformed ({e.msg}); fix the --include / --exclude pattern") from None
 
 
 def _matches(rel: str, patterns: Sequence[re.Pattern]) -> bool:
@@ -164,6 +178,7 @@ def find_corpus(input_path: str, include: Sequence[str] = (), exclude: Sequence[
         size = os.path.getsize(input_path)
         if size == 0:
             raise UserError(f"{input_path} is empty; give a text corpus to train on")
+        check_not_utf16(input_path)
         return Corpus(source, [source], size, 0, False)
     if not os.path.isdir(input_path):
         raise UserError(f"input file not found: {input_path}; pass an existing text file or directory "
@@ -444,6 +459,8 @@ def prepare(input_path: str, data_dir: str, tokenizer: str = "char", tokenizer_d
         raise UserError(f"val_fraction must be between 0 and 1, not {val_fraction}")
     if workers < 0:
         raise UserError(f"workers must be >= 0 (0: automatic), not {workers}")
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise UserError(f"data_dir {data_dir} is a file, not a directory; pass a directory for the prepared data")
     t0 = time.perf_counter()
     corpus = find_corpus(input_path, include, exclude, data_dir)
     tok = tok_lib.tokenizer_from_meta(tokenizer_meta) if tokenizer_meta else None
@@ -533,8 +550,16 @@ def ensure_prepared(data_dir: str, dataset: str, input_file: str = "", tokenizer
     return load_meta(data_dir)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: a bad flag is a UserError like every other mistake."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (python -m jaxgpt.prepare --help lists the flags)")
+
+
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Prepare a text file or a directory of text files for jaxgpt.")
+    """python -m jaxgpt.prepare: exits with code 2 and one 'error: ...' line on a mistake."""
+    p = _Parser(description="Prepare a text file or a directory of text files for jaxgpt.")
     p.add_argument("--input", required=True, help="UTF-8 text file, or a directory (each file one document)")
     p.add_argument("--data_dir", required=True, help="where to write train.bin, val.bin, meta.json")
     p.add_argument("--tokenizer", default="char", choices=tok_lib.KINDS, help="char, or GPT-2's BPE")
@@ -545,13 +570,16 @@ def main(argv=None) -> None:
                    help="directory input: skip files matching GLOB (repeatable; hidden ones are always skipped)")
     p.add_argument("--val_fraction", type=float, default=0.1, help="share of the corpus held out for val")
     p.add_argument("--workers", type=int, default=0, help="gpt2: tokenizer processes (0: automatic)")
-    a = p.parse_args(argv)
-    try:
+
+    def body(args):
+        a = p.parse_args(args)
         prepare(a.input, a.data_dir, tokenizer=a.tokenizer, tokenizer_dir=a.tokenizer_dir, include=a.include,
                 exclude=a.exclude, val_fraction=a.val_fraction, workers=a.workers)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 0
+
+    rc = run_cli(body, sys.argv[1:] if argv is None else list(argv))
+    if rc:
+        sys.exit(rc)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ with their keys, and a seed fixes the output.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -35,20 +36,62 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxgpt.config import rng
 from jaxgpt.errors import UserError
 
 F32 = jnp.float32
+# the rules of the sampling arguments (jaxgpt.config's mechanism; sample.py's flags share them)
+SAMPLING_RULES = {
+    "max_new_tokens": rng(1),  # the bound is the buffer's int32 index, checked in generate
+    "temperature": rng(0, note="(0 means greedy)"),
+    "top_k": lambda key, v: v is None or rng(1, note="(or 0 for no limit)")(key, v),  # None: no limit
+    "top_p": rng(0, 1, lo_open=True),
+}
+# a request may use this share of the free memory (the rest: compiled programs, fragmentation)
+MEMORY_SHARE = 0.9
 
 
 def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float = 1.0) -> None:
-    if max_new_tokens < 1:
-        raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise UserError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise UserError(f"top_k must be >= 1 (or 0 for no limit), got {top_k}")
-    if not 0.0 < top_p <= 1.0:
-        raise UserError(f"top_p must be in (0, 1], got {top_p}")
+    for key, value in (("max_new_tokens", max_new_tokens), ("temperature", temperature), ("top_k", top_k),
+                       ("top_p", top_p)):
+        SAMPLING_RULES[key](key, value)
+
+
+def available_memory() -> tuple[int, str]:
+    """(bytes free for a new request, what they are): the accelerator's free memory where JAX
+    reports it, else the host's available memory (/proc/meminfo's MemAvailable)."""
+    dev = jax.devices()[0]
+    if dev.platform != "cpu":
+        stats = dev.memory_stats() or {}
+        if "bytes_limit" in stats:
+            return stats["bytes_limit"] - stats.get("bytes_in_use", 0), f"free memory on the {dev.device_kind}"
+    try:
+        with open("/proc/meminfo") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+        return kb * 1024, "available host memory"
+    except (OSError, StopIteration, ValueError, IndexError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "free host memory"
+
+
+def nbytes(tree) -> int:
+    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def check_fits(need: int, num_samples: int, max_new_tokens: int, memory: tuple[int, str] | None = None) -> None:
+    """Refuses a request whose arrays need more than MEMORY_SHARE of the free memory, before
+    anything is allocated or compiled, naming a num_samples that would fit."""
+    free, what = memory or available_memory()
+    budget = int(MEMORY_SHARE * free)
+    if need <= budget:
+        return
+    gib = lambda n: f"{n / 2**30:.1f} GiB"  # noqa: E731
+    fit = budget * num_samples // need  # the arrays grow linearly with num_samples
+    fix = (f"pass num_samples={fit} or fewer, or a smaller max_new_tokens" if fit >= 1 else
+           f"even num_samples=1 does not fit; pass a smaller max_new_tokens "
+           f"(about {max(1, budget * max_new_tokens // max(1, need * num_samples)):,})")
+    raise UserError(f"the request (num_samples={num_samples} x max_new_tokens={max_new_tokens}) needs about "
+                    f"{gib(need)} for its KV cache, token buffer and logits, more than the {gib(budget)} it may use "
+                    f"of the {gib(free)} of {what}; {fix}")
 
 
 def sample_token(key, logits, temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0):
@@ -188,23 +231,30 @@ class Engine:
         keep = window_keep or block
         if not 1 <= keep <= block:
             raise UserError(f"window_keep must be in 1..block_size ({block}), got {window_keep}")
-        if keys is None:
-            if key is None:
-                raise UserError("generate needs a PRNG key: pass key= (or keys=, one per sample)")
-            keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num_samples))
-        N, P, chunk = keys.shape[0], len(prompt), self.chunk
+        if keys is None and key is None:
+            raise UserError("generate needs a PRNG key: pass key= (or keys=, one per sample)")
+        N, P, chunk = num_samples if keys is None else keys.shape[0], len(prompt), self.chunk
+        rng(1)("num_samples", N)
         # The buffer holds prompt + new tokens; its length is bucketed, so that similar requests
         # share compilations. The cache needs no more slots than the buffer has tokens.
         L = bucket(P, 1 << 30) + -(-max_new_tokens // chunk) * chunk
+        if L > 2**31 - 1:  # buffer positions are int32
+            raise UserError(f"max_new_tokens={max_new_tokens} after a {P}-token prompt is more than one request can "
+                            f"hold (2**31 - 1 tokens); ask for fewer")
         S = min(block, L)
         n, start = P, max(0, P - block)  # the cache holds buf[start:n]
         Tb = bucket(P - start, block)  # prefill window, padded to a power of two
-        buf = jnp.zeros((N, L), jnp.int32).at[:, :P].set(jnp.asarray(prompt, jnp.int32))
         i32 = jnp.int32
-        self.compile_seconds = 0.0
         prefill_fn = self._prefill_fn(N, Tb, S, logits)
+        # what the request holds (cache, buffer, logits: the loop's carry), known before anything is
+        # allocated or compiled; twice, for the carry in and out of a step, plus the host's copy
+        carry = jax.eval_shape(prefill_fn, self.params, jax.ShapeDtypeStruct((N, L), jnp.int32), i32(P), i32(start))
+        check_fits(2 * nbytes(carry) + N * max_new_tokens * 4, N, max_new_tokens)
+        if keys is None:
+            keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(N))
+        buf = jnp.zeros((N, L), jnp.int32).at[:, :P].set(jnp.asarray(prompt, jnp.int32))
+        self.compile_seconds = 0.0
         prefill = self._compile("prefill", (N, Tb, S, logits), prefill_fn, self.params, buf, i32(P), i32(start))
-        carry = jax.eval_shape(prefill_fn, self.params, buf, i32(P), i32(start))
         static = (N, float(temperature), top_k, float(top_p))
         loops = {}
 

@@ -10,6 +10,7 @@ encoding is stored by name, any other BPE encoding is embedded whole.
 from __future__ import annotations
 
 import base64
+import codecs
 import json
 import os
 from typing import Any, Iterable, Sequence
@@ -25,6 +26,26 @@ EOT = "<|endoftext|>"
 # original). data.py relies on its shape to cut large files where tokens cannot change.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 KINDS = ("char", "gpt2")
+# byte-order marks, longest first (UTF-32-LE's starts with UTF-16-LE's) -> the codec that drops it
+BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+        (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def bom_encoding(head: bytes) -> str:
+    """'utf-32', 'utf-8-sig' or 'utf-16' when `head` starts with that byte-order mark, else ''."""
+    return next((enc for bom, enc in BOMS if head.startswith(bom)), "")
+
+
+def decode_text(data: bytes, path: str) -> str:
+    """Text of a file that says its encoding: UTF-8 with or without a byte-order mark, UTF-16 or
+    UTF-32 with one. Anything else must be UTF-8; otherwise one UserError naming the file, the
+    first bad byte and the fix."""
+    enc = bom_encoding(data) or "utf-8"
+    try:
+        return data.decode(enc)
+    except UnicodeDecodeError as e:
+        name = enc.upper().replace("-SIG", "")
+        raise UserError(f"{path} is not {name} text (bad byte at offset {e.start}); convert it to UTF-8 first") from None
 
 
 class CharTokenizer:
