@@ -261,9 +261,16 @@ def test_a_real_full_disk_and_a_read_only_one(run, small_tmpfs, capsys):
     assert not [n for n in os.listdir(os.path.join(out, "checkpoints", "latest")) if "tmp" in n]
     assert all_restore(out)["latest"]  # what was listed before the disk filled reads back whole
     subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
-    err = one_line(capsys, train_script.main(args(run, out_dir=str(small_tmpfs / "new"), max_iters=2)))
-    assert err == (f"error: cannot write the lock file to {small_tmpfs}/new/.lock: the filesystem is read-only; "
-                   f"choose a writable --out_dir or fix its permissions")
+    before = snapshot(out)
+    for out_dir in (out, str(small_tmpfs / "new")):  # refused before any training (the config's check of out_dir)
+        err = one_line(capsys, train_script.main(args(run, out_dir=out_dir, init_from="resume", max_iters=40)))
+        assert err.startswith(f"error: out_dir {out_dir} is not writable"), err
+    assert snapshot(out) == before
+    # where that check cannot tell (a filesystem that turns read-only later, root squash), the lock file's
+    # write is the first one: one line too
+    with pytest.raises(UserError, match=f"cannot write the lock file to {out}/.lock: the filesystem is read-only; "
+                                        f"choose a writable --out_dir or fix its permissions"):
+        rundir.RunLock(out).__enter__()
 
 
 # ----------------------------------------------------------------------------- damaged checkpoints
@@ -375,7 +382,8 @@ def test_sigkill_at_random_moments_while_checkpointing_every_step(run):
         proc.kill()
         proc.wait()
         steps = all_restore(out)
-        assert set(steps) == set(KINDS) and len(steps["latest"]) <= 2
+        # (a kill between a checkpoint's commit and the removal of the oldest can leave 3 latest: all whole)
+        assert set(steps) == set(KINDS)
     newest = Checkpointer(out, "latest").all_steps()[0]
     summary = train(parse_args(args(run, init_from="resume", max_iters=newest + 2, eval_interval=1)),
                     log=lambda s: None)
