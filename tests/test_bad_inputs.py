@@ -54,7 +54,7 @@ class Row:
     script: str  # a key of SCRIPTS, or "python -m jaxgpt.prepare" etc. for a subprocess (argv[0] is the module)
     argv: list[str]
     expect: str  # a substring of the one error line (formatted like argv)
-    setup: Callable[[Path, Path], None] | None = None  # (tmp, data) -> None
+    setup: Callable[[Path, Path], None] | None = None  # (tmp, data) -> None, or a cleanup to call after the row
     early: bool = True  # fails while checking flags / files: nothing may compile
     code: int = 2
     subprocess: bool = False
@@ -113,6 +113,17 @@ def append_byte(split: str) -> Callable:
 LATIN1 = "caf\xe9 au lait\n".encode("latin-1") * 20
 UTF16 = codecs.BOM_UTF16_LE + make_corpus(200).encode("utf-16-le")
 UTF32 = codecs.BOM_UTF32_LE + make_corpus(200).encode("utf-32-le")
+
+def locked(name: str) -> Callable:
+    """{tmp}/name held by another trainer's lock (this process, through its own open file: flock
+    refuses a second open file description as it refuses another process); released after the row."""
+    def setup(tmp: Path, data_dir: Path):
+        from jaxgpt.rundir import RunLock
+
+        lock = RunLock(str(tmp / name)).__enter__()
+        return lock.release
+    return setup
+
 
 # --------------------------------------------------------------------------- the table
 
@@ -293,6 +304,23 @@ ROWS = [
     flag("hf", "x", "unknown config key 'hf'; did you mean 'hf_dir'?", "export", ["--out_dir={run}"]),
     Row("export-no-checkpoint", "export", ["--out_dir={tmp}", "--hf_dir={tmp}/hf"], "no checkpoint in {tmp}",
         early=False),
+    Row("export-hf_dir-not-empty", "export", ["--out_dir={run}", "--hf_dir={tmp}/hf"],
+        "{tmp}/hf is not empty; export to a new directory, or pass --overwrite=True", mkdir("hf", {"a.txt": b"mine"})),
+    Row("export-jaxgpt_dir-holds-a-run", "export", ["--out_dir={run}", "--jaxgpt_dir={tmp}/other"],
+        "{tmp}/other already holds a run; export to a new directory, or pass --overwrite=True",
+        write("other/checkpoints/latest/keep", b"1")),
+    Row("export-onto-its-own-run", "export", ["--out_dir={run}", "--jaxgpt_dir={run}", "--overwrite=True"],
+        "{run} already holds a run; export to a new directory (it holds the run being exported"),
+    Row("export-hf_dir-is-a-file", "export", ["--out_dir={run}", "--hf_dir={tmp}/f"], "--hf_dir={tmp}/f is a file",
+        write("f", "x")),
+    # --- runs and their directories: a fresh run never replaces a run; one trainer per out_dir
+    Row("train-fresh-run-over-a-run", "train", T + ["--init_from=scratch"],
+        "{run} already holds a run (latest checkpoint at iter 4); continue it with --init_from=resume, or pass "
+        "--overwrite=True"),
+    Row("train-finetune-over-a-run", "train", T + ["--init_from={run}"],
+        "{run} already holds a run (latest checkpoint at iter 4); continue it with --init_from=resume"),
+    Row("train-locked-out_dir", "train", T + ["--out_dir={tmp}/out", "--init_from=scratch"],
+        "{tmp}/out is in use by another training process (pid", locked("out"), early=False),
     # --- python -m jaxgpt.prepare
     Row("prepare-val_fraction", "prepare", P + ["--val_fraction", "1.5"], "val_fraction must be between 0 and 1"),
     Row("prepare-val_fraction-type", "prepare", P + ["--val_fraction", "abc"], "argument --val_fraction: invalid "
@@ -354,9 +382,21 @@ def test_bad_input(row: Row, run, tmp_path, capsys):
     before = hashes(paths["run"])
     assert before == first, "an earlier row changed the run's out_dir"
     fill = lambda s: s.format(**paths, tmp=tmp_path)  # noqa: E731
-    if row.setup:
-        row.setup(tmp_path, Path(paths["data"]))
-    argv = [fill(a) for a in row.argv]
+    cleanup = row.setup(tmp_path, Path(paths["data"])) if row.setup else None
+    try:
+        code, err = _run_row(row, [fill(a) for a in row.argv], capsys)
+    finally:
+        if callable(cleanup):
+            cleanup()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == row.code, err
+    assert "Traceback" not in err, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert fill(row.expect) in lines[0], lines[0]
+    assert hashes(paths["run"]) == before, "the run's out_dir changed"
+
+
+def _run_row(row: Row, argv: list[str], capsys) -> tuple[int, str]:
     if row.subprocess:
         cmd = [sys.executable, *row.script.split(), *argv]
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=subprocess_env())
@@ -368,12 +408,7 @@ def test_bad_input(row: Row, run, tmp_path, capsys):
         err = capsys.readouterr().err
         if row.early:
             assert COMPILES[compiles:] == [], f"compiled before refusing: {COMPILES[compiles:]}"
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == row.code, err
-    assert "Traceback" not in err, err
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert fill(row.expect) in lines[0], lines[0]
-    assert hashes(paths["run"]) == before, "the run's out_dir changed"
+    return code, err
 
 
 def test_the_table_covers_every_script_and_enough_rows():
