@@ -49,8 +49,10 @@ class Config:
     # a Hugging Face GPT-2 directory, a nanoGPT ckpt.pt, or another jaxgpt out_dir (fresh optimizer)
     init_from: str = "scratch"
     # finetuning: 'full' trains every weight; 'lora' trains low-rank adapters on a frozen base
-    # (init_from), and the run's checkpoints hold only the adapters and a reference to the base
+    # (init_from), and the run's checkpoints hold only the adapters and a reference to the base;
+    # 'qlora' is lora over a base whose blocks' Linear kernels are quantized as they load
     finetune_method: str = "full"
+    qlora_quant: str = "nf4"  # qlora: the base's kernels in 'nf4' (4.5 bits per weight) | 'int8'
     lora_rank: int = 8
     lora_alpha: float = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
     lora_dropout: float = 0.0
@@ -101,6 +103,16 @@ class Config:
     mesh_shape: str = ""  # '' = all visible devices; 'N' = N devices; 'DxF' = D-way data x F-way fsdp
     cpu_devices: int = 0  # split the CPU into N devices (data parallel over its cores); 0 = one
 
+    @property
+    def adapters(self) -> bool:
+        """Whether only LoRA adapters train (lora, and qlora: the same adapters on a quantized base)."""
+        return self.finetune_method in ("lora", "qlora")
+
+    @property
+    def base_quant(self) -> str:
+        """The frozen base's quantization: qlora_quant for qlora, '' (float32) otherwise."""
+        return self.qlora_quant if self.finetune_method == "qlora" else ""
+
     def resolved_data_dir(self) -> str:
         return self.data_dir or os.path.join("data", self.dataset)
 
@@ -127,13 +139,15 @@ class Config:
         check_choice("sharding", self.sharding, ("dp", "fsdp"))
         check_choice("on_nonfinite", self.on_nonfinite, ("stop", "skip"))
         check_choice("tokenizer", self.tokenizer, ("char", "gpt2"))
-        check_choice("finetune_method", self.finetune_method, ("full", "lora"))
-        if self.finetune_method == "lora":
+        check_choice("finetune_method", self.finetune_method, ("full", "lora", "qlora"))
+        check_choice("qlora_quant", self.qlora_quant, ("nf4", "int8"))
+        if self.adapters:
+            m = self.finetune_method
             if self.init_from == "scratch":
-                raise UserError("finetune_method=lora trains adapters on a base model; set --init_from to a GPT-2 "
+                raise UserError(f"finetune_method={m} trains adapters on a base model; set --init_from to a GPT-2 "
                                 "name, a Hugging Face directory, a nanoGPT ckpt.pt or a jaxgpt out_dir")
             if self.model_type != "gpt":
-                raise UserError("finetune_method=lora needs model_type=gpt")
+                raise UserError(f"finetune_method={m} needs model_type=gpt")
             if self.lora_rank < 1:
                 raise UserError(f"lora_rank must be >= 1, got {self.lora_rank}")
             targets = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
