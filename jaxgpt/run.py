@@ -212,25 +212,32 @@ def start_state(run: Run, cfg: Config, abstract, optimizer, state_sh, latest: Ch
     """The state the loop starts from, created directly in its shardings (no device ever holds a
     whole fsdp model), and the best val loss so far: resumed from `latest`, new adapters (B = 0)
     around the frozen base, pretrained weights with a fresh optimizer, or random. Checkpoints never
-    hold a frozen LoRA base: it comes from its source (run.init_params)."""
+    hold a frozen LoRA base: it comes from its source (run.init_params, dropped here once the
+    devices hold it, so the host does not keep a second copy of the base for the whole run)."""
     if cfg.init_from == "resume":
         state, meta, step = latest.restore_intact(
             parallel.with_shardings(abstract, state_sh).replace(frozen={}),
             lambda m: check_same_tokenizer(m, run.tok_meta), log)
         if run.lora_base is not None:
-            state = state.replace(frozen=parallel.put(run.init_params, state_sh.frozen))
+            state = state.replace(frozen=_take_init_params(run, state_sh.frozen))
         log(f"resuming from {cfg.out_dir} at iter {step} (best val loss {meta['best_val_loss']:.4f})")
         return state, meta["best_val_loss"]
     if run.lora_base is not None:
-        base = parallel.put(run.init_params, state_sh.frozen)
+        base = _take_init_params(run, state_sh.frozen)
         state = jax.jit(lambda k, b: init_state(run.model_cfg, cfg, k)[1].replace(frozen=b),
                         out_shardings=state_sh)(key, base)
     elif run.init_params is not None:
-        params = parallel.put(run.init_params, state_sh.params)
+        params = _take_init_params(run, state_sh.params)
         state = jax.jit(lambda p: state_from_params(p, optimizer), out_shardings=state_sh)(params)
     else:
         state = jax.jit(lambda k: init_state(run.model_cfg, cfg, k)[1], out_shardings=state_sh)(key)
     return state, float("inf")
+
+
+def _take_init_params(run: Run, shardings):
+    """run.init_params onto the devices; the run's own reference is dropped."""
+    params, run.init_params = run.init_params, None
+    return parallel.put(params, shardings)
 
 
 # ----------------------------------------------------------------------------- loading models
