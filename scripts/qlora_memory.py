@@ -86,8 +86,9 @@ def main(argv=None) -> int:
             r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                                env={**os.environ, "PYTHONPATH": ROOT, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"})
             line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
-            row = {"size": size, "method": method, **(json.loads(line[0][7:]) if line else
-                                                      {"error": (r.stderr.strip().splitlines() or ["?"])[-1]})}
+            why = (r.stderr.strip().splitlines() or [f"exit status {r.returncode} (a negative one: that signal; "
+                                                     f"-9, SIGKILL, is the kernel's out-of-memory killer)"])[-1]
+            row = {"size": size, "method": method, **(json.loads(line[0][7:]) if line else {"error": why})}
             print(json.dumps(row), flush=True)
             rows.append(row)
     mb = lambda k, r: f"{r[k] / 1e6:,.1f}" if k in r else "-"  # noqa: E731
