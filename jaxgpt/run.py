@@ -28,8 +28,8 @@ from jaxgpt.checkpoint import Checkpointer, checkpoint_dir, find_checkpoint
 from jaxgpt.config import GPT2_SIZES, Config
 from jaxgpt.errors import UserError
 from jaxgpt.model import ModelConfig, abstract_model, model_config, with_attention
-from jaxgpt.quant import quantize_stream
 from jaxgpt.optim import make_optimizer
+from jaxgpt.quant import quantize_stream
 from jaxgpt.runtime import resolve_dtype
 from jaxgpt.step import abstract_state, init_state, state_from_params
 from jaxgpt.tokenizer import load_bpe, tokenizer_from_meta
