@@ -1,5 +1,8 @@
 """Export a jaxgpt checkpoint to a Hugging Face GPT-2 directory (transformers can load it), and/or
-to a standalone jaxgpt out_dir. A LoRA run is exported with its adapters merged into the weights.
+to a standalone jaxgpt out_dir. A LoRA run is exported with its adapters merged into the weights;
+a QLoRA run with its adapters merged into the dequantized base (the model it trained), and the
+export says that it was trained against a quantized base (printed, in the Hugging Face
+config.json as "jaxgpt_qlora_base", in the jaxgpt out_dir's checkpoint metadata as "qlora_base").
 
     python export.py --out_dir=out-shakespeare-char-cpu --hf_dir=hf-shakespeare-char
     python -c "from transformers import GPT2LMHeadModel; GPT2LMHeadModel.from_pretrained('hf-shakespeare-char')"
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 from jaxgpt.config import parse_args
 from jaxgpt.errors import UserError, check_choice, run_cli
 from jaxgpt.pretrained import export_hf
-from jaxgpt.run import load, save_standalone
+from jaxgpt.run import load, quantized_base, save_standalone
 from jaxgpt.rundir import check_output_dir, replace_dir
 
 
@@ -42,13 +45,17 @@ def export_main(argv) -> int:
     for flag in ("jaxgpt_dir", "hf_dir"):  # checked before any work: nothing is loaded or written otherwise
         check_output_dir(flag, getattr(ec, flag), ec.overwrite, protect=(ec.out_dir,))
     _, params, model_cfg, tok, meta = load(ec.out_dir, ec.which, run=True)  # LoRA adapters come merged
+    qbase = quantized_base(meta)
+    if qbase:
+        print(f"note: {ec.out_dir} was trained against a {qbase['quant']}-quantized base ({qbase['source']}); "
+              f"the export is its adapters merged into that base dequantized, in float32")
     if ec.jaxgpt_dir:
         with replace_dir(ec.jaxgpt_dir, "the exported run") as tmp:
             save_standalone(tmp, params, model_cfg, meta, name=ec.jaxgpt_dir)
         print(f"exported {ec.out_dir} (iter {meta['step']}) to the jaxgpt out_dir {ec.jaxgpt_dir}")
     if ec.hf_dir:
         with replace_dir(ec.hf_dir, "the Hugging Face directory") as tmp:
-            export_hf(params, model_cfg, tmp, tok)
+            export_hf(params, model_cfg, tmp, tok, extra_config={"jaxgpt_qlora_base": qbase} if qbase else None)
         print(f"exported {ec.out_dir} (iter {meta['step']}) to the Hugging Face directory {ec.hf_dir}")
     return 0
 

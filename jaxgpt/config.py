@@ -162,8 +162,10 @@ class Config:
     # a fresh run (not resume) on an out_dir that holds a run's checkpoints: False refuses, True deletes them
     overwrite: bool = False
     # finetuning: 'full' trains every weight; 'lora' trains low-rank adapters on a frozen base
-    # (init_from), and the run's checkpoints hold only the adapters and a reference to the base
+    # (init_from), and the run's checkpoints hold only the adapters and a reference to the base;
+    # 'qlora' is lora over a base whose blocks' Linear kernels are quantized as they load
     finetune_method: str = "full"
+    qlora_quant: str = "nf4"  # qlora: the base's kernels in 'nf4' (4.5 bits per weight) | 'int8'
     lora_rank: int = 8
     lora_alpha: float = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
     lora_dropout: float = 0.0
@@ -214,6 +216,16 @@ class Config:
     mesh_shape: str = ""  # '' = all visible devices; 'N' = N devices; 'DxF' = D-way data x F-way fsdp
     cpu_devices: int = 0  # split the CPU into N devices (data parallel over its cores); 0 = one
 
+    @property
+    def adapters(self) -> bool:
+        """Whether only LoRA adapters train (lora, and qlora: the same adapters on a quantized base)."""
+        return self.finetune_method in ("lora", "qlora")
+
+    @property
+    def base_quant(self) -> str:
+        """The frozen base's quantization: qlora_quant for qlora, '' (float32) otherwise."""
+        return self.qlora_quant if self.finetune_method == "qlora" else ""
+
     def resolved_data_dir(self) -> str:
         return self.data_dir or os.path.join("data", self.dataset)
 
@@ -232,12 +244,13 @@ class Config:
         validate_fields(self, self.RULES if paths else {**self.RULES, **dict.fromkeys(PATH_KEYS, ANY)})
         if self.model_size:
             self.n_layer, self.n_head, self.n_embd = GPT2_SIZES[self.model_size]
-        if self.finetune_method == "lora":
+        if self.adapters:
+            m = self.finetune_method
             if self.init_from == "scratch":
-                raise UserError("finetune_method=lora trains adapters on a base model; set --init_from to a GPT-2 "
+                raise UserError(f"finetune_method={m} trains adapters on a base model; set --init_from to a GPT-2 "
                                 "name, a Hugging Face directory, a nanoGPT ckpt.pt or a jaxgpt out_dir")
             if self.model_type != "gpt":
-                raise UserError("finetune_method=lora needs model_type=gpt")
+                raise UserError(f"finetune_method={m} needs model_type=gpt")
             self.lora_targets = ",".join(t.strip() for t in self.lora_targets.split(",") if t.strip())
         if self.model_type == "gpt" and self.n_embd % self.n_head:
             raise UserError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
@@ -254,7 +267,8 @@ Config.RULES = {
     "out_dir": directory_to_write,
     "eval_interval": rng(1, INT32_MAX), "log_interval": rng(1, INT32_MAX), "eval_iters": rng(1, INT32_MAX),
     "init_from": nonempty("use scratch, resume, a GPT-2 name or a path to weights"),
-    "finetune_method": choice("full", "lora"),
+    "finetune_method": choice("full", "lora", "qlora"),
+    "qlora_quant": choice("nf4", "int8"),
     "lora_rank": rng(1, 65536), "lora_alpha": rng(0, lo_open=True), "lora_dropout": rng(0, 1, hi_open=True),
     "lora_targets": lora_targets_rule,
     "dataset": ANY,  # only names data/<dataset> and the download

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxgpt.quant import QTensor, qdense
+
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     """Inverted dropout; identity when key is None or rate is 0."""
@@ -35,5 +37,11 @@ class Linear(nnx.Linear):
         return self.base(x)
 
     def base(self, x):
-        """x W + b with the layer's own weights (a quantized kernel would be dequantized here)."""
+        """x W + b with the layer's own weights. A QLoRA base holds a quantized kernel (a
+        jaxgpt.quant.QTensor, put in place of the float one by the train state's frozen tree):
+        qdense decodes it inside the matmul, in the layer's compute dtype."""
+        kernel = self.kernel.get_value()
+        if isinstance(kernel, QTensor):
+            bias = None if self.bias is None else self.bias.get_value()
+            return qdense(x.astype(self.dtype or x.dtype), kernel, bias)
         return nnx.Linear.__call__(self, x)

@@ -6,13 +6,13 @@
 and lora_b beside the layer's own kernel and bias, so a LoRA model's parameter tree is the plain
 model's plus those two leaves per adapted layer (GPT-2 names stay where they were, and
 pretrained weights, checkpoints and export need no renaming). The frozen kernel is reached only
-through `Linear.base`, the one place a quantized kernel (jaxgpt.quant's QTensor and qdense, for
-QLoRA) would plug in.
+through `Linear.base`, where a quantized kernel plugs in: for QLoRA the frozen base's Linear
+kernels (`quantizable`) are jaxgpt.quant QTensors, decoded by qdense inside the step.
 
 The parameter tree is split in two: the adapters, which the optimizer trains, and the
 frozen base, which has no gradient and no optimizer state and is never written to a LoRA run's
 checkpoints. `merge` folds the adapters into the base weights: W + (alpha / r) A B, for sampling
-and export.
+and export (a quantized W is dequantized first: the model a QLoRA run trained is that one).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from flax import nnx
 
 from jaxgpt.errors import UserError
 from jaxgpt.layers import Linear, dropout
+from jaxgpt.quant import QTensor, dequantize
 
 LORA_KEYS = ("lora_a", "lora_b")
 
@@ -87,34 +88,59 @@ def merge(params: dict, model_cfg):
     scale = model_cfg.lora_alpha / max(model_cfg.lora_rank, 1)
 
     def fold(tree):
+        if isinstance(tree, QTensor):
+            return dequantize(tree)
         if not isinstance(tree, dict):
             return tree
         if "lora_a" in tree:
+            tree = {k: fold(v) for k, v in tree.items()}
             delta = (jnp.asarray(tree["lora_a"], jnp.float32) @ jnp.asarray(tree["lora_b"], jnp.float32)) * scale
             return {k: (v + delta.astype(v.dtype) if k == "kernel" else v)
                     for k, v in tree.items() if k not in LORA_KEYS}
         return {k: fold(v) for k, v in tree.items()}
 
-    return fold(params), dataclasses.replace(model_cfg, lora_rank=0)
+    return fold(params), dataclasses.replace(model_cfg, lora_rank=0, base_quant="")
 
 
-def fingerprint(params) -> str:
-    """A short digest of the base weights, stored with the adapters: resuming or sampling on a
-    different base (a retrained out_dir, another file at the same path) is caught, not silent."""
-    leaves = jax.tree.leaves(params)
-    sums = [float(np.abs(np.asarray(x, np.float64)).sum()) for x in leaves]
-    shapes = [tuple(np.shape(x)) for x in leaves]
+def quantizable(path, x=None) -> bool:
+    """The leaves a QLoRA base stores quantized: the blocks' Linear kernels (attn.c_attn,
+    attn.c_proj, mlp.c_fc, mlp.c_proj, adapted or not): 85% of GPT-2-medium's weights. wte (also
+    the tied output head), wpe, the LayerNorms and the biases stay float32, as the QLoRA paper
+    keeps embeddings and head in 16 bits: an error there reaches every logit directly; the norms
+    and biases are tiny."""
+    return path[-1] == "kernel"
 
+
+def leaf_stat(x) -> tuple[tuple[int, ...], float]:
+    """What the fingerprint keeps of one float base leaf: its shape and the sum of |x|, in float64,
+    summed over slices of 2^20 values (no float64 copy of a whole layer is ever made)."""
+    flat = np.ravel(np.asarray(x))
+    n = 1 << 20
+    return tuple(np.shape(x)), float(sum(np.abs(flat[i:i + n].astype(np.float64)).sum() for i in range(0, flat.size, n)))
+
+
+def fingerprint(params=None, stats=None) -> str:
+    """A short digest of the (float) base weights, stored with the adapters: resuming or sampling on a
+    different base (a retrained out_dir, another file at the same path) is caught, not silent.
+    stats: the same tree of leaf_stat tuples, collected while a QLoRA base streams past (the float
+    base is then never whole): both give the same digest for the same weights."""
+    if stats is None:
+        stats = jax.tree.map(leaf_stat, params)
+    leaves = jax.tree.leaves(stats, is_leaf=lambda t: isinstance(t, tuple))
+    shapes, sums = [tuple(s) for s, _ in leaves], [v for _, v in leaves]
     return hashlib.sha256(repr((shapes, [f"{s:.6e}" for s in sums])).encode()).hexdigest()[:16]
 
 
 def count(tree) -> int:
-    return sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(tree))
+    """Parameters in a tree; a quantized kernel counts its (C_in, C_out) weights, not its bytes."""
+    leaves = jax.tree.leaves(tree, is_leaf=lambda t: isinstance(t, QTensor))
+    return sum(int(np.prod(x.shape if isinstance(x, QTensor) else np.shape(x))) for x in leaves)
 
 
-def check_base(lora_base: dict[str, Any], base_params) -> dict[str, Any]:
-    """A LoRA checkpoint's adapters only make sense on the exact base they were trained on."""
-    if fingerprint(base_params) != lora_base["fingerprint"]:
+def check_base(lora_base: dict[str, Any], base_params=None, digest: str | None = None) -> dict[str, Any]:
+    """A LoRA checkpoint's adapters only make sense on the exact base they were trained on
+    (digest: the base's fingerprint when it is already known)."""
+    if (digest or fingerprint(base_params)) != lora_base["fingerprint"]:
         raise UserError(f"the base model at {lora_base['source']} is not the one these LoRA adapters were trained "
                         f"on (its weights changed); restore that base, or export a merged model from a run "
                         f"while its base is intact")

@@ -21,7 +21,7 @@ from flax import nnx
 from jaxgpt.config import Config
 from jaxgpt.errors import UserError
 from jaxgpt.layers import Linear, dropout
-from jaxgpt.lora import LoRALinear
+from jaxgpt.lora import LoRALinear, count
 from jaxgpt.runtime import resolve_dtype
 
 F32 = jnp.float32
@@ -45,6 +45,9 @@ class ModelConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: str = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"
+    # QLoRA: the frozen base's Linear kernels are stored quantized ('nf4' | 'int8'; '' = float32);
+    # the model is built as usual and the train state's frozen tree holds QTensors (jaxgpt.quant)
+    base_quant: str = ""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
@@ -363,4 +366,4 @@ def abstract_model(cfg: ModelConfig):
 
 
 def num_params(params) -> int:
-    return sum(x.size for x in jax.tree.leaves(params))
+    return count(params)  # a quantized kernel counts as its weights

@@ -151,6 +151,11 @@ def bytes_per_device(tree) -> dict:
     return out
 
 
+def tree_bytes(tree) -> int:
+    """Bytes of a pytree's arrays, all devices' shards together (a QTensor: its codes and scales)."""
+    return sum(x.nbytes for x in jax.tree.leaves(tree))
+
+
 def host_value(x) -> np.ndarray:
     """A replicated (e.g. scalar) array as numpy, also when it spans several processes."""
     return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)

@@ -13,7 +13,9 @@ out_dir, which jaxgpt.run reads: this module knows nothing of checkpoints):
 Every source is read into one flat table of numpy arrays under the Hugging Face names
 (`h.0.attn.c_attn.weight`, ...), with every matrix laid out (in, out) as in GPT-2's Conv1D;
 `to_params` maps that table name by name onto jaxgpt's parameter tree, and `export_hf` maps a
-jaxgpt checkpoint back to a Hugging Face directory.
+jaxgpt checkpoint back to a Hugging Face directory. `load_weights(source, lazy=True)` reads a
+safetensors directory's table one tensor at a time, as `iter_params` asks for each (QLoRA
+quantizes the base as it streams past); other sources are read whole in any case.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +56,7 @@ LINEARS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c
 @dataclass
 class Weights:
     """What a source holds: the flat table, the architecture, and the tokenizer when it has one."""
-    tensors: dict[str, np.ndarray]  # Hugging Face names without 'transformer.', matrices (in, out)
+    tensors: Mapping[str, np.ndarray]  # Hugging Face names without 'transformer.', matrices (in, out)
     n_head: int
     gelu: str  # 'exact' | 'tanh'
     source: str
@@ -67,14 +70,15 @@ def is_pretrained_source(init_from: str) -> bool:
 
 # ----------------------------------------------------------------------------- reading sources
 
-def load_weights(name_or_path: str) -> Weights:
-    """Reads any supported source into a `Weights` table (numpy, float32, on the host)."""
+def load_weights(name_or_path: str, lazy: bool = False) -> Weights:
+    """Reads any supported source into a `Weights` table (numpy, float32, on the host).
+    lazy: a safetensors directory's tensors are read only when the table is indexed (LazyTensors)."""
     path = os.path.expanduser(name_or_path)
     if name_or_path in GPT2_SIZES and not os.path.exists(path):
-        return _read_hf_dir(hub_snapshot(name_or_path), source=name_or_path)
+        return _read_hf_dir(hub_snapshot(name_or_path), source=name_or_path, lazy=lazy)
     if os.path.isfile(path):
         if path.endswith((".safetensors", ".bin")):
-            return _read_hf_dir(os.path.dirname(path) or ".", source=path)
+            return _read_hf_dir(os.path.dirname(path) or ".", source=path, lazy=lazy)
         return _read_nanogpt(path)
     if os.path.isdir(path):  # a jaxgpt out_dir also holds a config.json (its train config): test it first
         if os.path.isdir(os.path.join(path, "checkpoints")):
@@ -82,7 +86,7 @@ def load_weights(name_or_path: str) -> Weights:
         if os.path.isfile(os.path.join(path, "ckpt.pt")):
             return _read_nanogpt(os.path.join(path, "ckpt.pt"))
         if os.path.isfile(os.path.join(path, "config.json")):
-            return _read_hf_dir(path, source=path)
+            return _read_hf_dir(path, source=path, lazy=lazy)
         raise UserError(f"{path} holds no GPT-2 weights: expected config.json + model.safetensors (Hugging Face), "
                         f"ckpt.pt (nanoGPT) or checkpoints/ (a jaxgpt out_dir)")
     names = ", ".join(GPT2_SIZES)
@@ -114,7 +118,7 @@ def _read_json(path: str) -> dict[str, Any]:
         return json.load(f)
 
 
-def _read_hf_dir(path: str, source: str) -> Weights:
+def _read_hf_dir(path: str, source: str, lazy: bool = False) -> Weights:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise UserError(f"{path} has no config.json; a Hugging Face GPT-2 directory needs one")
@@ -124,21 +128,75 @@ def _read_hf_dir(path: str, source: str) -> Weights:
     act = hf.get("activation_function", "gelu_new")
     if act not in HF_GELU:
         raise UserError(f"{path} uses activation {act!r}; jaxgpt knows {', '.join(HF_GELU)}")
-    tensors = _read_hf_tensors(path)
+    files = _safetensors_files(path)
+    if lazy and files:
+        table: Mapping[str, np.ndarray] = LazyTensors(files)
+    else:
+        table = _canonical(_read_hf_tensors(path, files), transpose=False)
     has_tok = all(os.path.isfile(os.path.join(path, f)) for f in ("vocab.json", "merges.txt"))
-    return Weights(_canonical(tensors, transpose=False), n_head=int(hf["n_head"]), gelu=HF_GELU[act],
-                   source=source, tokenizer_dir=path if has_tok else "")
+    return Weights(table, n_head=int(hf["n_head"]), gelu=HF_GELU[act], source=source,
+                   tokenizer_dir=path if has_tok else "")
 
 
-def _read_hf_tensors(path: str) -> dict[str, np.ndarray]:
+def _safetensors_files(path: str) -> list[str]:
     single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(single) or os.path.isfile(index):
+    if os.path.isfile(single):
+        return [single]
+    if os.path.isfile(index):
+        return [os.path.join(path, os.path.basename(f)) for f in sorted(set(_read_json(index)["weight_map"].values()))]
+    return []
+
+
+class LazyTensors(Mapping):
+    """The flat table of safetensors files, each tensor read from disk (float32) when it is indexed
+    and held by nobody here: memory holds only what the caller keeps. Names and layout as
+    `_canonical` makes them (Hugging Face's Conv1D weights are already (in, out))."""
+
+    def __init__(self, files: list[str]):
+        from safetensors import safe_open
+
+        self._where: dict[str, tuple[str, str]] = {}  # our name -> (file, the file's name)
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        for f in files:
+            with safe_open(f, framework="numpy") as h:
+                for k in h.keys():
+                    name = _canonical_name(k)
+                    if name is not None:
+                        self._where[name] = (f, k)
+                        self._shapes[name] = tuple(h.get_slice(k).get_shape())
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        from safetensors import safe_open
+
+        f, k = self._where[name]
+        with safe_open(f, framework="numpy") as h:
+            return np.asarray(h.get_tensor(k), dtype=np.float32)
+
+    def __contains__(self, name) -> bool:  # without reading the tensor
+        return name in self._where
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+
+def shape_of(table: Mapping[str, np.ndarray], name: str) -> tuple[int, ...]:
+    """A tensor's shape, without reading it from a LazyTensors table."""
+    return table.shape(name) if isinstance(table, LazyTensors) else np.shape(table[name])
+
+
+def _read_hf_tensors(path: str, files: list[str]) -> dict[str, np.ndarray]:
+    if files:
         from safetensors.numpy import load_file
 
-        files = [single] if os.path.isfile(single) else sorted(set(_read_json(index)["weight_map"].values()))
         out = {}
         for f in files:
-            out.update(load_file(os.path.join(path, os.path.basename(f))))
+            out.update(load_file(f))
         return out
     bin_path = os.path.join(path, "pytorch_model.bin")
     if os.path.isfile(bin_path):
@@ -179,14 +237,20 @@ def _canonical(state: dict[str, Any], transpose: bool) -> dict[str, np.ndarray]:
     the attention-mask buffers; transposes nn.Linear weights (out, in) to (in, out)."""
     out = {}
     for k, v in state.items():
-        k = k.removeprefix("transformer.")
-        if k == "lm_head.weight" or k.endswith((".attn.bias", ".attn.masked_bias")):
+        k = _canonical_name(k)
+        if k is None:
             continue
         v = np.asarray(v, dtype=np.float32)
         if transpose and k.endswith(LINEARS):
             v = v.T
         out[k] = v
     return out
+
+
+def _canonical_name(k: str) -> str | None:
+    """Our name of a stored tensor, or None for what the table leaves out (the tied lm_head, masks)."""
+    k = k.removeprefix("transformer.")
+    return None if k == "lm_head.weight" or k.endswith((".attn.bias", ".attn.masked_bias")) else k
 
 
 # ----------------------------------------------------------------------------- table <-> params
@@ -199,8 +263,8 @@ def weights_config(w: Weights, **overrides):
     """The ModelConfig of a weights table; block_size, vocab_size, n_layer and n_embd from the shapes."""
     from jaxgpt.model import ModelConfig
 
-    V, C = w.tensors["wte.weight"].shape
-    cfg = ModelConfig(model_type="gpt", vocab_size=int(V), block_size=int(w.tensors["wpe.weight"].shape[0]),
+    V, C = shape_of(w.tensors, "wte.weight")
+    cfg = ModelConfig(model_type="gpt", vocab_size=int(V), block_size=int(shape_of(w.tensors, "wpe.weight")[0]),
                       n_layer=n_layers(w.tensors), n_head=w.n_head, n_embd=int(C), dropout=0.0,
                       bias="ln_f.bias" in w.tensors, gelu=w.gelu)
     return dataclasses.replace(cfg, **overrides)
@@ -208,29 +272,36 @@ def weights_config(w: Weights, **overrides):
 
 def to_params(w: Weights, block_size: int | None = None) -> dict:
     """The flat table -> jaxgpt's nested parameter dict (numpy), with wpe cropped to block_size."""
-    t, params = w.tensors, {"h": {}}
-
-    def put(tree, path, value):
+    params: dict = {}
+    for path, value in iter_params(w, block_size):
+        tree = params
         for p in path[:-1]:
             tree = tree.setdefault(p, {})
         tree[path[-1]] = value
+    return params
 
+
+def iter_params(w: Weights, block_size: int | None = None) -> Iterator[tuple[tuple, np.ndarray]]:
+    """(path in jaxgpt's parameter tree, array) for every parameter, one at a time: with a
+    LazyTensors table each is read as it is asked for, and this generator keeps none of them."""
+    t = w.tensors
+    context = shape_of(t, "wpe.weight")[0] if "wpe.weight" in t else 0
+    if block_size is not None and context and block_size > context:
+        raise UserError(f"block_size {block_size} is larger than the {w.source} model's context of "
+                        f"{context}; pass --block_size={context} or less")
     bias = "ln_f.bias" in t
     for path, name in TOP_TABLE:
         if name.endswith(".bias") and not bias:
             continue
-        put(params, path, _get(t, name, w.source))
+        if name == "wpe.weight" and block_size is not None:
+            yield path, np.array(_get(t, name, w.source)[:block_size])  # a copy: the rest is freed
+        else:
+            yield path, _get(t, name, w.source)
     for i in range(n_layers(t)):
         for path, name in BLOCK_TABLE:
             if name.endswith(".bias") and not bias:
                 continue
-            put(params["h"], (i, *path), _get(t, f"h.{i}.{name}", w.source))
-    if block_size is not None:
-        if block_size > params["wpe"]["embedding"].shape[0]:
-            raise UserError(f"block_size {block_size} is larger than the {w.source} model's context of "
-                            f"{params['wpe']['embedding'].shape[0]}; pass --block_size={params['wpe']['embedding'].shape[0]} or less")
-        params["wpe"]["embedding"] = params["wpe"]["embedding"][:block_size]
-    return params
+            yield ("h", i, *path), _get(t, f"h.{i}.{name}", w.source)
 
 
 def _get(t, name, source):
@@ -286,9 +357,10 @@ def load_pretrained(name_or_path: str, dtype: str = "auto"):
     return nnx.merge(graphdef, state), cfg
 
 
-def export_hf(params: dict, model_cfg, directory: str, tokenizer=None) -> str:
+def export_hf(params: dict, model_cfg, directory: str, tokenizer=None, extra_config: dict | None = None) -> str:
     """Writes a Hugging Face GPT-2 directory (config.json, model.safetensors, and the BPE files when
-    the tokenizer is a BPE one) that transformers' GPT2LMHeadModel.from_pretrained loads."""
+    the tokenizer is a BPE one) that transformers' GPT2LMHeadModel.from_pretrained loads.
+    extra_config: more keys for config.json (transformers keeps unknown ones as attributes)."""
     from safetensors.numpy import save_file
 
     if model_cfg.model_type != "gpt":
@@ -304,7 +376,8 @@ def export_hf(params: dict, model_cfg, directory: str, tokenizer=None) -> str:
           "activation_function": "gelu_new" if model_cfg.gelu == "tanh" else "gelu",
           "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "layer_norm_epsilon": 1e-5,
           "initializer_range": 0.02, "tie_word_embeddings": True, "use_cache": True,
-          "bos_token_id": eot if eot is not None else 0, "eos_token_id": eot if eot is not None else 0}
+          "bos_token_id": eot if eot is not None else 0, "eos_token_id": eot if eot is not None else 0,
+          **(extra_config or {})}
     with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
         json.dump(hf, f, indent=2)
     if tokenizer is not None and hasattr(tokenizer, "write_hf_files"):

@@ -5,7 +5,7 @@
     graphdef, params, model_cfg, tokenizer, meta = load("out")   # or "gpt2", a HF dir, a ckpt.pt
 
 `load` is the one way to get a model for sampling, export or `init_from`: a jaxgpt out_dir (its
-checkpoint; a LoRA run's adapters merged into their base), a GPT-2 name, a Hugging Face GPT-2
+checkpoint; a LoRA or QLoRA run's adapters merged into their base), a GPT-2 name, a Hugging Face GPT-2
 directory or a nanoGPT ckpt.pt. checkpoint.py and pretrained.py below know nothing of each other;
 this module is where a run directory, LoRA and pretrained weights meet.
 """
@@ -31,6 +31,7 @@ from jaxgpt.config import GPT2_SIZES, Config
 from jaxgpt.errors import UserError
 from jaxgpt.model import ModelConfig, abstract_model, model_config, with_attention
 from jaxgpt.optim import make_optimizer
+from jaxgpt.quant import quantize_stream
 from jaxgpt.runtime import resolve_dtype
 from jaxgpt.step import abstract_state, init_state, state_from_params
 from jaxgpt.tokenizer import load_bpe, tokenizer_from_meta
@@ -60,7 +61,8 @@ class Run:
     eval_batches: dict[str, Callable]  # split -> batch(key, i) with a single micro-batch
     mesh: Mesh
     init_params: dict | None = None  # init_from weights (numpy, host); with LoRA the frozen base
-    lora_base: dict | None = None  # LoRA: {"source": where the base comes from, "fingerprint": ...}
+    # (QLoRA: its Linear kernels quantized, as QTensors of device arrays)
+    lora_base: dict | None = None  # LoRA: {"source": where the base comes from, "fingerprint": ..., "quant": ...}
     origin: str = "scratch"  # where the run's weights started (init_from of its first start), kept on resume
 
 
@@ -134,9 +136,9 @@ def setup(cfg: Config, log=print) -> Run:
                             f"train from scratch first or fix --out_dir")
         check_resume_compatible(cfg, ckpt_meta)
         if ckpt_meta.get("lora_base"):  # a LoRA run's checkpoints hold only the adapters
-            weights = load_weights(ckpt_meta["lora_base"]["source"])
+            weights = load_weights(ckpt_meta["lora_base"]["source"], lazy=True)
     elif pretrained.is_pretrained_source(cfg.init_from):
-        weights = load_weights(cfg.init_from)
+        weights = load_weights(cfg.init_from, lazy=bool(cfg.base_quant))
         base_tok = weights.tokenizer_meta  # a jaxgpt base: the new data is encoded with its tokenizer
         if base_tok is None and cfg.tokenizer != "gpt2":
             raise UserError(f"init_from={cfg.init_from} holds GPT-2 weights, which read BPE tokens; "
@@ -158,8 +160,8 @@ def setup(cfg: Config, log=print) -> Run:
         model_cfg = with_attention(dataclasses.replace(ModelConfig.from_dict(ckpt_meta["model_config"]), **runtime),
                                    cfg.attn_impl, log)
         if weights is not None:
-            init_params = pretrained.to_params(weights, model_cfg.block_size)
-            lora_base = lora.check_base(ckpt_meta["lora_base"], init_params)
+            init_params, digest = base_params(weights, model_cfg.block_size, model_cfg.base_quant)
+            lora_base = lora.check_base(ckpt_meta["lora_base"], digest=digest)
     elif weights is not None:
         if cfg.model_type != "gpt":
             raise UserError(f"init_from={cfg.init_from} loads a GPT; drop --model_type={cfg.model_type}")
@@ -167,15 +169,17 @@ def setup(cfg: Config, log=print) -> Run:
             raise UserError(f"{data_dir} was prepared with a different tokenizer than the base model in "
                             f"{cfg.init_from}; use a new --data_dir, which is then encoded with the base's tokenizer")
         lora_cfg = {}
-        if cfg.finetune_method == "lora":
+        if cfg.adapters:
             lora_cfg = dict(lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                            lora_targets=cfg.lora_targets)
+                            lora_targets=cfg.lora_targets, base_quant=cfg.base_quant)
         model_cfg = with_attention(pretrained.weights_config(weights, block_size=cfg.block_size, **runtime, **lora_cfg),
                                    cfg.attn_impl, log)
-        init_params = pretrained.to_params(weights, cfg.block_size)
         if lora_cfg:
+            init_params, digest = base_params(weights, cfg.block_size, cfg.base_quant)
             source = cfg.init_from if cfg.init_from in GPT2_SIZES else os.path.abspath(cfg.init_from)
-            lora_base = {"source": source, "fingerprint": lora.fingerprint(init_params)}
+            lora_base = {"source": source, "fingerprint": digest, "quant": cfg.base_quant or None}
+        else:
+            init_params = pretrained.to_params(weights, cfg.block_size)
         if meta["vocab_size"] > model_cfg.vocab_size:
             raise UserError(f"the data's tokenizer has {meta['vocab_size']} tokens but the model in {cfg.init_from} "
                             f"only {model_cfg.vocab_size}; prepare the data with the model's tokenizer")
@@ -193,6 +197,33 @@ def setup(cfg: Config, log=print) -> Run:
                                                      parallel.batch_sharding(mesh, 2))
     origin = cfg.init_from if ckpt_meta is None else ckpt_meta.get("origin", ckpt_meta["train_config"]["init_from"])
     return Run(cfg, model_cfg, tok_meta, batches, eval_batches, mesh, init_params, lora_base, origin)
+
+
+def base_params(w: pretrained.Weights, block_size: int, quant: str = "") -> tuple[dict, str]:
+    """A frozen LoRA base's parameters and its fingerprint (lora.fingerprint of the float weights).
+
+    quant ('nf4' | 'int8'): QLoRA. The blocks' Linear kernels (lora.quantizable) are quantized as
+    they stream past, one at a time, and the fingerprint is collected on the way; with a lazily
+    read table (a safetensors directory, pretrained.load_weights(lazy=True)) no more than one
+    float layer (and the float embeddings, norms and biases, which stay float32) is ever held.
+    Other sources were read whole before this (a nanoGPT ckpt.pt, pytorch_model.bin, a jaxgpt
+    out_dir); the float table is then dropped by the caller once the quantized base exists."""
+    if not quant:
+        params = pretrained.to_params(w, block_size)
+        return params, lora.fingerprint(params)
+    stats: dict = {}
+
+    def tracked():
+        for path, x in pretrained.iter_params(w, block_size):
+            node = stats
+            for k in path[:-1]:
+                node = node.setdefault(k, {})
+            node[path[-1]] = lora.leaf_stat(x)
+            yield path, x
+            del x  # before the next layer is read: only the consumer may still hold this one
+
+    params = quantize_stream(tracked(), lora.quantizable, quant)
+    return params, lora.fingerprint(stats=stats)
 
 
 def check_resume_compatible(cfg: Config, ckpt_meta: dict[str, Any]) -> None:
@@ -215,25 +246,32 @@ def start_state(run: Run, cfg: Config, abstract, optimizer, state_sh, latest: Ch
     """The state the loop starts from, created directly in its shardings (no device ever holds a
     whole fsdp model), and the best val loss so far: resumed from `latest`, new adapters (B = 0)
     around the frozen base, pretrained weights with a fresh optimizer, or random. Checkpoints never
-    hold a frozen LoRA base: it comes from its source (run.init_params)."""
+    hold a frozen LoRA base: it comes from its source (run.init_params, dropped here once the
+    devices hold it, so the host does not keep a second copy of the base for the whole run)."""
     if cfg.init_from == "resume":
         state, meta, step = latest.restore_intact(
             parallel.with_shardings(abstract, state_sh).replace(frozen={}),
             lambda m: check_same_tokenizer(m, run.tok_meta), log)
         if run.lora_base is not None:
-            state = state.replace(frozen=parallel.put(run.init_params, state_sh.frozen))
+            state = state.replace(frozen=_take_init_params(run, state_sh.frozen))
         log(f"resuming from {cfg.out_dir} at iter {step} (best val loss {meta['best_val_loss']:.4f})")
         return state, meta["best_val_loss"]
     if run.lora_base is not None:
-        base = parallel.put(run.init_params, state_sh.frozen)
+        base = _take_init_params(run, state_sh.frozen)
         state = jax.jit(lambda k, b: init_state(run.model_cfg, cfg, k)[1].replace(frozen=b),
                         out_shardings=state_sh)(key, base)
     elif run.init_params is not None:
-        params = parallel.put(run.init_params, state_sh.params)
+        params = _take_init_params(run, state_sh.params)
         state = jax.jit(lambda p: state_from_params(p, optimizer), out_shardings=state_sh)(params)
     else:
         state = jax.jit(lambda k: init_state(run.model_cfg, cfg, k)[1], out_shardings=state_sh)(key)
     return state, float("inf")
+
+
+def _take_init_params(run: Run, shardings):
+    """run.init_params onto the devices; the run's own reference is dropped."""
+    params, run.init_params = run.init_params, None
+    return parallel.put(params, shardings)
 
 
 # ----------------------------------------------------------------------------- loading models
@@ -284,9 +322,12 @@ def _load_run(out_dir: str, prefer: str, log=None):
                         f"train again with --overwrite=True, or restore the directory from a copy")
     params, base = state.params, meta.get("lora_base")
     if base:
-        base_params = pretrained.to_params(load_weights(base["source"]), model_cfg.block_size)
-        lora.check_base(base, base_params)
-        params, model_cfg = lora.merge(lora.join(params, base_params), model_cfg)
+        # a QLoRA base is quantized as when it trained, then dequantized by the merge: the model the
+        # adapters were trained with, in float32
+        frozen, digest = base_params(load_weights(base["source"], lazy=True), model_cfg.block_size,
+                                     model_cfg.base_quant)
+        lora.check_base(base, digest=digest)
+        params, model_cfg = lora.merge(lora.join(params, frozen), model_cfg)
         graphdef = abstract_model(model_cfg)[0]
     return graphdef, params, model_cfg, tokenizer_from_meta(meta["tokenizer"]), meta
 
@@ -305,10 +346,11 @@ def read_checkpoint(ckpt: Checkpointer, step: int):
     return graphdef, state, meta, model_cfg
 
 
-def load_weights(source: str) -> pretrained.Weights:
-    """pretrained.load_weights, and a jaxgpt out_dir's best (else latest) weights as the same table."""
+def load_weights(source: str, lazy: bool = False) -> pretrained.Weights:
+    """pretrained.load_weights, and a jaxgpt out_dir's best (else latest) weights as the same table
+    (lazy: see pretrained.load_weights; an out_dir is read whole)."""
     if not is_run_dir(source):
-        return pretrained.load_weights(source)
+        return pretrained.load_weights(source, lazy=lazy)
     _, params, model_cfg, _, meta = _load_run(os.path.expanduser(source), "best")
     if model_cfg.model_type != "gpt":
         raise UserError(f"{source} holds a {model_cfg.model_type} model; only GPT models can be a starting point")
@@ -317,6 +359,16 @@ def load_weights(source: str) -> pretrained.Weights:
         tensors = {k: v for k, v in tensors.items() if not k.endswith(".bias")}
     return pretrained.Weights(tensors, n_head=model_cfg.n_head, gelu=model_cfg.gelu, source=source,
                               tokenizer_meta=meta["tokenizer"])
+
+
+def quantized_base(meta: dict[str, Any]) -> dict[str, str] | None:
+    """{"quant", "source"} when a run's weights were trained against a quantized base (a QLoRA run,
+    or a standalone export of one), else None: export says so, since the merged float weights are
+    the dequantized base plus the adapters, not the original base plus the adapters."""
+    base = meta.get("lora_base") or {}
+    if base.get("quant"):
+        return {"quant": base["quant"], "source": base["source"]}
+    return meta.get("qlora_base")
 
 
 def save_standalone(out_dir: str, params, model_cfg, meta: dict[str, Any], name: str = "") -> None:
@@ -329,7 +381,8 @@ def save_standalone(out_dir: str, params, model_cfg, meta: dict[str, Any], name:
     cfg = Config(**{k: v for k, v in train_cfg.items() if k in Config.__dataclass_fields__})
     state = jax.jit(lambda p: state_from_params(p, make_optimizer(cfg)))(params)
     new_meta = {**meta, "model_config": dataclasses.asdict(model_cfg), "train_config": train_cfg, "lora_base": None,
-                "exported_from": meta.get("exported_from", meta["train_config"]["out_dir"])}
+                "exported_from": meta.get("exported_from", meta["train_config"]["out_dir"]),
+                "qlora_base": quantized_base(meta)}
     ckpt = Checkpointer(out_dir, "latest")
     ckpt.save(meta["step"], state, new_meta)
     ckpt.wait()

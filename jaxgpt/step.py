@@ -20,6 +20,7 @@ from jaxgpt import lora
 from jaxgpt.config import Config
 from jaxgpt.model import ModelConfig, build_model
 from jaxgpt.optim import lr_schedule, make_optimizer
+from jaxgpt.quant import quantize
 
 
 @flax.struct.dataclass
@@ -30,7 +31,8 @@ class TrainState:
     first_nonfinite: jax.Array  # int32: the first step whose loss or gradient was not finite, or -1
     skipped: jax.Array  # int32: steps whose update was skipped because they were not finite
     # LoRA: the frozen base model's parameters (no gradient, no optimizer state, not checkpointed
-    # with the run); {} when every parameter trains. The model is lora.join(params, frozen).
+    # with the run; QLoRA: its Linear kernels are quant.QTensors); {} when every parameter trains.
+    # The model is lora.join(params, frozen).
     frozen: Any = dataclasses.field(default_factory=dict)
 
 
@@ -46,13 +48,18 @@ def init_state(model_cfg: ModelConfig, cfg: Config, key: jax.Array):
     # A plain nested dict of arrays: jit flattens it per call far faster than nnx Variables.
     params = nnx.to_pure_dict(params)
     optimizer = make_optimizer(cfg)
-    return graphdef, state_from_params(params, optimizer, model_cfg.lora_rank > 0), optimizer
+    return graphdef, state_from_params(params, optimizer, model_cfg.lora_rank > 0, model_cfg.base_quant), optimizer
 
 
-def state_from_params(params, optimizer: optax.GradientTransformation, lora_only: bool = False) -> TrainState:
+def state_from_params(params, optimizer: optax.GradientTransformation, lora_only: bool = False,
+                      quant: str = "") -> TrainState:
     """A train state at step 0 around given parameters (random or pretrained): fresh optimizer.
-    lora_only: only the adapters train; the rest becomes the frozen base."""
+    lora_only: only the adapters train; the rest becomes the frozen base, its Linear kernels
+    quantized when `quant` names a kind (QLoRA; also what abstract_state sees)."""
     params, frozen = lora.split(params) if lora_only else (params, {})
+    if quant:
+        frozen = jax.tree_util.tree_map_with_path(
+            lambda path, x: quantize(x, quant) if lora.quantizable([k.key for k in path]) else x, frozen)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
                       first_nonfinite=jnp.full((), -1, jnp.int32), skipped=jnp.zeros((), jnp.int32),
                       frozen=frozen)

@@ -208,8 +208,11 @@ class Loop:
             f"MFU peak {peak_src}")
         if run.lora_base is not None:
             n, total = self.n_trainable, self.n_params
-            log(f"LoRA rank {run.model_cfg.lora_rank} on {run.model_cfg.lora_targets}: {n:,} trainable "
-                f"parameters ({100 * n / total:.2f}%), base from {run.lora_base['source']} frozen")
+            quant = run.model_cfg.base_quant
+            log(f"{'QLoRA' if quant else 'LoRA'} rank {run.model_cfg.lora_rank} on {run.model_cfg.lora_targets}: "
+                f"{n:,} trainable parameters ({100 * n / total:.2f}%), base from {run.lora_base['source']} frozen"
+                + (f", its Linear kernels in {quant} (the frozen base: {parallel.tree_bytes(state.frozen) / 1e6:,.1f} "
+                   f"MB on the devices)" if quant else ""))
         log(f"devices: {run.mesh.devices.size} ({jax.devices()[0].device_kind}), sharding {cfg.sharding}, "
             f"mesh data={run.mesh.shape['data']} x fsdp={run.mesh.shape['fsdp']}, {jax.process_count()} process(es)")
 
