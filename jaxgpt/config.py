@@ -74,6 +74,21 @@ class Config:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = False
+    # modern model options (README "Time to quality"), each off by default (= GPT-2's layout);
+    # only the classic layout exports to / loads from GPT-2 formats
+    pos_emb: str = "learned"  # 'learned' (wpe) | 'rope' (rotary embeddings on q and k, no wpe)
+    norm: str = "layernorm"  # 'layernorm' | 'rmsnorm' (learned scale, no bias)
+    qk_norm: bool = False  # RMS-normalise queries and keys per head before attention
+    mlp: str = "gelu"  # 'gelu' | 'relu2' (relu(x)^2) | 'swiglu' (silu gate x value, width 8C/3)
+    untied_head: bool = False  # an output head (lm_head) of its own instead of the token embedding
+    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap) (0 = off)
+    zero_init_proj: bool = False  # attn.c_proj and mlp.c_proj start at zero
+    # optimizer: 'adamw' (every parameter) | 'muon' (Muon for the blocks' 2-D matrices, AdamW with
+    # learning_rate for embeddings, head, norms and biases)
+    optimizer: str = "adamw"
+    muon_lr: float = 0.02  # Muon's peak learning rate; it follows the same schedule shape
+    muon_momentum: float = 0.95  # Nesterov momentum of Muon
+    muon_weight_decay: float = 0.0  # decoupled, multiplied by Muon's learning rate
     # AdamW
     learning_rate: float = 6e-4
     max_iters: int = 600000
@@ -87,6 +102,10 @@ class Config:
     warmup_iters: int = 2000
     lr_decay_iters: int = 600000
     min_lr: float = 6e-5
+    # 'cosine' (nanoGPT: cosine from the peak to min_lr at lr_decay_iters) | 'trapezoid' (the peak
+    # held, then linear to min_lr over the last cooldown_frac of lr_decay_iters); warmup for both
+    lr_schedule_kind: str = "cosine"
+    cooldown_frac: float = 0.4
     # system
     # compute dtype: 'auto' (bfloat16 on GPUs and TPUs, float32 on CPUs) | 'float32' | 'bfloat16';
     # parameters, optimizer state, logits and the loss stay float32. Saved resolved (never 'auto').
@@ -153,7 +172,25 @@ class Config:
                             f"pick e.g. n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
+        self._validate_modern()
         return self
+
+    def _validate_modern(self) -> None:
+        """The modern options' choices and ranges (one block, kept apart so it merges easily)."""
+        check_choice("pos_emb", self.pos_emb, ("learned", "rope"))
+        check_choice("norm", self.norm, ("layernorm", "rmsnorm"))
+        check_choice("mlp", self.mlp, ("gelu", "relu2", "swiglu"))
+        check_choice("optimizer", self.optimizer, ("adamw", "muon"))
+        check_choice("lr_schedule_kind", self.lr_schedule_kind, ("cosine", "trapezoid"))
+        for name, ok, want in (("logit_softcap", self.logit_softcap >= 0, ">= 0 (0 = off)"),
+                               ("muon_lr", self.muon_lr > 0, "> 0"),
+                               ("muon_momentum", 0 <= self.muon_momentum < 1, "in [0, 1)"),
+                               ("muon_weight_decay", self.muon_weight_decay >= 0, ">= 0"),
+                               ("cooldown_frac", 0 <= self.cooldown_frac <= 1, "in [0, 1]")):
+            if not ok:
+                raise UserError(f"{name} must be {want}, got {getattr(self, name)}")
+        if self.pos_emb == "rope" and self.model_type == "gpt" and (self.n_embd // self.n_head) % 2:
+            raise UserError(f"pos_emb=rope needs an even head size (n_embd / n_head), got {self.n_embd // self.n_head}")
 
 
 # ----------------------------------------------------------------------------- parsing

@@ -9,23 +9,32 @@ import optax
 from jaxgpt.config import Config
 
 
-def lr_schedule(cfg: Config):
+def lr_schedule(cfg: Config, peak: float | None = None):
     """Linear warmup to learning_rate, cosine decay to min_lr at lr_decay_iters, then min_lr.
 
     Step `it` (from 0) gets learning_rate * (it + 1) / (warmup_iters + 1) while warming up,
     exactly as nanoGPT's get_lr; decay_lr=False keeps learning_rate constant.
+    lr_schedule_kind='trapezoid' holds learning_rate after the warmup and decays linearly to min_lr
+    over the last cooldown_frac of lr_decay_iters instead of the cosine. `peak` replaces
+    learning_rate (min_lr scaled alike): Muon's schedule is this one at muon_lr.
     """
-    lr, min_lr = cfg.learning_rate, cfg.min_lr
+    lr = cfg.learning_rate if peak is None else peak
+    min_lr = cfg.min_lr * lr / cfg.learning_rate if cfg.learning_rate else cfg.min_lr
     warmup, decay = cfg.warmup_iters, cfg.lr_decay_iters
+    cool_start = max(warmup, decay - round(cfg.cooldown_frac * decay))
 
     def schedule(it):
         it = jnp.asarray(it, jnp.float32)
         if not cfg.decay_lr:
             return jnp.full_like(it, lr)
         warm = lr * (it + 1) / (warmup + 1)
-        ratio = jnp.clip((it - warmup) / max(1, decay - warmup), 0.0, 1.0)
-        cos = min_lr + 0.5 * (1.0 + jnp.cos(jnp.pi * ratio)) * (lr - min_lr)
-        return jnp.where(it < warmup, warm, jnp.where(it > decay, min_lr, cos))
+        if cfg.lr_schedule_kind == "trapezoid":
+            ratio = jnp.clip((it - cool_start) / max(1, decay - cool_start), 0.0, 1.0)
+            body = lr - ratio * (lr - min_lr)
+        else:
+            ratio = jnp.clip((it - warmup) / max(1, decay - warmup), 0.0, 1.0)
+            body = min_lr + 0.5 * (1.0 + jnp.cos(jnp.pi * ratio)) * (lr - min_lr)
+        return jnp.where(it < warmup, warm, jnp.where(it > decay, min_lr, body))
 
     return schedule
 
@@ -35,10 +44,40 @@ def decay_mask(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+def muon_labels(params):
+    """'muon' for the transformer blocks' 2-D weight matrices (h.*: attention and MLP kernels),
+    'adamw' for everything else: embeddings and the head (2-D too), norms, biases, LoRA adapters."""
+    def label(path, p):
+        names = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
+        return "muon" if names[0] == "h" and names[-1] == "kernel" and p.ndim == 2 else "adamw"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def muon(cfg: Config) -> optax.GradientTransformation:
+    """Muon (Keller Jordan's, as optax.contrib implements it) for matrices: Nesterov momentum,
+    5 Newton-Schulz quintic steps (3.4445, -4.7750, 2.0315) on the momentum scaled to unit
+    Frobenius norm, the result scaled by sqrt(max(1, fan_out / fan_in)), then decoupled weight
+    decay and the learning rate. optax bias-corrects the momentum as Adam does (the published
+    algorithm does not): that changes the mix of momentum and gradient in the first ~1/(1 - beta)
+    steps, never the scale (the orthogonalisation removes it). See README "Time to quality"."""
+    from optax.contrib._muon import MuonDimensionNumbers, scale_by_muon, scale_by_shape
+
+    dims = lambda updates: jax.tree.map(lambda _: MuonDimensionNumbers(), updates)  # noqa: E731 -- (in, out) kernels
+    return optax.chain(scale_by_muon(beta=cfg.muon_momentum, nesterov=True, weight_dimension_numbers=dims),
+                       scale_by_shape(weight_dimension_numbers=dims),
+                       optax.add_decayed_weights(cfg.muon_weight_decay),
+                       optax.scale_by_learning_rate(lr_schedule(cfg, cfg.muon_lr)))
+
+
 def make_optimizer(cfg: Config) -> optax.GradientTransformation:
     parts = []
     if cfg.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(cfg.grad_clip))
-    parts.append(optax.adamw(lr_schedule(cfg), b1=cfg.beta1, b2=cfg.beta2, eps=1e-8,
-                             weight_decay=cfg.weight_decay, mask=decay_mask))
+    adamw = optax.adamw(lr_schedule(cfg), b1=cfg.beta1, b2=cfg.beta2, eps=1e-8,
+                        weight_decay=cfg.weight_decay, mask=decay_mask)
+    if cfg.optimizer == "muon":
+        parts.append(optax.multi_transform({"muon": muon(cfg), "adamw": adamw}, muon_labels))
+    else:
+        parts.append(adamw)
     return optax.chain(*parts)
