@@ -105,6 +105,8 @@ def one_run(args, recipe_argv: list[str]) -> dict:
             quick = val_loss(args.quick_batches)
             full = val_loss(args.eval_batches) if quick <= args.target + args.margin else float("nan")
             history.append((it, round(quick, 4), None if np.isnan(full) else round(full, 4)))
+            print(f"  step {it}: {train_s:.1f} s, val ~{quick:.4f} (quick), {full:.4f} (full)", file=sys.stderr,
+                  flush=True)
             best = min(best, full) if not np.isnan(full) else best
             if full <= args.target:
                 reached = True
@@ -117,10 +119,11 @@ def one_run(args, recipe_argv: list[str]) -> dict:
 def run_child(args, name: str, argv: list[str]) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--one", shlex.join(argv), *child_flags(args)]
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=os.getcwd())
+    print(f"{name}: {shlex.join(argv)}", file=sys.stderr, flush=True)
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=os.getcwd())  # progress on stderr
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
     if out.returncode or not lines:
-        raise SystemExit(f"{name} failed (rc {out.returncode}):\n{out.stderr[-3000:]}")
+        raise SystemExit(f"{name} failed (rc {out.returncode}); its error is above")
     return json.loads(lines[-1])
 
 

@@ -8,7 +8,6 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
@@ -185,11 +184,3 @@ def test_muon_run_resumes_exactly_and_refuses_gpt2_layouts(tmp_path, corpus_file
     # zero_init_proj alone is only an init: such a model keeps GPT-2's layout
     assert ModelConfig(zero_init_proj=True).non_gpt2_options() == []
 
-
-def test_muon_state_is_in_the_optimizer_state():
-    cfg = Config(optimizer="muon").validate()
-    params = {"h": {0: {"mlp": {"c_fc": {"kernel": jnp.ones((4, 8))}}}}, "ln_f": {"scale": jnp.ones(4)}}
-    state = make_optimizer(cfg).init(params)
-    names = {type(s).__name__ for s in jax.tree.leaves(state, is_leaf=lambda s: hasattr(s, "_fields"))}
-    assert "MuonState" in names and "ScaleByAdamState" in names
-    assert isinstance(state, tuple) and optax.tree.size(state) > 0
