@@ -28,7 +28,9 @@ def flops_per_token(cfg: ModelConfig, n_params: int, n_trainable: int | None = N
     n_trainable = n_params if n_trainable is None else n_trainable
     if cfg.model_type != "gpt":
         return 6.0 * n_params
-    n = n_params - cfg.block_size * cfg.n_embd  # without wpe
+    # without wpe (a lookup, no matmul; rope models have none); an untied head and SwiGLU's third
+    # matrix are in n_params like any other weight
+    n = n_params - (cfg.block_size * cfg.n_embd if cfg.pos_emb == "learned" else 0)
     return 4.0 * n + 2.0 * min(n_trainable, n) + 12.0 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * cfg.block_size
 
 

@@ -189,6 +189,21 @@ class Config:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = False
+    # modern model options (README "Time to quality"), each off by default (= GPT-2's layout);
+    # only the classic layout exports to / loads from GPT-2 formats
+    pos_emb: str = "learned"  # 'learned' (wpe) | 'rope' (rotary embeddings on q and k, no wpe)
+    norm: str = "layernorm"  # 'layernorm' | 'rmsnorm' (learned scale, no bias)
+    qk_norm: bool = False  # RMS-normalise queries and keys per head before attention
+    mlp: str = "gelu"  # 'gelu' | 'relu2' (relu(x)^2) | 'swiglu' (silu gate x value, width 8C/3)
+    untied_head: bool = False  # an output head (lm_head) of its own instead of the token embedding
+    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap) (0 = off)
+    zero_init_proj: bool = False  # attn.c_proj and mlp.c_proj start at zero
+    # optimizer: 'adamw' (every parameter) | 'muon' (Muon for the blocks' 2-D matrices, AdamW with
+    # learning_rate for embeddings, head, norms and biases)
+    optimizer: str = "adamw"
+    muon_lr: float = 0.02  # Muon's peak learning rate; it follows the same schedule shape
+    muon_momentum: float = 0.95  # Nesterov momentum of Muon
+    muon_weight_decay: float = 0.0  # decoupled, multiplied by Muon's learning rate
     # AdamW
     learning_rate: float = 6e-4
     max_iters: int = 600000
@@ -202,6 +217,10 @@ class Config:
     warmup_iters: int = 2000
     lr_decay_iters: int = 600000
     min_lr: float = 6e-5
+    # 'cosine' (nanoGPT: cosine from the peak to min_lr at lr_decay_iters) | 'trapezoid' (the peak
+    # held, then linear to min_lr over the last cooldown_frac of lr_decay_iters); warmup for both
+    lr_schedule_kind: str = "cosine"
+    cooldown_frac: float = 0.4
     # system
     # compute dtype: 'auto' (bfloat16 on GPUs and TPUs, float32 on CPUs) | 'float32' | 'bfloat16';
     # parameters, optimizer state, logits and the loss stay float32. Saved resolved (never 'auto').
@@ -258,6 +277,8 @@ class Config:
         if self.decay_lr and self.min_lr > self.learning_rate:
             raise UserError(f"min_lr ({self.min_lr}) must be <= learning_rate ({self.learning_rate}): the schedule "
                             f"decays from learning_rate to min_lr; lower --min_lr or pass --decay_lr=False")
+        if self.pos_emb == "rope" and self.model_type == "gpt" and (self.n_embd // self.n_head) % 2:
+            raise UserError(f"pos_emb=rope needs an even head size (n_embd / n_head), got {self.n_embd // self.n_head}")
         return self
 
 
@@ -291,6 +312,12 @@ Config.RULES = {
     "attn_impl": choice("auto", "explicit", "xla", "cudnn"),
     "seed": rng(0, 2**32, hi_open=True),
     "sharding": choice("dp", "fsdp"), "mesh_shape": mesh_shape_rule, "cpu_devices": rng(0, 4096),
+    # the modern recipe's options (README "Time to quality")
+    "pos_emb": choice("learned", "rope"), "norm": choice("layernorm", "rmsnorm"),
+    "mlp": choice("gelu", "relu2", "swiglu"), "logit_softcap": rng(0, note="(0 = off)"),
+    "optimizer": choice("adamw", "muon"), "lr_schedule_kind": choice("cosine", "trapezoid"),
+    "cooldown_frac": rng(0, 1), "muon_lr": rng(0, lo_open=True), "muon_momentum": rng(0, 1, hi_open=True),
+    "muon_weight_decay": rng(0),
 }
 
 

@@ -48,6 +48,14 @@ class ModelConfig:
     # QLoRA: the frozen base's Linear kernels are stored quantized ('nf4' | 'int8'; '' = float32);
     # the model is built as usual and the train state's frozen tree holds QTensors (jaxgpt.quant)
     base_quant: str = ""
+    # the modern options (see README "Time to quality"), each off by default = GPT-2's layout
+    pos_emb: str = "learned"  # 'learned' (wpe) | 'rope' (rotary, on q and k; no wpe)
+    norm: str = "layernorm"  # 'layernorm' | 'rmsnorm' (a scale, no bias, no mean subtraction)
+    qk_norm: bool = False  # RMS-normalise q and k per head (no parameters) before attention
+    mlp: str = "gelu"  # 'gelu' | 'relu2' (relu(x)^2) | 'swiglu' (silu(a) * b; c_fc holds a and b)
+    untied_head: bool = False  # an output head (lm_head) of its own instead of wte
+    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap), in float32
+    zero_init_proj: bool = False  # attn.c_proj and mlp.c_proj start at zero (an init only)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
@@ -56,6 +64,22 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def non_gpt2_options(self) -> list[str]:
+        """The options this model uses that GPT-2's layout has no equivalent for ([] = a GPT-2)."""
+        out = [f"pos_emb={self.pos_emb}"] if self.pos_emb != "learned" else []
+        out += [f"norm={self.norm}"] if self.norm != "layernorm" else []
+        out += ["qk_norm"] if self.qk_norm else []
+        out += [f"mlp={self.mlp}"] if self.mlp != "gelu" else []
+        out += ["untied_head"] if self.untied_head else []
+        out += [f"logit_softcap={self.logit_softcap:g}"] if self.logit_softcap > 0 else []
+        return out
+
+    def check_gpt2_layout(self, what: str) -> None:
+        """A UserError naming the options that keep this model from `what` (a GPT-2-layout job)."""
+        if self.non_gpt2_options():
+            raise UserError(f"{what} needs GPT-2's layout, but this model uses {', '.join(self.non_gpt2_options())}, "
+                            f"which GPT-2 has no equivalent for")
 
 
 def linear(cfg: "ModelConfig", path: str, c_in: int, c_out: int, init, rngs: nnx.Rngs) -> Linear:
@@ -76,6 +100,36 @@ def gelu(x, kind: str = "exact"):
     if kind == "tanh":
         return jax.nn.gelu(x, approximate=True)
     return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
+
+
+def rms_norm(x, eps: float = 1e-6):
+    """x / rms(x) over the last axis, computed in float32, returned in x's dtype (no parameters)."""
+    x32 = x.astype(F32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+def rope(x, pos, base: float = 10000.0):
+    """Rotary position embedding: x (B, T, H, hs) rotated by positions pos (T,), pairing channel i
+    with i + hs/2 (GPT-NeoX's layout), angles in float32. Relative: q(t)·k(s) depends on t - s only."""
+    half = x.shape[-1] // 2
+    inv_freq = base ** (-jnp.arange(half, dtype=F32) / half)  # (hs/2,)
+    ang = pos.astype(F32)[:, None] * inv_freq[None, :]  # (T, hs/2)
+    cos, sin = jnp.cos(ang)[None, :, None, :], jnp.sin(ang)[None, :, None, :]  # (1, T, 1, hs/2)
+    x1, x2 = x[..., :half].astype(F32), x[..., half:].astype(F32)
+    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
+
+
+def mlp_width(cfg: "ModelConfig") -> int:
+    """The MLP's hidden width: 4C, or for SwiGLU (two input matrices) 8C/3 rounded up to a multiple
+    of 32, which keeps its three matrices near the parameters of two 4C ones."""
+    return 4 * cfg.n_embd if cfg.mlp != "swiglu" else -(-8 * cfg.n_embd // 3 // 32) * 32
+
+
+def norm_layer(cfg: "ModelConfig", rngs: nnx.Rngs):
+    dt = jnp.dtype(cfg.dtype)
+    if cfg.norm == "rmsnorm":
+        return nnx.RMSNorm(cfg.n_embd, epsilon=1e-6, dtype=dt, rngs=rngs)
+    return nnx.LayerNorm(cfg.n_embd, epsilon=1e-5, use_bias=cfg.bias, dtype=dt, rngs=rngs)
 
 
 def _split(key: jax.Array | None, n: int):
@@ -212,19 +266,29 @@ def with_attention(cfg: "ModelConfig", requested: str = "auto", log=print) -> "M
 def model_config(cfg: Config, vocab_size: int, log=print) -> ModelConfig:
     """The one place a training Config becomes a ModelConfig: the model a config trains from
     scratch, in the dtype and attention that serve it here."""
+    modern = {k: getattr(cfg, k) for k in MODERN_KEYS}
     return with_attention(ModelConfig(model_type=cfg.model_type, vocab_size=vocab_size, block_size=cfg.block_size,
                                       n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                                      dropout=cfg.dropout, bias=cfg.bias, dtype=resolve_dtype(cfg.dtype)),
+                                      dropout=cfg.dropout, bias=cfg.bias, dtype=resolve_dtype(cfg.dtype), **modern),
                           cfg.attn_impl, log)
+
+
+# the ModelConfig fields a training Config sets by the same name (the modern options)
+MODERN_KEYS = ("pos_emb", "norm", "qk_norm", "mlp", "untied_head", "logit_softcap", "zero_init_proj")
+
+
+def _proj_init(cfg: ModelConfig):
+    """Init of the residual output projections: zero (zero_init_proj), else GPT-2's scaled normal."""
+    return nnx.initializers.zeros if cfg.zero_init_proj else nnx.initializers.normal(0.02 / math.sqrt(2 * cfg.n_layer))
 
 
 class CausalSelfAttention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         init = nnx.initializers.normal(0.02)
-        proj_init = nnx.initializers.normal(0.02 / math.sqrt(2 * cfg.n_layer))
         self.c_attn = linear(cfg, "attn.c_attn", cfg.n_embd, 3 * cfg.n_embd, init, rngs)
-        self.c_proj = linear(cfg, "attn.c_proj", cfg.n_embd, cfg.n_embd, proj_init, rngs)
+        self.c_proj = linear(cfg, "attn.c_proj", cfg.n_embd, cfg.n_embd, _proj_init(cfg), rngs)
         self.n_head = cfg.n_head
+        self.rope, self.qk_norm = cfg.pos_emb == "rope", cfg.qk_norm
         self.dropout = cfg.dropout
         self.attn_impl = cfg.attn_impl
 
@@ -237,6 +301,11 @@ class CausalSelfAttention(nnx.Module):
         k_att, k_res = _split(dropout_key, 2)
         q, k, v = jnp.split(self.c_attn(x, dropout_key), 3, axis=-1)  # (B, T, 3C) -> 3 x (B, T, C)
         q, k, v = (t.reshape(B, T, H, C // H) for t in (q, k, v))  # (B, T, H, hs)
+        if self.qk_norm:
+            q, k = rms_norm(q), rms_norm(k)
+        if self.rope:  # absolute positions: 0..T-1 in training, pos..pos+T-1 in the cache
+            t_pos = jnp.arange(T) if pos is None else pos + jnp.arange(T)
+            q, k = rope(q, t_pos), rope(k, t_pos)  # the cache holds rotated keys
         if cache is None:
             y = attention(q, k, v, self.attn_impl, dropout_rate=self.dropout, dropout_key=k_att)
         else:  # the cache is (B, H, S, hs): both attention matmuls then read it without a transpose
@@ -251,14 +320,22 @@ class CausalSelfAttention(nnx.Module):
 
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.c_fc = linear(cfg, "mlp.c_fc", cfg.n_embd, 4 * cfg.n_embd, nnx.initializers.normal(0.02), rngs)
-        self.c_proj = linear(cfg, "mlp.c_proj", 4 * cfg.n_embd, cfg.n_embd,
-                             nnx.initializers.normal(0.02 / math.sqrt(2 * cfg.n_layer)), rngs)
+        width = mlp_width(cfg)
+        n_in = 2 * width if cfg.mlp == "swiglu" else width  # SwiGLU: gate and value side by side
+        self.c_fc = linear(cfg, "mlp.c_fc", cfg.n_embd, n_in, nnx.initializers.normal(0.02), rngs)
+        self.c_proj = linear(cfg, "mlp.c_proj", width, cfg.n_embd, _proj_init(cfg), rngs)
         self.dropout = cfg.dropout
-        self.gelu = cfg.gelu
+        self.gelu, self.kind = cfg.gelu, cfg.mlp
 
     def __call__(self, x, dropout_key=None):
-        h = gelu(self.c_fc(x, dropout_key), self.gelu)  # (B, T, 4C)
+        h = self.c_fc(x, dropout_key)  # (B, T, 4C), SwiGLU (B, T, 2W)
+        if self.kind == "relu2":
+            h = jnp.square(jax.nn.relu(h))
+        elif self.kind == "swiglu":
+            gate, val = jnp.split(h, 2, axis=-1)
+            h = jax.nn.silu(gate) * val  # (B, T, W)
+        else:
+            h = gelu(h, self.gelu)
         return dropout(self.c_proj(h, dropout_key), self.dropout, dropout_key)
 
 
@@ -266,10 +343,9 @@ class Block(nnx.Module):
     """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        dt = jnp.dtype(cfg.dtype)
-        self.ln_1 = nnx.LayerNorm(cfg.n_embd, epsilon=1e-5, use_bias=cfg.bias, dtype=dt, rngs=rngs)
+        self.ln_1 = norm_layer(cfg, rngs)
         self.attn = CausalSelfAttention(cfg, rngs=rngs)
-        self.ln_2 = nnx.LayerNorm(cfg.n_embd, epsilon=1e-5, use_bias=cfg.bias, dtype=dt, rngs=rngs)
+        self.ln_2 = norm_layer(cfg, rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(self, x, dropout_key=None, cache=None, pos=None):
@@ -284,27 +360,38 @@ class Block(nnx.Module):
 class GPT(nnx.Module):
     """GPT-2-style decoder. Init recipe: every weight normal(0.02), the residual output
     projections (attn.c_proj, mlp.c_proj) normal(0.02 / sqrt(2 * n_layer)), biases zero,
-    LayerNorm scale one; the output head is the token embedding (tied)."""
+    LayerNorm scale one; the output head is the token embedding (tied). The modern options
+    (ModelConfig) change this: rope drops wpe, untied_head adds lm_head (C, V), zero_init_proj
+    starts the projections at zero."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.config = cfg
         init = nnx.initializers.normal(0.02)
         self.wte = nnx.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=init, rngs=rngs)
-        self.wpe = nnx.Embed(cfg.block_size, cfg.n_embd, embedding_init=init, rngs=rngs)
+        if cfg.pos_emb == "learned":
+            self.wpe = nnx.Embed(cfg.block_size, cfg.n_embd, embedding_init=init, rngs=rngs)
         self.h = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
-        self.ln_f = nnx.LayerNorm(cfg.n_embd, epsilon=1e-5, use_bias=cfg.bias,
-                                  dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+        self.ln_f = norm_layer(cfg, rngs)
+        if cfg.untied_head:
+            self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, use_bias=False, dtype=jnp.dtype(cfg.dtype),
+                                  kernel_init=init, rngs=rngs)
+
+    def embed(self, idx, pos):
+        """Token ids (B, T) at positions pos + 0..T-1 -> (B, T, C) in the compute dtype."""
+        x = self.wte(idx)
+        if self.config.pos_emb == "learned":
+            x = x + self.wpe(pos + jnp.arange(idx.shape[1]))
+        return x.astype(self.config.dtype)
 
     def __call__(self, idx, dropout_key=None):
         """Training and plain evaluation: token ids (B, T) -> logits (B, T, V)."""
         cfg = self.config
         B, T = idx.shape
         keys = _split(dropout_key, cfg.n_layer + 1)
-        x = self.wte(idx) + self.wpe(jnp.arange(T))  # (B, T, C)
-        x = dropout(x.astype(cfg.dtype), cfg.dropout, keys[0])
+        x = dropout(self.embed(idx, 0), cfg.dropout, keys[0])  # (B, T, C)
         for block, k in zip(self.h, keys[1:]):
             x, _ = block(x, k)
-        return self.lm_head(self.ln_f(x))
+        return self.head(self.ln_f(x))
 
     def init_cache(self, batch_size: int, length: int):
         """An empty KV cache: per layer (k, v), each (B, H, S, hs) in the compute dtype."""
@@ -316,22 +403,29 @@ class GPT(nnx.Module):
         """Cached forward: tokens (B, T) at positions pos..pos+T-1 attend to the cache and to
         each other. Returns (logits, cache); with `last` (an index into T) only the logits at
         that position, (B, V), are computed."""
-        x = self.wte(idx) + self.wpe(pos + jnp.arange(idx.shape[1]))  # (B, T, C)
-        x = x.astype(self.config.dtype)
+        x = self.embed(idx, pos)  # (B, T, C)
         new_cache = []
         for block, layer_cache in zip(self.h, cache):
             x, layer_cache = block(x, cache=layer_cache, pos=pos)
             new_cache.append(layer_cache)
         if last is not None:
             x = jax.lax.dynamic_index_in_dim(x, last, axis=1)  # (B, 1, C)
-        logits = self.lm_head(self.ln_f(x))
+        logits = self.head(self.ln_f(x))
         return (logits if last is None else logits[:, 0]), tuple(new_cache)
 
-    def lm_head(self, x):
-        """Tied output head: logits (B, T, V) accumulated and returned in float32."""
-        w = self.wte.embedding[...].astype(x.dtype)  # (V, C)
-        lead = x.shape[:-1]
-        logits = jnp.einsum("nc,vc->nv", x.reshape(-1, x.shape[-1]), w, preferred_element_type=F32)
+    def head(self, x):
+        """Output head (tied: wte; untied: lm_head): logits (B, T, V) accumulated and returned in
+        float32, soft-capped there when logit_softcap > 0."""
+        cfg, lead = self.config, x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])  # (B*T, C)
+        if cfg.untied_head:
+            w = self.lm_head.kernel[...].astype(x.dtype)  # (C, V)
+            logits = jnp.einsum("nc,cv->nv", x2, w, preferred_element_type=F32)
+        else:
+            w = self.wte.embedding[...].astype(x.dtype)  # (V, C)
+            logits = jnp.einsum("nc,vc->nv", x2, w, preferred_element_type=F32)
+        if cfg.logit_softcap > 0:
+            logits = cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)
         return logits.reshape(*lead, -1)  # (B*T, V) -> (B, T, V)
 
 

@@ -365,6 +365,7 @@ def export_hf(params: dict, model_cfg, directory: str, tokenizer=None, extra_con
 
     if model_cfg.model_type != "gpt":
         raise UserError("only GPT models export to the Hugging Face GPT-2 format (this one is a bigram)")
+    model_cfg.check_gpt2_layout("export to the Hugging Face GPT-2 format")
     os.makedirs(directory, exist_ok=True)
     flat = from_params(params, model_cfg.n_layer, model_cfg.bias)
     save_file({f"transformer.{k}": np.ascontiguousarray(v) for k, v in flat.items()},

@@ -29,7 +29,7 @@ from jaxgpt import lora, parallel, prepare, pretrained
 from jaxgpt.checkpoint import Checkpointer, checkpoint_dir, listed_steps, readable
 from jaxgpt.config import GPT2_SIZES, Config
 from jaxgpt.errors import UserError
-from jaxgpt.model import ModelConfig, abstract_model, model_config, with_attention
+from jaxgpt.model import MODERN_KEYS, ModelConfig, abstract_model, model_config, with_attention
 from jaxgpt.optim import make_optimizer
 from jaxgpt.quant import quantize_stream
 from jaxgpt.runtime import resolve_dtype
@@ -38,7 +38,8 @@ from jaxgpt.tokenizer import load_bpe, tokenizer_from_meta
 
 # settings that shape the model: a resumed run must keep them (dtype, attn_impl, device counts may
 # change, e.g. when a run moves from a GPU to a CPU)
-ARCH_KEYS = ("model_type", "block_size", "n_layer", "n_head", "n_embd", "bias")
+ARCH_KEYS = ("model_type", "block_size", "n_layer", "n_head", "n_embd", "bias",
+             *(k for k in MODERN_KEYS if k != "zero_init_proj"))  # an init only: no need to match
 
 
 
@@ -354,6 +355,7 @@ def load_weights(source: str, lazy: bool = False) -> pretrained.Weights:
     _, params, model_cfg, _, meta = _load_run(os.path.expanduser(source), "best")
     if model_cfg.model_type != "gpt":
         raise UserError(f"{source} holds a {model_cfg.model_type} model; only GPT models can be a starting point")
+    model_cfg.check_gpt2_layout(f"starting from {source} (init_from, a LoRA base)")
     tensors = pretrained.from_params(jax.tree.map(np.asarray, params), model_cfg.n_layer, model_cfg.bias)
     if not model_cfg.bias:  # keep a bias-free model bias-free (from_params fills in zeros for export)
         tensors = {k: v for k, v in tensors.items() if not k.endswith(".bias")}
