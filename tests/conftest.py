@@ -89,8 +89,21 @@ def tiny_gpt2_dir(tmp_path_factory):
     return d
 
 
+# the files whose module fixtures take longest (an 8-device worker, jobs of several processes) run
+# first, so that with two xdist workers (pyproject: --dist loadfile) no long file starts last
+SLOW_FILES = ("test_parallel.py", "test_multiprocess.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    slow = lambda item: item.path.name not in SLOW_FILES  # noqa: E731  (False sorts first)
+    items.sort(key=slow)  # a stable sort: every other test keeps its order
+
+
 def pytest_sessionfinish(session, exitstatus):
-    """Removes the session's compilation cache (only the one made above, never a user's)."""
+    """Removes the session's compilation cache (only the one made above, never a user's), in the
+    main pytest process only: with pytest-xdist its workers share the cache and end at different times."""
+    if hasattr(session.config, "workerinput"):
+        return
     cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", "")
     if os.path.basename(cache).startswith("jaxgpt-test-xla-cache-"):
         import shutil
