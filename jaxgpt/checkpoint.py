@@ -60,6 +60,10 @@ def checkpoint_dir(out_dir: str, kind: str) -> str:
     return os.path.abspath(os.path.join(out_dir, "checkpoints", kind))
 
 
+class NoIntactCheckpoint(UserError):
+    """Every checkpoint of a kind is damaged (restore_intact set each aside)."""
+
+
 class Checkpointer:
     """Saves and restores (state, metadata) under out_dir for one kind ('latest' or 'best')."""
 
@@ -149,7 +153,7 @@ class Checkpointer:
                 return state, meta, step
             except Exception as e:  # noqa: BLE001
                 self._set_aside(step, e, log)
-        raise UserError(f"no intact checkpoint to resume from in {self.manager.directory} (tried iters "
+        raise NoIntactCheckpoint(f"no intact checkpoint to resume from in {self.manager.directory} (tried iters "
                         f"{', '.join(map(str, steps)) or 'none'}); start a new run with --init_from=scratch "
                         f"and another --out_dir")
 

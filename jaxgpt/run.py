@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 
 from jaxgpt import data as data_lib
 from jaxgpt import lora, parallel, prepare, pretrained
-from jaxgpt.checkpoint import Checkpointer, checkpoint_dir, listed_steps, readable
+from jaxgpt.checkpoint import Checkpointer, NoIntactCheckpoint, checkpoint_dir, listed_steps, readable
 from jaxgpt.config import GPT2_SIZES, Config
 from jaxgpt.errors import UserError
 from jaxgpt.model import MODERN_KEYS, ModelConfig, abstract_model, model_config, with_attention
@@ -76,14 +76,20 @@ def padded_vocab(meta: dict[str, Any]) -> int:
 
 
 def newest_meta(out_dir: str) -> dict[str, Any] | None:
-    """The metadata of out_dir's newest latest checkpoint that reads back, or None (creates nothing)."""
-    if not listed_steps(out_dir)["latest"]:
-        return None
-    ckpt = Checkpointer(out_dir, "latest", create=False)
-    try:
-        return ckpt.newest_meta()
-    finally:
-        ckpt.close()
+    """The metadata of out_dir's newest latest checkpoint that reads back, else of its newest best
+    one (what resume falls back to when every latest checkpoint is damaged), or None. Creates nothing."""
+    listed = listed_steps(out_dir)
+    for kind in ("latest", "best"):
+        if not listed[kind]:
+            continue
+        ckpt = Checkpointer(out_dir, kind, create=False)
+        try:
+            meta = ckpt.newest_meta()
+        finally:
+            ckpt.close()
+        if meta is not None:
+            return meta
+    return None
 
 
 def has_checkpoint(out_dir: str) -> bool:
@@ -243,16 +249,25 @@ def check_same_tokenizer(ckpt_meta: dict[str, Any], tok_meta: dict[str, Any]) ->
                         "point --data_dir at the data the run was trained on")
 
 
-def start_state(run: Run, cfg: Config, abstract, optimizer, state_sh, latest: Checkpointer, key, log=print):
+def start_state(run: Run, cfg: Config, abstract, optimizer, state_sh, ckpts: tuple[Checkpointer, ...], key,
+                log=print):
     """The state the loop starts from, created directly in its shardings (no device ever holds a
-    whole fsdp model), and the best val loss so far: resumed from `latest`, new adapters (B = 0)
+    whole fsdp model), and the best val loss so far: resumed from the newest intact checkpoint of
+    `ckpts` (latest, then best: a best checkpoint holds the whole state too), new adapters (B = 0)
     around the frozen base, pretrained weights with a fresh optimizer, or random. Checkpoints never
     hold a frozen LoRA base: it comes from its source (run.init_params, dropped here once the
     devices hold it, so the host does not keep a second copy of the base for the whole run)."""
     if cfg.init_from == "resume":
-        state, meta, step = latest.restore_intact(
-            parallel.with_shardings(abstract, state_sh).replace(frozen={}),
-            lambda m: check_same_tokenizer(m, run.tok_meta), log)
+        for i, ckpt in enumerate(ckpts):
+            try:
+                state, meta, step = ckpt.restore_intact(
+                    parallel.with_shardings(abstract, state_sh).replace(frozen={}),
+                    lambda m: check_same_tokenizer(m, run.tok_meta), log)
+                break
+            except NoIntactCheckpoint:
+                if i == len(ckpts) - 1:
+                    raise
+                log(f"warning: no intact {ckpt.kind} checkpoint in {cfg.out_dir}; resuming from its {ckpts[i + 1].kind} one")
         if run.lora_base is not None:
             state = state.replace(frozen=_take_init_params(run, state_sh.frozen))
         log(f"resuming from {cfg.out_dir} at iter {step} (best val loss {meta['best_val_loss']:.4f})")

@@ -180,7 +180,7 @@ class Loop:
         self.latest = Checkpointer(cfg.out_dir, "latest", max_to_keep=2, create=create)
         self.best = Checkpointer(cfg.out_dir, "best", create=create)
         self.signals = StopFlag()
-        self.state, self.best_val = start_state(run, cfg, abstract, optimizer, state_sh, self.latest,
+        self.state, self.best_val = start_state(run, cfg, abstract, optimizer, state_sh, (self.latest, self.best),
                                                 self.keys["init"], log)
         if cfg.init_from != "resume" and create and main and os.path.exists(self.metrics_path):
             os.remove(self.metrics_path)  # a fresh run starts a fresh log

@@ -329,6 +329,19 @@ def test_sample_export_and_resume_with_damaged_checkpoints(run, capsys):
         err.endswith("train again with --overwrite=True, or restore the directory from a copy"), err
 
 
+def test_resume_falls_back_to_the_best_checkpoint_when_every_latest_one_is_damaged(run):
+    """A best checkpoint holds the whole train state too, so it is the newest intact one to resume from."""
+    out = str(run / "out")
+    best = Checkpointer(out, "best").all_steps()[0]
+    for step in Checkpointer(out, "latest").all_steps():
+        damage(os.path.join(out, "checkpoints", "latest", str(step)), "garbled")
+    logs = []
+    summary = train(parse_args(args(run, init_from="resume", max_iters=6)), log=logs.append)
+    assert any(line == f"warning: no intact latest checkpoint in {out}; resuming from its best one" for line in logs), logs
+    assert any(f"resuming from {out} at iter {best}" in line for line in logs), logs
+    assert summary["iter"] == 6 and Checkpointer(out, "latest").all_steps()[0] == 6
+
+
 # ----------------------------------------------------------------------------- export
 
 def test_export_never_overwrites_unless_told_and_never_leaves_half_a_directory(run, monkeypatch, capsys):
