@@ -192,9 +192,9 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(trained, capsy
     assert summary["iter"] == 6
 
 
-def break_state(out_dir, step):
+def break_state(out_dir, step, kind="latest"):
     broken = 0
-    for root, _, files in os.walk(os.path.join(out_dir, "checkpoints", "latest", str(step))):
+    for root, _, files in os.walk(os.path.join(out_dir, "checkpoints", kind, str(step))):
         for f in files:
             if "state" in root:
                 with open(os.path.join(root, f), "r+b") as fh:
@@ -214,15 +214,18 @@ def test_corrupt_metadata_falls_back_to_the_previous_checkpoint(trained):
 
 
 def test_no_intact_checkpoint_is_an_error_not_a_fresh_start(trained):
+    """Every latest and every best checkpoint damaged (with an intact best, resume uses it: test_runs)."""
     for step in (4, 2):
         break_state(trained.out_dir, step)
+    (best,) = Checkpointer(trained.out_dir, "best").all_steps()
+    break_state(trained.out_dir, best, "best")
     logs = []
-    with pytest.raises(UserError, match=r"no intact checkpoint to resume from in .*latest \(tried iters 4, 2\); "
+    with pytest.raises(UserError, match=rf"no intact checkpoint to resume from in .*best \(tried iters {best}\); "
                                         r"start a new run with --init_from=scratch and another --out_dir"):
         train(parse_args(tiny_args_from(trained, init_from="resume", max_iters=6)), log=logs.append)
-    assert sum("is unreadable" in line for line in logs) == 2, logs
+    assert sum("is unreadable" in line for line in logs) == 3, logs
     set_aside = sorted(os.listdir(os.path.join(trained.out_dir, "checkpoints", "broken")))  # kept, not deleted
-    assert [n.rsplit("-", 1)[0] for n in set_aside] == ["latest-2", "latest-4"], set_aside
+    assert [n.rsplit("-", 1)[0] for n in set_aside] == [f"best-{best}", "latest-2", "latest-4"], set_aside
     assert Checkpointer(trained.out_dir, "latest").all_steps() == []
 
 
