@@ -199,19 +199,6 @@ def readable(out_dir: str, prefer: str = "best") -> Iterator[tuple[Checkpointer,
                         f"python train.py --config ... --out_dir={out_dir}")
 
 
-def find_checkpoint(out_dir: str, prefer: str = "best") -> tuple[Checkpointer, int]:
-    """The newest listed checkpoint of `prefer` if it exists, else of the other kind (unread)."""
-    for kind in [prefer] + [k for k in KINDS if k != prefer]:
-        if os.path.isdir(checkpoint_dir(out_dir, kind)):
-            ckpt = Checkpointer(out_dir, kind, create=False)
-            step = ckpt.latest_step()
-            if step is not None:
-                return ckpt, step
-            ckpt.close()
-    raise UserError(f"no checkpoint in {out_dir}; train one first with "
-                    f"python train.py --config ... --out_dir={out_dir}")
-
-
 def listed_steps(out_dir: str) -> dict[str, list[int]]:
     """kind -> the steps listed on disk, newest first, read from the directory names alone."""
     out = {}

@@ -77,8 +77,9 @@ class ModelConfig:
 
     def check_gpt2_layout(self, what: str) -> None:
         """A UserError naming the options that keep this model from `what` (a GPT-2-layout job)."""
-        if self.non_gpt2_options():
-            raise UserError(f"{what} needs GPT-2's layout, but this model uses {', '.join(self.non_gpt2_options())}, "
+        options = self.non_gpt2_options()
+        if options:
+            raise UserError(f"{what} needs GPT-2's layout, but this model uses {', '.join(options)}, "
                             f"which GPT-2 has no equivalent for")
 
 

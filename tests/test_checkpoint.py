@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgpt.checkpoint import Checkpointer, find_checkpoint
+from jaxgpt.checkpoint import Checkpointer, readable
 from jaxgpt.config import parse_args
 from jaxgpt.errors import UserError
 from jaxgpt.model import ModelConfig
@@ -36,9 +36,8 @@ def test_save_then_restore_gives_the_same_state_and_metadata(tmp_path):
     assert meta == META
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    found, step = find_checkpoint(str(tmp_path), "best")  # no best: falls back to latest
-    assert step == 3
-    found.close()
+    found, step = next(readable(str(tmp_path), "best"))  # no best: falls back to latest
+    assert (found.kind, step) == ("latest", 3)
 
 
 def test_a_broken_checkpoint_is_set_aside_for_an_older_one(tmp_path):
@@ -60,4 +59,4 @@ def test_a_broken_checkpoint_is_set_aside_for_an_older_one(tmp_path):
 
 def test_no_checkpoint_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no checkpoint in"):
-        find_checkpoint(str(tmp_path))
+        next(readable(str(tmp_path)))
