@@ -30,6 +30,10 @@ from jaxgpt.rundir import disk_errno, disk_error
 
 KINDS = ("latest", "best")
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
+# Orbax removes a checkpoint beyond max_to_keep file by file; killed midway, that would leave a
+# listed step missing pieces. Instead it renames the step into this subdirectory (one atomic
+# rename: a listed step is whole or gone), which `wait` then empties.
+DELETED = ".deleted"
 
 
 def _quiet_orbax() -> None:
@@ -73,7 +77,7 @@ class Checkpointer:
         self.kind, self.in_flight = kind, None  # the step of a save that may still be writing
         self.manager = ocp.CheckpointManager(
             checkpoint_dir(out_dir, kind),
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create))
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create, todelete_subdir=DELETED))
 
     def save(self, step: int, state, meta: dict[str, Any]) -> None:
         """Starts writing checkpoint `step` (asynchronously: `wait` for it to be on disk). The
@@ -175,6 +179,7 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 -- the background write failed
             self._failed(e)
         self.in_flight = None
+        shutil.rmtree(os.path.join(str(self.manager.directory), DELETED), ignore_errors=True)
 
     def close(self) -> None:
         self.manager.close()
