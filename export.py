@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from jaxgpt.config import parse_args
 from jaxgpt.errors import UserError, check_choice, run_cli
+from jaxgpt.parallel import launched_index
 from jaxgpt.pretrained import export_hf
 from jaxgpt.run import load, quantized_base, save_standalone
 from jaxgpt.rundir import check_output_dir, replace_dir
@@ -36,6 +37,8 @@ class ExportConfig:
 
 
 def export_main(argv) -> int:
+    if launched_index() > 0:  # started as a job of several processes: process 0 exports (and reports) alone
+        return 0
     ec = parse_args(argv, ExportConfig)
     check_choice("which", ec.which, ("best", "latest"))
     if not (ec.hf_dir or ec.jaxgpt_dir):

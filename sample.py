@@ -27,7 +27,7 @@ import numpy as np
 
 from jaxgpt.config import ANY, choice, nonempty, parse_args, rng, validate_fields
 from jaxgpt.errors import UserError, run_cli
-from jaxgpt.parallel import maybe_initialize_distributed
+from jaxgpt.parallel import launched_index
 from jaxgpt.run import load
 from jaxgpt.sampling import SAMPLING_RULES, Engine, TextStream, cut_at_stop
 from jaxgpt.tokenizer import decode_text
@@ -85,12 +85,11 @@ def read_prompt(start: str) -> str:
 
 
 def sample_main(argv):
+    if launched_index() > 0:  # started as a job of several processes: process 0 samples (and reports) alone
+        return 0
     sc = parse_args(argv, SampleConfig)
     validate_fields(sc, SAMPLE_RULES)
     prompt_text = read_prompt(sc.start)
-    maybe_initialize_distributed()  # under a launcher, process 0 samples and prints; the others are done
-    if jax.process_index() > 0:
-        return 0
     top_k = sc.top_k or None
     resume = sc.init_from == "resume"
     graphdef, params, model_cfg, tok, _ = load(sc.out_dir if resume else sc.init_from, sc.which, run=resume)

@@ -10,6 +10,12 @@ to a temporary directory and renames it when complete, so a crash never leaves a
 checkpoint in place of a good one. A save that fails on the disk (full, read-only) becomes one
 UserError line, its temporary directory is removed, and the earlier checkpoints stay listed.
 Readers (`readable`) try checkpoints newest first and never move or delete anything.
+
+In a job of several processes the checkpoints a run writes and resumes from are handled by every
+process together (Orbax's barriers keep them in step). A checkpoint that is only read (a model for
+init_from, a LoRA base, sampling, export, the metadata resume looks at) is read by each process on
+its own (`reader=True`: no barrier, onto the process's own device), and the processes then check
+that they read the same one (`agree_on`).
 """
 
 from __future__ import annotations
@@ -71,13 +77,20 @@ class NoIntactCheckpoint(UserError):
 class Checkpointer:
     """Saves and restores (state, metadata) under out_dir for one kind ('latest' or 'best')."""
 
-    def __init__(self, out_dir: str, kind: str, max_to_keep: int = 1, create: bool = True):
+    def __init__(self, out_dir: str, kind: str, max_to_keep: int = 1, create: bool = True, reader: bool = False):
+        """reader=True: this process alone reads (no cross-process barriers, nothing written),
+        whatever the other processes of a job do meanwhile."""
         assert kind in KINDS
         _quiet_orbax()
         self.kind, self.in_flight = kind, None  # the step of a save that may still be writing
-        self.manager = ocp.CheckpointManager(
-            checkpoint_dir(out_dir, kind),
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create, todelete_subdir=DELETED))
+        if reader:
+            me = jax.process_index()
+            options = ocp.CheckpointManagerOptions(
+                read_only=True, multiprocessing_options=ocp.options.MultiprocessingOptions(
+                    primary_host=me, active_processes={me}))
+        else:
+            options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create, todelete_subdir=DELETED)
+        self.manager = ocp.CheckpointManager(checkpoint_dir(out_dir, kind), options=options)
 
     def save(self, step: int, state, meta: dict[str, Any]) -> None:
         """Starts writing checkpoint `step` (asynchronously: `wait` for it to be on disk). The
@@ -192,7 +205,7 @@ def readable(out_dir: str, prefer: str = "best") -> Iterator[tuple[Checkpointer,
     for kind in [prefer] + [k for k in KINDS if k != prefer]:
         if not os.path.isdir(checkpoint_dir(out_dir, kind)):
             continue
-        ckpt = Checkpointer(out_dir, kind, create=False)
+        ckpt = Checkpointer(out_dir, kind, reader=True)
         try:
             for step in ckpt.all_steps():
                 found = True

@@ -9,6 +9,7 @@ bottom of the package: everything may raise a UserError, and it depends on nothi
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, Sequence
 
@@ -34,13 +35,13 @@ def run_cli(body, argv: Sequence[str]) -> int:
     except UserError as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        report(f"error: {e}")
         _leave_job(2)
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C: one line saying what is left, exit code 130 (128 + SIGINT)
         if debug:
             raise
-        print(f"interrupted{f': {e}' if str(e) else ''}", file=sys.stderr)
+        report(f"interrupted{f': {e}' if str(e) else ''}")
         _leave_job(130)
         return 130
     except Exception:
@@ -48,12 +49,28 @@ def run_cli(body, argv: Sequence[str]) -> int:
         raise
 
 
+# set by python -m jaxgpt.launch: a directory where each process leaves its one-line error instead of
+# printing it, so the launcher prints each distinct line once, not once per process
+ERROR_DIR_ENV = "JAXGPT_ERROR_DIR"
+
+
+def report(line: str) -> None:
+    """The one line a script ends with: on stderr, or (under the launcher) handed to the launcher."""
+    where = os.environ.get(ERROR_DIR_ENV)
+    if where and os.path.isdir(where):
+        try:
+            with open(os.path.join(where, os.environ.get("JAX_PROCESS_ID", "0")), "w", encoding="utf-8") as f:
+                f.write(line)
+            return
+        except OSError:
+            pass
+    print(line, file=sys.stderr)
+
+
 def _leave_job(code: int, traceback: bool = False) -> None:
     """In a job of several processes, a process that fails exits at once: JAX's exit handler
     would otherwise wait at a barrier for the others, which wait for it in their next collective,
     so the job would hang instead of ending (the launcher then ends the others)."""
-    import os
-
     jax = sys.modules.get("jax")
     if jax is None or not jax.distributed.is_initialized() or jax.process_count() == 1:
         return

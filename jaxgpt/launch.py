@@ -9,7 +9,8 @@ job, as it joins a SLURM, Open MPI or Cloud TPU job from their own variables. Pr
 the coordinator.
 
 The launcher keeps the job whole: when a process exits with an error (or is killed), it says
-which one, in one line, and ends the others (SIGTERM, then SIGKILL after --grace seconds), so no
+why in one line (the process's own `error: ...` line, each distinct one once, not once per process;
+else which process failed and how), and ends the others (SIGTERM, then SIGKILL after --grace seconds), so no
 process waits for ever on a peer that is gone. SIGINT / SIGTERM to the launcher reach every
 process, which save one consistent checkpoint and exit (what a preempted VM does).
 """
@@ -20,9 +21,13 @@ import argparse
 import os
 import signal
 import socket
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+
+from jaxgpt.errors import ERROR_DIR_ENV
 
 # the variables a jaxgpt process reads to join a job (besides the launchers' own, see parallel.py)
 ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
@@ -48,7 +53,9 @@ def launch(command: list[str], nproc: int, port: int = 0, grace: float = 15.0, e
     """Runs `command` (a script and its arguments, run with this Python) as nproc processes of one
     job and returns the job's exit code: 0 when all succeed, else the first failure's."""
     base = dict(os.environ if env is None else env)
+    errors = tempfile.mkdtemp(prefix="jaxgpt-launch-")  # each process's one-line error, if it has one
     base.update({ENV_COORDINATOR: f"127.0.0.1:{port or free_port()}", ENV_NUM_PROCESSES: str(nproc),
+                 ERROR_DIR_ENV: errors,
                  "XLA_PYTHON_CLIENT_PREALLOCATE": base.get("XLA_PYTHON_CLIENT_PREALLOCATE", "false")})
     procs = [subprocess.Popen([sys.executable, *command], env={**base, ENV_PROCESS_ID: str(i)})
              for i in range(nproc)]
@@ -61,6 +68,19 @@ def launch(command: list[str], nproc: int, port: int = 0, grace: float = 15.0, e
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     failure = 0
+    said: set[str] = set()
+
+    def their_line(i: int) -> str | None:
+        """Process i's own one-line error (or interruption), said once per job."""
+        try:
+            with open(os.path.join(errors, str(i)), encoding="utf-8") as f:
+                line = f.read().strip()
+        except OSError:
+            return None
+        if not line or line in said:
+            return "" if line else None
+        said.add(line)
+        return line
 
     def check():
         nonlocal failure
@@ -73,8 +93,12 @@ def launch(command: list[str], nproc: int, port: int = 0, grace: float = 15.0, e
             if code not in (None, 0) and not failure:
                 failure = code if code > 0 else 128 - code
                 running = [q for q in procs if q.poll() is None]
-                log(f"error: process {i} of {nproc} {describe(code)}"
-                    + ("; stopping the other processes" if running else ""))
+                own = their_line(i)
+                if own:
+                    log(own)
+                elif own is None:
+                    log(f"error: process {i} of {nproc} {describe(code)}"
+                        + ("; stopping the other processes" if running else ""))
                 for q in running:
                     q.terminate()
                 stopping.append(time.monotonic())
@@ -88,7 +112,12 @@ def launch(command: list[str], nproc: int, port: int = 0, grace: float = 15.0, e
                         q.kill()
             time.sleep(0.05)
         check()
+        for i in range(nproc):  # what else the processes had to say (an interruption, another error)
+            own = their_line(i)
+            if own:
+                log(own)
     finally:
+        shutil.rmtree(errors, ignore_errors=True)
         for s, h in old.items():
             signal.signal(s, h)
         for p in procs:

@@ -103,6 +103,12 @@ def make_mesh(sharding: str = "dp", mesh_shape: str = "") -> Mesh:
     return Mesh(np.asarray(devices[:d * f]).reshape(d, f), AXES)
 
 
+def local_mesh() -> Mesh:
+    """A one-device mesh on this process's first device: where a process reads a model on its own
+    (jax.devices()[0] belongs to process 0 in a job of several)."""
+    return Mesh(np.asarray(jax.local_devices()[:1]).reshape(1, 1), AXES)
+
+
 def check_batch(mesh: Mesh, batch_size: int) -> None:
     n = mesh.devices.size
     if batch_size % n:
@@ -177,6 +183,32 @@ def any_process(flag: bool) -> bool:
     from jax.experimental import multihost_utils
 
     return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+def agree_on(value: str, message: str) -> None:
+    """Every process of a job must hold the same `value` (e.g. which checkpoint it read); a
+    UserError with `message` on every process otherwise. A host collective: every process calls it
+    at the same point. With one process, nothing to check."""
+    if jax.process_count() == 1:
+        return
+    import zlib
+
+    from jax.experimental import multihost_utils
+
+    h = np.asarray(zlib.crc32(value.encode()), dtype=np.uint32)
+    if not np.all(multihost_utils.process_allgather(h) == h):
+        raise UserError(message)
+
+
+def launched_index() -> int:
+    """This process's index in a job, read from what launchers set (python -m jaxgpt.launch, SLURM,
+    Open MPI), without joining the job: for scripts whose work one process does alone (sampling,
+    export), which the other processes of a job skip. 0 outside a job."""
+    for var in ("JAX_PROCESS_ID", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK"):
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return 0
 
 
 def process_zero_first(fn, *args, **kwargs):

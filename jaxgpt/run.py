@@ -82,7 +82,7 @@ def newest_meta(out_dir: str) -> dict[str, Any] | None:
     for kind in ("latest", "best"):
         if not listed[kind]:
             continue
-        ckpt = Checkpointer(out_dir, kind, create=False)
+        ckpt = Checkpointer(out_dir, kind, reader=True)
         try:
             meta = ckpt.newest_meta()
         finally:
@@ -336,6 +336,10 @@ def _load_run(out_dir: str, prefer: str, log=None):
     else:
         raise UserError(f"no intact checkpoint in {out_dir}: every one is damaged ({'; '.join(skipped)}); "
                         f"train again with --overwrite=True, or restore the directory from a copy")
+    # every process of a job read on its own: they must have read the same checkpoint
+    parallel.agree_on(f"{os.path.abspath(out_dir)} {ckpt.kind} {step}",
+                      f"the processes read different checkpoints of {out_dir} (this one: {ckpt.kind} iter {step}); "
+                      f"every process must see the same files (a shared disk) and none may be damaged")
     params, base = state.params, meta.get("lora_base")
     if base:
         # a QLoRA base is quantized as when it trained, then dequantized by the merge: the model the
@@ -356,7 +360,7 @@ def read_checkpoint(ckpt: Checkpointer, step: int):
     train_cfg = Config(**{k: v for k, v in meta["train_config"].items() if k in Config.__dataclass_fields__})
     graphdef, abstract, _ = abstract_state(model_cfg, train_cfg)
     abstract = abstract.replace(frozen={})  # checkpoints never hold a frozen LoRA base
-    one = parallel.make_mesh("dp", "1")  # onto one device, whatever mesh the run was trained on
+    one = parallel.local_mesh()  # onto one of this process's devices, whatever mesh the run was trained on
     state, meta = ckpt.restore(parallel.with_shardings(abstract, parallel.state_shardings(abstract, one)), step)
     tokenizer_from_meta(meta["tokenizer"])  # damaged tokenizer metadata is a damaged checkpoint too
     return graphdef, state, meta, model_cfg
