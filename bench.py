@@ -10,7 +10,6 @@ values); the model and optimizer are the config's. For GPT-2 124M: --n_layer=12 
 --n_embd=768 --block_size=1024 --vocab_size=50304 (dtype=auto computes in bfloat16 on GPUs and TPUs).
 """
 
-import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -21,55 +20,45 @@ from flax import nnx
 
 from jaxgpt import parallel
 from jaxgpt.benchmark import device_peak, flops_per_token, peak_memory_bytes, sampling_speed, summarize, time_steps
-from jaxgpt.config import INT32_MAX, coerce, parse_args, rng, validate_fields
-from jaxgpt.errors import run_cli
+from jaxgpt.config import INT32_MAX, Config, group, parse_args, rng
+from jaxgpt.cli import run_cli
 from jaxgpt.model import build_model, model_config, num_params
 from jaxgpt.runtime import matmul_precision, resolve_dtype
 from jaxgpt.sampling import Engine
 from jaxgpt.step import abstract_state, init_state, make_train_step
 
 
-@dataclass
-class BenchOptions:
-    """bench.py's own flags; every other flag is a training config key."""
-    steps: int = 50  # timed train steps
-    vocab_size: int = 65
-    sample_tokens: int = 0  # > 0: benchmark sampling this many new tokens instead of training
-    num_samples: int = 5
-    prompt_tokens: int = 1
-    window_keep: int = 0
+_bench = group("bench.py")
 
 
-BENCH_RULES = {"steps": rng(1, 1_000_000), "vocab_size": rng(1, 1 << 22), "sample_tokens": rng(0, INT32_MAX),
-               "num_samples": rng(1, 1 << 20), "prompt_tokens": rng(1, 1 << 20),
-               "window_keep": rng(0, note="(0 means block_size)")}
+@dataclass(frozen=True)
+class BenchConfig(Config):
+    """Benchmarks the training step of a config (synthetic batches, random weights: ms/iter, tokens/s, compile time,
+    memory, MFU), or with --sample_tokens=N the decoding engine; every training key applies."""
+
+    GROUPS = ("bench.py", *Config.GROUPS)
+    steps: int = _bench(50, rng(1, 1_000_000), "timed train steps")
+    vocab_size: int = _bench(65, rng(1, 1 << 22), "the model's vocabulary V (the data is synthetic)")
+    sample_tokens: int = _bench(0, rng(0, INT32_MAX), "> 0: benchmark sampling this many new tokens instead")
+    num_samples: int = _bench(5, rng(1, 1 << 20), "sampling: sequences decoded together")
+    prompt_tokens: int = _bench(1, rng(1, 1 << 20), "sampling: the prompt's length")
+    window_keep: int = _bench(0, rng(0, note="(0 means block_size)"), "sampling: tokens kept when the window is full")
 
 
 def bench_main(argv):
-    names = {f.name for f in dataclasses.fields(BenchOptions)}
-    values, rest = {}, []
-    for a in argv:
-        key = a[2:].split("=", 1)[0] if a.startswith("--") else None
-        if key in names and "=" in a:
-            values[key] = coerce(key, a.split("=", 1)[1], int)
-        else:
-            rest.append(a)
-    o = BenchOptions(**values)
-    validate_fields(o, BENCH_RULES)
-    opts = dataclasses.asdict(o)
-    steps, vocab = o.steps, o.vocab_size
-    cfg = parse_args(rest).validate(paths=False)
-    if not opts["sample_tokens"]:
+    cfg = parse_args(argv, BenchConfig).validate(paths=False)  # bench writes nothing: paths are not checked
+    opts = {k: getattr(cfg, k) for k in ("sample_tokens", "num_samples", "prompt_tokens", "window_keep")}
+    if not cfg.sample_tokens:
         parallel.set_cpu_devices(cfg.cpu_devices)
         parallel.maybe_initialize_distributed()  # under a launcher: one job over all processes
     with matmul_precision(cfg.matmul_precision):
-        return bench_sampling(cfg, opts) if opts["sample_tokens"] else bench(cfg, steps, vocab)
+        return bench_sampling(cfg, opts) if cfg.sample_tokens else bench(cfg, cfg.steps, cfg.vocab_size)
 
 
 def bench(cfg, steps: int, vocab: int) -> int:
     mesh = parallel.make_mesh(cfg.sharding, cfg.mesh_shape)
     parallel.check_batch(mesh, cfg.batch_size)
-    cfg.dtype = resolve_dtype(cfg.dtype, mesh.devices.flat[0].platform)
+    cfg = cfg.replace(dtype=resolve_dtype(cfg.dtype, mesh.devices.flat[0].platform))
     mcfg = model_config(cfg, vocab)
     graphdef, abstract, optimizer = abstract_state(mcfg, cfg)
     state_sh = parallel.state_shardings(abstract, mesh)

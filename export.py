@@ -19,28 +19,35 @@ import os
 import sys
 from dataclasses import dataclass
 
-from jaxgpt.config import parse_args
-from jaxgpt.errors import UserError, check_choice, run_cli
+from jaxgpt.config import ANY, choice, group, nonempty, parse_args, validate_fields
+from jaxgpt.cli import run_cli
+from jaxgpt.errors import UserError
 from jaxgpt.parallel import launched_index
 from jaxgpt.pretrained import export_hf
-from jaxgpt.run import load, quantized_base, save_standalone
+from jaxgpt.loading import load, quantized_base, save_standalone
 from jaxgpt.rundir import check_output_dir, replace_dir
 
 
-@dataclass
+_export = group("export")
+
+
+@dataclass(frozen=True)
 class ExportConfig:
-    out_dir: str = "out"
-    hf_dir: str = ""  # where to write the Hugging Face directory
-    jaxgpt_dir: str = ""  # where to write a standalone jaxgpt out_dir
-    which: str = "best"  # 'best' | 'latest'
-    overwrite: bool = False  # replace a --hf_dir / --jaxgpt_dir that already holds files
+    """Exports a jaxgpt run to a Hugging Face GPT-2 directory and/or a standalone jaxgpt out_dir (a LoRA or
+    QLoRA run with its adapters merged)."""
+
+    out_dir: str = _export("out", nonempty("pass the run to export, e.g. --out_dir=out"), "the run to export")
+    hf_dir: str = _export("", ANY, "where to write the Hugging Face directory")
+    jaxgpt_dir: str = _export("", ANY, "where to write a standalone jaxgpt out_dir (no base needed after it)")
+    which: str = _export("best", choice("best", "latest"), "the run's best checkpoint or its latest")
+    overwrite: bool = _export(False, None, "replace a --hf_dir / --jaxgpt_dir that already holds files")
 
 
 def export_main(argv) -> int:
     if launched_index() > 0:  # started as a job of several processes: process 0 exports (and reports) alone
         return 0
     ec = parse_args(argv, ExportConfig)
-    check_choice("which", ec.which, ("best", "latest"))
+    validate_fields(ec)
     if not (ec.hf_dir or ec.jaxgpt_dir):
         raise UserError("pass --hf_dir=DIR (a Hugging Face GPT-2 directory) and/or --jaxgpt_dir=DIR (a jaxgpt out_dir)")
     if ec.hf_dir and ec.jaxgpt_dir and os.path.realpath(ec.hf_dir) == os.path.realpath(ec.jaxgpt_dir):

@@ -25,44 +25,46 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
-from jaxgpt.config import ANY, choice, nonempty, parse_args, rng, validate_fields
-from jaxgpt.errors import UserError, run_cli
+from jaxgpt.config import ANY, allows, choice, group, nonempty, parse_args, rng, validate_fields
+from jaxgpt.cli import run_cli
+from jaxgpt.errors import UserError
 from jaxgpt.parallel import launched_index
-from jaxgpt.run import load
+from jaxgpt.loading import load
 from jaxgpt.sampling import SAMPLING_RULES, Engine, TextStream, cut_at_stop
 from jaxgpt.tokenizer import decode_text
 
 SEPARATOR = "---------------"
 
 
-@dataclass
+_what = group("what to sample from")
+_prompt = group("the prompt and the samples")
+_how = group("sampling")
+
+
+@dataclass(frozen=True)
 class SampleConfig:
-    init_from: str = "resume"  # 'resume' = the out_dir's checkpoint; or a GPT-2 name, directory, ckpt.pt
-    out_dir: str = "out"
-    start: str = "\n"  # prompt text, or FILE:path to read it from a file
-    num_samples: int = 10
-    max_new_tokens: int = 500
-    temperature: float = 0.8  # 0 = greedy
-    top_k: int = 200  # 0 = no limit
-    top_p: float = 1.0  # 1 = no nucleus filtering
-    seed: int = 1337
-    stream: bool = False
-    stop: str = ""  # end each sample at this string
-    window_keep: int = 0  # tokens kept when the context window is full; 0 = block_size (exact crop)
-    which: str = "best"  # 'best' | 'latest' checkpoint
+    """Samples text from a trained jaxgpt run (its out_dir alone), or from GPT-2 weights, a Hugging Face GPT-2
+    directory or a nanoGPT ckpt.pt."""
+
+    init_from: str = _what("resume", nonempty("use resume (the out_dir's checkpoint), a GPT-2 name or a path to weights"),
+                           "resume = out_dir's checkpoint; or a GPT-2 name, a Hugging Face directory, a nanoGPT ckpt.pt")
+    out_dir: str = _what("out", ANY, "the run to sample from (with init_from=resume)")
+    which: str = _what("best", choice("best", "latest"), "the run's best checkpoint (lowest val loss) or its latest")
+    start: str = _prompt("\n", ANY, "the prompt, or FILE:path to read it from a file")
+    num_samples: int = _prompt(10, rng(1, 1 << 20), "samples, decoded together as one batch")
+    max_new_tokens: int = _prompt(500, SAMPLING_RULES["max_new_tokens"], "tokens generated per sample")
+    stream: bool = _prompt(False, None, "print the first sample as it is generated")
+    stop: str = _prompt("", ANY, "end each sample at this string ('' = never)")
+    temperature: float = _how(0.8, SAMPLING_RULES["temperature"], "softmax temperature")
+    top_k: int = _how(200, allows(">= 1 (0 = no limit)")(lambda key, v: v == 0 or SAMPLING_RULES["top_k"](key, v)),
+                      "sample among the k most likely tokens")
+    top_p: float = _how(1.0, SAMPLING_RULES["top_p"], "nucleus sampling: the smallest set of tokens with this much "
+                                                      "probability (1 = off)")
+    seed: int = _how(1337, rng(0, 2**32, hi_open=True), "the sampling key derives from it")
+    window_keep: int = _how(0, rng(0, note="(0 means block_size)"),
+                            "past block_size, re-prefill from the last this many tokens (0 = exact crop)")
 
 
-SAMPLE_RULES = {
-    **SAMPLING_RULES,
-    "top_k": lambda key, v: v == 0 or SAMPLING_RULES["top_k"](key, v),  # the flag's 0 is the engine's None
-    "init_from": nonempty("use resume (the out_dir's checkpoint), a GPT-2 name or a path to weights"),
-    "out_dir": ANY,  # load() says what is missing there
-    "start": ANY,  # text, or FILE:path (read_prompt checks the file)
-    "num_samples": rng(1, 1 << 20), "seed": rng(0, 2**32, hi_open=True),
-    "stop": ANY,
-    "window_keep": rng(0, note="(0 means block_size)"),  # <= block_size: checked by the engine
-    "which": choice("best", "latest"),
-}
 MAX_PROMPT_BYTES = 64 << 20
 
 
@@ -88,7 +90,7 @@ def sample_main(argv):
     if launched_index() > 0:  # started as a job of several processes: process 0 samples (and reports) alone
         return 0
     sc = parse_args(argv, SampleConfig)
-    validate_fields(sc, SAMPLE_RULES)
+    validate_fields(sc)
     prompt_text = read_prompt(sc.start)
     top_k = sc.top_k or None
     resume = sc.init_from == "resume"

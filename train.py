@@ -1,15 +1,16 @@
-"""Train a character-level GPT (or the bigram baseline) on a text corpus.
+"""Train a GPT (or the lecture's bigram model) on text: characters or GPT-2's BPE, from scratch or
+from weights (GPT-2, a Hugging Face directory, a nanoGPT ckpt.pt, another run; full, LoRA, QLoRA).
 
     python train.py --config configs/shakespeare_char_cpu.py [--key=value ...]
+    python train.py --help                      # every key, its default and what it allows
 
-Config keys follow nanoGPT's train.py (see jaxgpt/config.py). Checkpoints, metrics.jsonl,
-config.json and loss.png go to out_dir; resume with --init_from=resume.
+Checkpoints, metrics.jsonl, config.json and loss.png go to out_dir; continue with --init_from=resume.
 """
 
 import sys
 
-from jaxgpt.config import format_config, parse_args
-from jaxgpt.errors import run_cli
+from jaxgpt.cli import run_cli
+from jaxgpt.config import parse_args
 from jaxgpt.parallel import maybe_initialize_distributed, set_cpu_devices
 from jaxgpt.trainer import train
 
@@ -18,12 +19,9 @@ def train_main(argv):
     cfg = parse_args(argv).validate()
     set_cpu_devices(cfg.cpu_devices)  # before JAX starts its backends
     maybe_initialize_distributed()  # several processes (a pod slice, GPU nodes): one program
+    summary = train(cfg)  # prints the config it resolved (process 0)
     import jax
-    main_process = jax.process_index() == 0
-    if main_process:
-        print("config:\n" + format_config(cfg))
-    summary = train(cfg)
-    if "best_val_loss" in summary and main_process:
+    if "best_val_loss" in summary and jax.process_index() == 0:
         print(f"done: iter {summary['iter']}, best val loss {summary['best_val_loss']:.4f}; "
               f"sample with: python sample.py --out_dir={cfg.out_dir}")
     return 0

@@ -26,10 +26,10 @@ import math
 import operator
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Sequence
 
-from jaxgpt.errors import UserError, check_choice
+from jaxgpt.errors import ShowHelp, UserError, check_choice
 from jaxgpt.runtime import DTYPES, MATMUL_PRECISIONS
 
 # name -> (n_layer, n_head, n_embd) of the GPT-2 sizes (model_size=...); all have a 1024-token
@@ -46,7 +46,8 @@ PATH_KEYS = ("out_dir", "data_dir")  # the keys whose rules look at the file sys
 INT32_MAX = 2**31 - 1
 
 # ----------------------------------------------------------------------------- rules
-# rule(key, value) raises a UserError naming the key and what is allowed; None is fine.
+# rule(key, value) raises a UserError naming the key and what is allowed; None is fine. Each rule
+# carries `allowed`, the words --help shows for it ('' for none).
 Rule = Callable[[str, Any], None]
 
 
@@ -56,6 +57,15 @@ def show(value: Any, limit: int = 60) -> str:
     return r if len(r) <= limit else r[:limit] + "..."
 
 
+def allows(text: str):
+    """Decorates a rule with what it allows, for --help."""
+    def wrap(rule: Rule) -> Rule:
+        rule.allowed = text
+        return rule
+    return wrap
+
+
+@allows("")
 def ANY(key: str, value: Any) -> None:
     """Any value of the key's type (its type is checked when it is parsed)."""
 
@@ -64,33 +74,37 @@ def rng(lo: float | None = None, hi: float | None = None, *, lo_open: bool = Fal
         note: str = "") -> Rule:
     """A finite number in the interval: rng(0, 1, hi_open=True) is [0, 1); rng(1) is >= 1.
     `note` is added after the range, e.g. '(0 disables clipping)'."""
+    if lo is not None and hi is not None:
+        where = f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    elif lo is not None:
+        where = f"{'>' if lo_open else '>='} {lo}"
+    else:
+        where = f"{'<' if hi_open else '<='} {hi}"
+
+    @allows(where + (f" {note}" if note else ""))
     def rule(key: str, value: Any) -> None:
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"{key} must be a finite number, got {value}")
         ok = ((lo is None or (value > lo if lo_open else value >= lo))
               and (hi is None or (value < hi if hi_open else value <= hi)))
         if not ok:
-            if lo is not None and hi is not None:
-                where = f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-            elif lo is not None:
-                where = f"{'>' if lo_open else '>='} {lo}"
-            else:
-                where = f"{'<' if hi_open else '<='} {hi}"
             raise UserError(f"{key} must be {where}{' ' + note if note else ''}, got {show(value)}")
     return rule
 
 
 def choice(*choices: Any) -> Rule:
-    return lambda key, value: check_choice(key, value, choices)
+    return allows(" | ".join(map(str, choices)))(lambda key, value: check_choice(key, value, choices))
 
 
 def nonempty(hint: str) -> Rule:
+    @allows("not empty")
     def rule(key: str, value: str) -> None:
         if not value.strip():
             raise UserError(f"{key} is empty; {hint}")
     return rule
 
 
+@allows("a directory (created if missing)")
 def directory_to_write(key: str, path: str) -> None:
     """A directory that is (or can be) created and written: not a file, under a writable directory."""
     if not path.strip():
@@ -106,18 +120,21 @@ def directory_to_write(key: str, path: str) -> None:
         raise UserError(f"{key} {path} is not writable ({probe} does not allow writing); pick another directory")
 
 
+@allows("a directory, or not there yet")
 def directory_or_missing(key: str, path: str) -> None:
     """Empty (the default), a directory, or a path not there yet; never a file."""
     if path and os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{key} {path} is a file, not a directory; pass a directory")
 
 
+@allows("N or DxF, e.g. 2x4; '' = all devices")
 def mesh_shape_rule(key: str, value: str) -> None:
     if value and not re.fullmatch(r"[1-9][0-9]{0,5}(x[1-9][0-9]{0,5})?", value.strip().lower()):
         raise UserError(f"{key} must look like 'N' or 'DxF' with positive N, D, F (e.g. 2x4), or '' for all "
                         f"devices; got {show(value)}")
 
 
+@allows("comma-separated, from " + ", ".join(LORA_TARGETS))
 def lora_targets_rule(key: str, value: str) -> None:
     targets = [t.strip() for t in value.split(",") if t.strip()]
     if not targets:
@@ -126,114 +143,156 @@ def lora_targets_rule(key: str, value: str) -> None:
         check_choice(f"each of {key}", t, LORA_TARGETS)
 
 
-def validate_fields(obj, rules: dict[str, Rule]) -> None:
-    """Checks every field of the dataclass `obj` with its rule; an error from a value read from a
-    config file is prefixed with its file:line (see parse_args). bool fields need no rule."""
+# ----------------------------------------------------------------------------- declarations
+# Every key is declared once: its type (the annotation), default, rule and a one-line help, under
+# a group heading; the rules table, --help, the printed config and docs/config.md all read these.
+
+def group(title: str):
+    """A factory of keys under one --help heading: io = group("I/O"); out_dir: str = io("out", rule, "...")."""
+    def key(default: Any, rule: Rule | None = None, help: str = "", **extra) -> Any:
+        return field(default=default, metadata={"rule": rule, "help": help, "group": title, **extra})
+    return key
+
+
+def declared(cls) -> list:
+    """The dataclass fields of cls that are keys (they carry a help line), in declaration order."""
+    return [f for f in fields(cls) if "help" in f.metadata]
+
+
+def by_group(cls) -> dict[str, list]:
+    """The declared keys of cls by group: the groups named in cls.GROUPS first, then in declaration order."""
+    out: dict[str, list] = {title: [] for title in getattr(cls, "GROUPS", ())}
+    for f in declared(cls):
+        out.setdefault(f.metadata["group"], []).append(f)
+    return {title: keys for title, keys in out.items() if keys}
+
+
+def rules_of(cls) -> dict[str, Rule]:
+    return {f.name: f.metadata["rule"] for f in declared(cls) if f.metadata["rule"] is not None}
+
+
+def validate_fields(obj, rules: dict[str, Rule] | None = None) -> None:
+    """Checks every field of the dataclass `obj` with its declared rule (or `rules`); an error from
+    a value read from a config file is prefixed with its file:line (see parse_args). bool fields
+    need no rule."""
+    rules = rules_of(type(obj)) if rules is None else rules
     origins = getattr(obj, "_origins", {})
     for f in fields(obj):
         rule = rules.get(f.name)
         if rule is None:
-            if _field_types(type(obj))[f.name] is bool:
+            if _field_types(type(obj))[f.name] is bool or "help" not in f.metadata:
                 continue
-            raise KeyError(f"{type(obj).__name__}.{f.name} has no validation rule; add one to its RULES")
+            raise KeyError(f"{type(obj).__name__}.{f.name} has no validation rule; declare one")
         try:
             rule(f.name, getattr(obj, f.name))
         except UserError as e:
             raise UserError(f"{origins[f.name]}: {e}" if f.name in origins else str(e)) from None
 
 
-@dataclass
-class Config:
-    """Training configuration. Names and meanings follow nanoGPT's train.py."""
+_model = group("model")
+_modern = group("model: modern options (each off = GPT-2's layout; see docs/modern.md)")
+_lora_shape = group("start and finetuning")
 
-    # I/O
-    out_dir: str = "out"
-    eval_interval: int = 2000
-    log_interval: int = 1
-    eval_iters: int = 200
-    eval_only: bool = False
-    # accepted for nanoGPT compatibility and ignored: jaxgpt always writes both the latest
-    # checkpoint (for resume) and the best one (for sampling); see README
-    always_save_checkpoint: bool = True
-    # 'scratch' | 'resume' | 'auto' (resume if out_dir holds a checkpoint, else scratch) | weights to
-    # start from: a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl),
-    # a Hugging Face GPT-2 directory, a nanoGPT ckpt.pt, or another jaxgpt out_dir (fresh optimizer)
-    init_from: str = "scratch"
-    # a fresh run (not resume) on an out_dir that holds a run's checkpoints: False refuses, True deletes them
-    overwrite: bool = False
-    # finetuning: 'full' trains every weight; 'lora' trains low-rank adapters on a frozen base
-    # (init_from), and the run's checkpoints hold only the adapters and a reference to the base;
-    # 'qlora' is lora over a base whose blocks' Linear kernels are quantized as they load
-    finetune_method: str = "full"
-    qlora_quant: str = "nf4"  # qlora: the base's kernels in 'nf4' (4.5 bits per weight) | 'int8'
-    lora_rank: int = 8
-    lora_alpha: float = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
-    lora_dropout: float = 0.0
-    lora_targets: str = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"  # which Linear layers get adapters
-    # data
-    dataset: str = "shakespeare_char"
-    data_dir: str = ""  # default: data/<dataset>
-    input_file: str = ""  # text file to prepare when data_dir holds no prepared data
-    tokenizer: str = "char"  # 'char' | 'gpt2' (BPE): the tokenizer data_dir is prepared with
-    tokenizer_dir: str = ""  # gpt2: a directory with vocab.json + merges.txt instead of tiktoken's files
-    include: str = ""  # a directory input_file: comma-separated globs of the files to use ('' = all)
-    exclude: str = ""  # ... and of files to skip, besides hidden ones and __pycache__
-    gradient_accumulation_steps: int = 1
-    batch_size: int = 12
-    block_size: int = 1024
-    # model
-    model_type: str = "gpt"  # 'gpt' | 'bigram'
-    model_size: str = ""  # 'gpt2' | 'gpt2-medium' | 'gpt2-large' | 'gpt2-xl': sets n_layer, n_head, n_embd
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0
-    bias: bool = False
-    # modern model options (README "Time to quality"), each off by default (= GPT-2's layout);
-    # only the classic layout exports to / loads from GPT-2 formats
-    pos_emb: str = "learned"  # 'learned' (wpe) | 'rope' (rotary embeddings on q and k, no wpe)
-    norm: str = "layernorm"  # 'layernorm' | 'rmsnorm' (learned scale, no bias)
-    qk_norm: bool = False  # RMS-normalise queries and keys per head before attention
-    mlp: str = "gelu"  # 'gelu' | 'relu2' (relu(x)^2) | 'swiglu' (silu gate x value, width 8C/3)
-    untied_head: bool = False  # an output head (lm_head) of its own instead of the token embedding
-    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap) (0 = off)
-    zero_init_proj: bool = False  # attn.c_proj and mlp.c_proj start at zero
-    # optimizer: 'adamw' (every parameter) | 'muon' (Muon for the blocks' 2-D matrices, AdamW with
-    # learning_rate for embeddings, head, norms and biases)
-    optimizer: str = "adamw"
-    muon_lr: float = 0.02  # Muon's peak learning rate; it follows the same schedule shape
-    muon_momentum: float = 0.95  # Nesterov momentum of Muon
-    muon_weight_decay: float = 0.0  # decoupled, multiplied by Muon's learning rate
-    # AdamW
-    learning_rate: float = 6e-4
-    max_iters: int = 600000
-    weight_decay: float = 1e-1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 disables clipping
-    on_nonfinite: str = "stop"  # a NaN/inf loss: 'stop' (keep the last good checkpoint) | 'skip' the step
-    # learning-rate schedule
-    decay_lr: bool = True
-    warmup_iters: int = 2000
-    lr_decay_iters: int = 600000
-    min_lr: float = 6e-5
-    # 'cosine' (nanoGPT: cosine from the peak to min_lr at lr_decay_iters) | 'trapezoid' (the peak
-    # held, then linear to min_lr over the last cooldown_frac of lr_decay_iters); warmup for both
-    lr_schedule_kind: str = "cosine"
-    cooldown_frac: float = 0.4
-    # system
-    # compute dtype: 'auto' (bfloat16 on GPUs and TPUs, float32 on CPUs) | 'float32' | 'bfloat16';
-    # parameters, optimizer state, logits and the loss stay float32. Saved resolved (never 'auto').
-    dtype: str = "auto"
-    # float32 matmuls: 'default' (JAX's: TF32 on NVIDIA GPUs) | 'high' | 'highest' (exact float32)
-    matmul_precision: str = "default"
-    # 'auto' | 'explicit' | 'xla' | 'cudnn' (auto: cuDNN flash attention on NVIDIA GPUs for bf16 when it works)
-    attn_impl: str = "auto"
-    seed: int = 1337
-    # devices
-    sharding: str = "dp"  # 'dp' (replicated params) | 'fsdp' (params and optimizer state sharded)
-    mesh_shape: str = ""  # '' = all visible devices; 'N' = N devices; 'DxF' = D-way data x F-way fsdp
-    cpu_devices: int = 0  # split the CPU into N devices (data parallel over its cores); 0 = one
+
+@dataclass(frozen=True)
+class ModelKeys:
+    """The keys that shape a model, shared by the training Config (what to build) and
+    jaxgpt.model.ModelConfig (what was built, as a checkpoint records it)."""
+
+    model_type: str = _model("gpt", choice("gpt", "bigram"), "the GPT, or the lecture's bigram table")
+    block_size: int = _model(1024, rng(1, 1 << 20), "context length T in tokens")
+    n_layer: int = _model(12, rng(1, 4096), "transformer blocks")
+    n_head: int = _model(12, rng(1, 4096), "attention heads H per block (n_embd must divide by it)")
+    n_embd: int = _model(768, rng(1, 1 << 17), "channels C")
+    dropout: float = _model(0.0, rng(0, 1, hi_open=True), "dropout rate (training only)")
+    bias: bool = _model(False, None, "biases in the Linear layers and LayerNorms (GPT-2 has them)")
+    pos_emb: str = _modern("learned", choice("learned", "rope"), "learned positions (wpe), or rotary embeddings on q and k")
+    norm: str = _modern("layernorm", choice("layernorm", "rmsnorm"), "LayerNorm, or RMSNorm (a scale, no bias)")
+    qk_norm: bool = _modern(False, None, "RMS-normalise queries and keys per head before attention")
+    mlp: str = _modern("gelu", choice("gelu", "relu2", "swiglu"), "the MLP's nonlinearity (swiglu: width 8C/3)")
+    untied_head: bool = _modern(False, None, "an output head (lm_head) of its own instead of the token embedding")
+    logit_softcap: float = _modern(0.0, rng(0, note="(0 = off)"), "logits = cap * tanh(logits / cap)")
+    zero_init_proj: bool = _modern(False, None, "attn.c_proj and mlp.c_proj start at zero")
+    lora_alpha: float = _lora_shape(16.0, rng(0, lo_open=True), "LoRA: the adapters' output is scaled by lora_alpha / lora_rank")
+    lora_dropout: float = _lora_shape(0.0, rng(0, 1, hi_open=True), "LoRA: dropout on the adapters' input")
+    lora_targets: str = _lora_shape("attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj", lora_targets_rule,
+                                    "LoRA: which Linear layers get adapters")
+
+
+_io = group("I/O")
+_init = group("start and finetuning")
+_data = group("data")
+_optim = group("optimizer")
+_sched = group("learning-rate schedule")
+_system = group("system")
+
+
+@dataclass(frozen=True)
+class Config(ModelKeys):
+    """Trains a GPT (or the lecture's bigram model) on text; keys and their meanings follow nanoGPT's train.py.
+
+    Frozen: validate() and jaxgpt.start.resolve return new configs; nothing changes one after it
+    is resolved."""
+
+    GROUPS = ("I/O", "start and finetuning", "data", "model")  # --help and the printed config show these first
+
+    out_dir: str = _io("out", directory_to_write, "where checkpoints, metrics.jsonl, config.json and loss.png go")
+    eval_interval: int = _io(2000, rng(1, INT32_MAX), "evaluate and checkpoint every this many iterations")
+    log_interval: int = _io(1, rng(1, INT32_MAX), "report the loss every this many iterations")
+    eval_iters: int = _io(200, rng(1, INT32_MAX), "batches per split in an evaluation")
+    eval_only: bool = _io(False, None, "evaluate once and exit (writes nothing)")
+    always_save_checkpoint: bool = _io(True, None, "nanoGPT's key, accepted and ignored: jaxgpt always keeps "
+                                                   "the latest checkpoint (resume) and the best one (sampling)")
+    init_from: str = _init("scratch", nonempty("use scratch, resume, a GPT-2 name or a path to weights"),
+                           "scratch | resume | auto (resume if out_dir holds a run) | gpt2* | a Hugging Face "
+                           "directory | a nanoGPT ckpt.pt | a jaxgpt out_dir")
+    overwrite: bool = _init(False, None, "a fresh run over an out_dir that holds a run deletes it (else refused)")
+    finetune_method: str = _init("full", choice("full", "lora", "qlora"),
+                                 "train every weight, or LoRA adapters on a frozen base (qlora: a quantized base)")
+    qlora_quant: str = _init("nf4", choice("nf4", "int8"), "qlora: the base's Linear kernels in nf4 (4.5 bits) or int8")
+    lora_rank: int = _init(8, rng(1, 65536), "LoRA: the adapters' rank")
+    dataset: str = _data("shakespeare_char", ANY, "names data/<dataset> and the download (shakespeare_char)")
+    data_dir: str = _data("", directory_or_missing, "prepared data (train.bin, val.bin, meta.json); '' = data/<dataset>")
+    input_file: str = _data("", ANY, "a text file or a directory to prepare when data_dir is not prepared yet")
+    tokenizer: str = _data("char", choice("char", "gpt2"), "the tokenizer data_dir is prepared with (gpt2: BPE)")
+    tokenizer_dir: str = _data("", ANY, "gpt2: a directory with vocab.json + merges.txt instead of tiktoken's files")
+    include: str = _data("", ANY, "a directory input_file: comma-separated globs of the files to use ('' = all)")
+    exclude: str = _data("", ANY, "a directory input_file: comma-separated globs of files to skip")
+    gradient_accumulation_steps: int = _data(1, rng(1, 1 << 20), "micro-batches per step")
+    batch_size: int = _data(12, rng(1, 1 << 20), "sequences B per micro-batch (all devices together)")
+    model_size: str = _model("", lambda key, v: v == "" or check_choice(key, v, tuple(GPT2_SIZES)),
+                             "gpt2 | gpt2-medium | gpt2-large | gpt2-xl: sets n_layer, n_head, n_embd")
+    optimizer: str = _optim("adamw", choice("adamw", "muon"),
+                            "adamw, or muon for the blocks' matrices (AdamW for the rest)")
+    learning_rate: float = _optim(6e-4, rng(0, lo_open=True), "AdamW's peak learning rate")
+    max_iters: int = _optim(600000, rng(0, INT32_MAX), "training iterations")
+    weight_decay: float = _optim(1e-1, rng(0), "AdamW's decoupled weight decay")
+    beta1: float = _optim(0.9, rng(0, 1, hi_open=True), "AdamW's beta1")
+    beta2: float = _optim(0.95, rng(0, 1, hi_open=True), "AdamW's beta2")
+    grad_clip: float = _optim(1.0, rng(0, note="(0 disables clipping)"), "clip the gradient's global norm")
+    on_nonfinite: str = _optim("stop", choice("stop", "skip"),
+                               "a NaN/inf loss: stop (keep the last good checkpoint) or skip the step")
+    muon_lr: float = _optim(0.02, rng(0, lo_open=True), "Muon's peak learning rate (same schedule shape)")
+    muon_momentum: float = _optim(0.95, rng(0, 1, hi_open=True), "Muon's Nesterov momentum")
+    muon_weight_decay: float = _optim(0.0, rng(0), "Muon's decoupled weight decay (times its learning rate)")
+    decay_lr: bool = _sched(True, None, "decay the learning rate (else constant after warmup)")
+    warmup_iters: int = _sched(2000, rng(0, INT32_MAX), "linear warmup iterations")
+    lr_decay_iters: int = _sched(600000, rng(0, INT32_MAX), "the schedule reaches min_lr here")
+    min_lr: float = _sched(6e-5, rng(0), "the learning rate at the end of the decay")
+    lr_schedule_kind: str = _sched("cosine", choice("cosine", "trapezoid"),
+                                   "cosine to min_lr, or the peak held then linear over the last cooldown_frac")
+    cooldown_frac: float = _sched(0.4, rng(0, 1), "trapezoid: the share of lr_decay_iters spent cooling down")
+    dtype: str = _system("auto", choice(*DTYPES), "compute dtype: auto = bfloat16 on GPUs/TPUs, float32 on CPUs "
+                                                  "(parameters, logits and the loss stay float32)")
+    matmul_precision: str = _system("default", choice(*MATMUL_PRECISIONS),
+                                    "float32 matmuls: default (TF32 on NVIDIA GPUs) | high | highest (exact)")
+    attn_impl: str = _system("auto", choice("auto", "explicit", "xla", "cudnn"),
+                             "attention kernel: auto picks per device, dtype and head size")
+    seed: int = _system(1337, rng(0, 2**32, hi_open=True), "every random stream derives from it")
+    sharding: str = _system("dp", choice("dp", "fsdp"), "dp: parameters replicated; fsdp: parameters and "
+                                                        "optimizer state sharded")
+    mesh_shape: str = _system("", mesh_shape_rule, "devices used: N, or D-way data x F-way fsdp as DxF")
+    cpu_devices: int = _system(0, rng(0, 4096), "split the CPU into N devices (data parallel over its cores); 0 = one")
 
     @property
     def adapters(self) -> bool:
@@ -251,18 +310,28 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def replace(self, **changes) -> "Config":
+        new = dataclasses.replace(self, **changes)
+        object.__setattr__(new, "_validated", getattr(self, "_validated", False))
+        return new
+
     def globs(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(include, exclude) patterns from their comma-separated forms."""
         split = lambda s: tuple(p.strip() for p in s.split(",") if p.strip())  # noqa: E731
         return split(self.include), split(self.exclude)
 
     def validate(self, paths: bool = True) -> "Config":
-        """Every key against its rule in RULES (type and range, paths of the right kind; paths=False
-        leaves the paths alone, for bench.py, which writes none), then what depends on several keys.
-        Sets n_layer, n_head, n_embd from model_size."""
-        validate_fields(self, self.RULES if paths else {**self.RULES, **dict.fromkeys(PATH_KEYS, ANY)})
+        """A new Config: every key checked against its declared rule (type and range, paths of the
+        right kind; paths=False leaves the paths alone, for bench.py, which writes none), then what
+        depends on several keys; model_size sets n_layer, n_head, n_embd. Validating a validated
+        config returns it as it is."""
+        if getattr(self, "_validated", False):
+            return self
+        rules = rules_of(type(self))
+        validate_fields(self, rules if paths else {**rules, **dict.fromkeys(PATH_KEYS, ANY)})
+        changes = {}
         if self.model_size:
-            self.n_layer, self.n_head, self.n_embd = GPT2_SIZES[self.model_size]
+            changes.update(zip(("n_layer", "n_head", "n_embd"), GPT2_SIZES[self.model_size]))
         if self.adapters:
             m = self.finetune_method
             if self.init_from == "scratch":
@@ -270,55 +339,21 @@ class Config:
                                 "name, a Hugging Face directory, a nanoGPT ckpt.pt or a jaxgpt out_dir")
             if self.model_type != "gpt":
                 raise UserError(f"finetune_method={m} needs model_type=gpt")
-            self.lora_targets = ",".join(t.strip() for t in self.lora_targets.split(",") if t.strip())
-        if self.model_type == "gpt" and self.n_embd % self.n_head:
-            raise UserError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
-                            f"pick e.g. n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))}")
-        if self.decay_lr and self.min_lr > self.learning_rate:
-            raise UserError(f"min_lr ({self.min_lr}) must be <= learning_rate ({self.learning_rate}): the schedule "
+            changes["lora_targets"] = ",".join(t.strip() for t in self.lora_targets.split(",") if t.strip())
+        cfg = dataclasses.replace(self, **changes)
+        if cfg.model_type == "gpt" and cfg.n_embd % cfg.n_head:
+            raise UserError(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head}); "
+                            f"pick e.g. n_embd={cfg.n_head * max(1, round(cfg.n_embd / cfg.n_head))}")
+        if cfg.decay_lr and cfg.min_lr > cfg.learning_rate:
+            raise UserError(f"min_lr ({cfg.min_lr}) must be <= learning_rate ({cfg.learning_rate}): the schedule "
                             f"decays from learning_rate to min_lr; lower --min_lr or pass --decay_lr=False")
-        if self.pos_emb == "rope" and self.model_type == "gpt" and (self.n_embd // self.n_head) % 2:
-            raise UserError(f"pos_emb=rope needs an even head size (n_embd / n_head), got {self.n_embd // self.n_head}")
-        return self
+        if cfg.pos_emb == "rope" and cfg.model_type == "gpt" and (cfg.n_embd // cfg.n_head) % 2:
+            raise UserError(f"pos_emb=rope needs an even head size (n_embd / n_head), got {cfg.n_embd // cfg.n_head}")
+        object.__setattr__(cfg, "_validated", True)
+        return cfg
 
 
-# Every key's rule (bool keys need none). Counts and sizes have upper bounds far above any real
-# run, so that a typo (an extra zero or two) fails here instead of exhausting memory later.
-Config.RULES = {
-    "out_dir": directory_to_write,
-    "eval_interval": rng(1, INT32_MAX), "log_interval": rng(1, INT32_MAX), "eval_iters": rng(1, INT32_MAX),
-    "init_from": nonempty("use scratch, resume, a GPT-2 name or a path to weights"),
-    "finetune_method": choice("full", "lora", "qlora"),
-    "qlora_quant": choice("nf4", "int8"),
-    "lora_rank": rng(1, 65536), "lora_alpha": rng(0, lo_open=True), "lora_dropout": rng(0, 1, hi_open=True),
-    "lora_targets": lora_targets_rule,
-    "dataset": ANY,  # only names data/<dataset> and the download
-    "data_dir": directory_or_missing,
-    "input_file": ANY,  # read (and checked) only when data_dir is not prepared yet: jaxgpt.prepare
-    "tokenizer": choice("char", "gpt2"),
-    "tokenizer_dir": ANY,  # checked where it is read, only for the gpt2 tokenizer: jaxgpt.tokenizer.load_bpe
-    "include": ANY, "exclude": ANY,  # globs, checked where the corpus is listed: jaxgpt.prepare.glob_regex
-    "gradient_accumulation_steps": rng(1, 1 << 20), "batch_size": rng(1, 1 << 20), "block_size": rng(1, 1 << 20),
-    "model_type": choice("gpt", "bigram"),
-    "model_size": lambda key, v: v == "" or check_choice(key, v, tuple(GPT2_SIZES)),  # "": n_layer, n_head, n_embd
-    "n_layer": rng(1, 4096), "n_head": rng(1, 4096), "n_embd": rng(1, 1 << 17),
-    "dropout": rng(0, 1, hi_open=True),
-    "learning_rate": rng(0, lo_open=True), "max_iters": rng(0, INT32_MAX),
-    "weight_decay": rng(0), "beta1": rng(0, 1, hi_open=True), "beta2": rng(0, 1, hi_open=True),
-    "grad_clip": rng(0, note="(0 disables clipping)"),
-    "on_nonfinite": choice("stop", "skip"),
-    "warmup_iters": rng(0, INT32_MAX), "lr_decay_iters": rng(0, INT32_MAX), "min_lr": rng(0),
-    "dtype": choice(*DTYPES), "matmul_precision": choice(*MATMUL_PRECISIONS),
-    "attn_impl": choice("auto", "explicit", "xla", "cudnn"),
-    "seed": rng(0, 2**32, hi_open=True),
-    "sharding": choice("dp", "fsdp"), "mesh_shape": mesh_shape_rule, "cpu_devices": rng(0, 4096),
-    # the modern recipe's options (README "Time to quality")
-    "pos_emb": choice("learned", "rope"), "norm": choice("layernorm", "rmsnorm"),
-    "mlp": choice("gelu", "relu2", "swiglu"), "logit_softcap": rng(0, note="(0 = off)"),
-    "optimizer": choice("adamw", "muon"), "lr_schedule_kind": choice("cosine", "trapezoid"),
-    "cooldown_frac": rng(0, 1), "muon_lr": rng(0, lo_open=True), "muon_momentum": rng(0, 1, hi_open=True),
-    "muon_weight_decay": rng(0),
-}
+Config.RULES = rules_of(Config)  # every key's rule, read from the declarations (bool keys need none)
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -329,7 +364,7 @@ def _field_types(cls) -> dict[str, type]:
 
 
 def _unknown_key(key: str, cls, where: str) -> UserError:
-    valid = [f.name for f in fields(cls)]
+    valid = [f.name for f in declared(cls)]
     close = [k for k in valid if k.startswith(key) or key.startswith(k)] or difflib.get_close_matches(key, valid, n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""
     return UserError(f"unknown config key '{key}'{where}; {hint}valid keys: {', '.join(valid)}")
@@ -447,7 +482,7 @@ def load_config_file(path: str, cls=Config, origins: dict[str, str] | None = Non
         raise UserError(f"{path}:{e.lineno}: syntax error in config file: {e.msg}") from None
     except (RecursionError, MemoryError):
         raise UserError(f"{path}: an expression in this config file is nested too deeply to read") from None
-    types = _field_types(cls)
+    types = {f.name: t for f, t in zip(fields(cls), _field_types(cls).values()) if "help" in f.metadata}
     values: dict[str, Any] = {}
     for stmt in tree.body:
         if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant):
@@ -471,47 +506,102 @@ def load_config_file(path: str, cls=Config, origins: dict[str, str] | None = Non
     return values
 
 
-def parse_args(argv: Sequence[str], cls=Config):
-    """Builds a `cls` from defaults, then config files (in order), then --key=value flags.
+def parse_args(argv: Sequence[str], cls=Config, prog: str = "", rest: bool = False):
+    """Builds a `cls` from its declared defaults, then config files (in order), then flags: the one
+    flag parser of every entry point.
 
-    `--config FILE`, `--config=FILE` and a bare FILE argument (nanoGPT style) all load a file.
+    `--config FILE`, `--config=FILE` and a bare FILE argument (nanoGPT style) load a file; flags are
+    `--key=value` or `--key value`, and `--key` alone is True for a True/False key. A key declared
+    with `multiple=True` may be given several times (its values are joined with commas). `--help`
+    (or -h) shows every key, grouped, with its default (or the value a config file gave it) and what
+    it allows, and ends the script (errors.ShowHelp). rest=True: the first argument that is not a
+    flag and everything after it are returned too (a command to run), as (obj, rest).
     """
-    types = _field_types(cls)
+    types = {f.name: t for f, t in zip(fields(cls), _field_types(cls).values()) if "help" in f.metadata}
+    multiple = {f.name for f in declared(cls) if f.metadata.get("multiple")}
     values: dict[str, Any] = {}
     origins: dict[str, str] = {}  # key -> 'file:line' of the config file that set it last
     overrides: list[tuple[str, str]] = []
-    args = list(argv)
-    i = 0
+    args, i, tail, want_help = list(argv), 0, [], False
     while i < len(args):
         arg = args[i]
-        if arg == "--config":
+        if arg in ("--help", "-h"):
+            want_help = True
+        elif arg == "--config" and not rest:
             if i + 1 >= len(args):
                 raise UserError("--config needs a file path, e.g. --config configs/shakespeare_char_cpu.py")
             values.update(load_config_file(args[i + 1], cls, origins))
-            i += 2
-            continue
-        if arg.startswith("--config="):
+            i += 1
+        elif arg.startswith("--config=") and not rest:
             values.update(load_config_file(arg.split("=", 1)[1], cls, origins))
         elif arg.startswith("--"):
-            if "=" not in arg:
-                raise UserError(f"flags take the form --key=value; got '{arg}'")
-            key, value = arg[2:].split("=", 1)
+            key, eq, value = arg[2:].partition("=")
+            if not eq:
+                if key not in types:
+                    raise _unknown_key(key, cls, "")
+                if types[key] is bool and not (i + 1 < len(args) and args[i + 1].lower() in ("true", "false")):
+                    value = "True"
+                elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+                    value, i = args[i + 1], i + 1
+                else:
+                    raise UserError(f"--{key} needs a value: --{key}=VALUE")
             overrides.append((key, value))
+        elif rest:
+            tail = args[i:]
+            break
         else:
             values.update(load_config_file(arg, cls, origins))
         i += 1
+    seen: set[str] = set()
     for key, value in overrides:
         if key not in types:
             raise _unknown_key(key, cls, "")
-        values[key] = coerce(key, value, types[key])
+        value = coerce(key, value, types[key])
+        if key in multiple and key in seen and value:
+            value = f"{values[key]},{value}" if values[key] else value
+        values[key] = value
+        seen.add(key)
         origins.pop(key, None)
+    if want_help:
+        raise ShowHelp(help_text(cls, values, origins, prog))
     obj = cls(**values)
-    obj._origins = origins  # not a field: validate_fields names the file:line of a bad value
-    return obj
+    object.__setattr__(obj, "_set", set(values))  # the keys a file or flag set (a resume names those it overrides)
+    object.__setattr__(obj, "_origins", origins)  # not a field: validate_fields names the file:line of a bad value
+    return (obj, tail) if rest else obj
+
+
+def help_text(cls, values: dict[str, Any] | None = None, origins: dict[str, str] | None = None,
+              prog: str = "") -> str:
+    """--help: usage, what the script does (the class's docstring), then every key by group with its
+    value (the default, or what a config file or flag set), what it allows and its help line."""
+    import sys
+    import textwrap
+
+    values, origins = values or {}, origins or {}
+    prog = prog or f"python {os.path.basename(sys.argv[0]) or 'script.py'}"
+    doc = (cls.__doc__ or "").strip().split("\n\n")[0]
+    lines = [f"usage: {prog} [--config FILE] [--key=value ...]" if cls is Config or issubclass(cls, Config)
+             else f"usage: {prog} [--key=value ...]", "", " ".join(doc.split()), ""]
+    for title, group_fields in by_group(cls).items():
+        lines.append(f"{title}:")
+        for f in group_fields:
+            value = values.get(f.name, f.default)
+            where = f" (from {origins[f.name]})" if f.name in origins else (" (set)" if f.name in values else "")
+            rule = f.metadata["rule"]
+            allowed = "True | False" if _field_types(cls)[f.name] is bool else getattr(rule, "allowed", "")
+            lines.append(f"  --{f.name}={value!r}{where}")
+            text = f.metadata["help"] + (f" [{allowed}]" if allowed else "")
+            lines += textwrap.wrap(text, 96, initial_indent=" " * 6, subsequent_indent=" " * 6)
+        lines.append("")
+    lines.append("Flags: --key=value or --key value; --key alone sets a True/False key. --debug shows tracebacks; "
+                 "--compile_cache=DIR|off moves or turns off the compilation cache.")
+    return "\n".join(lines)
 
 
 def format_config(cfg) -> str:
-    return "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(cfg).items())
+    """The config as it is printed at the start of a run: `key = value` lines by group."""
+    return "\n".join(f"  {f.name} = {getattr(cfg, f.name)!r}"
+                     for group_fields in by_group(type(cfg)).values() for f in group_fields)
 
 
 def save_config(cfg, path: str) -> None:

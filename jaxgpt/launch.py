@@ -17,7 +17,6 @@ process, which save one consistent checkpoint and exit (what a preempted VM does
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import socket
@@ -26,8 +25,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
-from jaxgpt.errors import ERROR_DIR_ENV
+from jaxgpt.cli import ERROR_DIR_ENV, run_cli
+from jaxgpt.config import group, parse_args, rng, validate_fields
+from jaxgpt.errors import UserError
 
 # the variables a jaxgpt process reads to join a job (besides the launchers' own, see parallel.py)
 ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
@@ -127,22 +129,29 @@ def launch(command: list[str], nproc: int, port: int = 0, grace: float = 15.0, e
     return failure
 
 
+_launch = group("launch")
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Starts one job as several processes on this machine (the local stand-in for a multi-node run): the script
+    and its flags follow the launcher's own flags."""
+
+    nproc: int = _launch(0, rng(1, 4096), "processes in the job")
+    port: int = _launch(0, rng(0, 65535), "the coordinator's port on 127.0.0.1 (0 = a free one)")
+    grace: float = _launch(15.0, rng(0), "seconds the other processes get to exit after one failed, before they are killed")
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m jaxgpt.launch", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--nproc", type=int, required=True, help="processes in the job")
-    ap.add_argument("--port", type=int, default=0, help="the coordinator's port on 127.0.0.1 (default: a free one)")
-    ap.add_argument("--grace", type=float, default=15.0,
-                    help="seconds the other processes get to exit after one failed, before they are killed")
-    ap.add_argument("command", nargs=argparse.REMAINDER, help="script.py and its arguments")
-    a = ap.parse_args(argv)
-    if a.nproc < 1:
-        print(f"error: --nproc must be >= 1, got {a.nproc}", file=sys.stderr)
-        return 2
-    if not a.command or not os.path.isfile(a.command[0]):
-        print("error: give the script to run after the flags, e.g. python -m jaxgpt.launch --nproc=2 "
-              "train.py --config configs/shakespeare_char_cpu.py", file=sys.stderr)
-        return 2
-    return launch(a.command, a.nproc, a.port, a.grace)
+    def body(args):
+        a, command = parse_args(args, LaunchConfig, prog="python -m jaxgpt.launch", rest=True)
+        validate_fields(a)
+        if not command or not os.path.isfile(command[0]):
+            raise UserError("give the script to run after the flags, e.g. python -m jaxgpt.launch --nproc=2 "
+                            "train.py --config configs/shakespeare_char_cpu.py")
+        return launch(command, a.nproc, a.port, a.grace)
+
+    return run_cli(body, sys.argv[1:] if argv is None else list(argv), script_flags=False)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxgpt.config import Config
+from jaxgpt.config import Config, ModelKeys
 from jaxgpt.errors import UserError
 from jaxgpt.layers import Linear, dropout
 from jaxgpt.lora import LoRALinear, count
@@ -28,34 +28,17 @@ F32 = jnp.float32
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    model_type: str = "gpt"  # 'gpt' | 'bigram'
-    vocab_size: int = 65
-    block_size: int = 256
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
-    dropout: float = 0.0
-    bias: bool = False
-    dtype: str = "float32"  # compute dtype; parameters are always float32
-    attn_impl: str = "explicit"  # 'explicit' | 'xla' | 'cudnn': see attention()
+class ModelConfig(ModelKeys):
+    """A model as built: the keys that shape it (config.ModelKeys, declared once there) and what a
+    run resolved for it. A checkpoint records it."""
+    vocab_size: int = 65  # V: from the data's tokenizer (a BPE vocabulary padded to a multiple of 64)
+    dtype: str = "float32"  # the compute dtype, resolved (never 'auto'); parameters are always float32
+    attn_impl: str = "explicit"  # 'explicit' | 'xla' | 'cudnn', resolved for these devices: see attention()
     gelu: str = "exact"  # 'exact' (nanoGPT's nn.GELU) | 'tanh' (OpenAI GPT-2's approximation)
-    # LoRA adapters (rank 0 = none) on the Linear layers named in lora_targets: see jaxgpt.lora
-    lora_rank: int = 0
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: str = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"
+    lora_rank: int = 0  # LoRA adapters on lora_targets (0 = none): see jaxgpt.lora
     # QLoRA: the frozen base's Linear kernels are stored quantized ('nf4' | 'int8'; '' = float32);
     # the model is built as usual and the train state's frozen tree holds QTensors (jaxgpt.quant)
     base_quant: str = ""
-    # the modern options (see README "Time to quality"), each off by default = GPT-2's layout
-    pos_emb: str = "learned"  # 'learned' (wpe) | 'rope' (rotary, on q and k; no wpe)
-    norm: str = "layernorm"  # 'layernorm' | 'rmsnorm' (a scale, no bias, no mean subtraction)
-    qk_norm: bool = False  # RMS-normalise q and k per head (no parameters) before attention
-    mlp: str = "gelu"  # 'gelu' | 'relu2' (relu(x)^2) | 'swiglu' (silu(a) * b; c_fc holds a and b)
-    untied_head: bool = False  # an output head (lm_head) of its own instead of wte
-    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap), in float32
-    zero_init_proj: bool = False  # attn.c_proj and mlp.c_proj start at zero (an init only)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
@@ -266,12 +249,14 @@ def with_attention(cfg: "ModelConfig", requested: str = "auto", log=print) -> "M
 
 def model_config(cfg: Config, vocab_size: int, log=print) -> ModelConfig:
     """The one place a training Config becomes a ModelConfig: the model a config trains from
-    scratch, in the dtype and attention that serve it here."""
-    modern = {k: getattr(cfg, k) for k in MODERN_KEYS}
-    return with_attention(ModelConfig(model_type=cfg.model_type, vocab_size=vocab_size, block_size=cfg.block_size,
-                                      n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                                      dropout=cfg.dropout, bias=cfg.bias, dtype=resolve_dtype(cfg.dtype), **modern),
+    scratch (every ModelKeys key as the config says), in the dtype and attention that serve it here."""
+    return with_attention(ModelConfig(**model_keys(cfg), vocab_size=vocab_size, dtype=resolve_dtype(cfg.dtype)),
                           cfg.attn_impl, log)
+
+
+def model_keys(cfg) -> dict[str, Any]:
+    """The values of the keys that shape a model (config.ModelKeys), from a Config or a ModelConfig."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelKeys)}
 
 
 # the ModelConfig fields a training Config sets by the same name (the modern options)

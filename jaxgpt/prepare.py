@@ -12,7 +12,6 @@ arrays (uint16, or uint32 for vocabularies over 65536), which jaxgpt.data reads.
 
 from __future__ import annotations
 
-import argparse
 import codecs
 import collections
 import json
@@ -31,7 +30,9 @@ from tqdm import tqdm
 
 from jaxgpt import tokenizer as tok_lib
 from jaxgpt.data import SPLITS, load_meta
-from jaxgpt.errors import UserError, run_cli
+from jaxgpt.cli import run_cli
+from jaxgpt.config import ANY, choice, group, nonempty, parse_args, rng, validate_fields
+from jaxgpt.errors import UserError
 from jaxgpt.tokenizer import CharTokenizer
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -550,31 +551,37 @@ def ensure_prepared(data_dir: str, dataset: str, input_file: str = "", tokenizer
     return load_meta(data_dir)
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: a bad flag is a UserError like every other mistake."""
+_prep = group("prepare")
 
-    def error(self, message: str):
-        raise UserError(f"{message} (python -m jaxgpt.prepare --help lists the flags)")
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """Prepares a text file, or a directory of text files, for jaxgpt: train.bin, val.bin and meta.json in data_dir
+    (train.py does this itself on first use)."""
+
+    input: str = _prep("", nonempty("pass the text to prepare, e.g. --input=input.txt"),
+                       "a UTF-8 text file, or a directory (each file one document)")
+    data_dir: str = _prep("", nonempty("pass where to write it, e.g. --data_dir=data/mytext"),
+                          "where to write train.bin, val.bin, meta.json")
+    tokenizer: str = _prep("char", choice(*tok_lib.KINDS), "characters, or GPT-2's BPE")
+    tokenizer_dir: str = _prep("", ANY, "gpt2: a Hugging Face directory with vocab.json + merges.txt")
+    include: str = _prep("", ANY, "directory input: use only files matching these globs (comma-separated or "
+                                  "repeated; ** spans directories)", multiple=True)
+    exclude: str = _prep("", ANY, "directory input: skip files matching these globs (hidden ones always are)",
+                         multiple=True)
+    val_fraction: float = _prep(0.1, rng(0, 1, lo_open=True, hi_open=True), "share of the corpus held out for val")
+    workers: int = _prep(0, rng(0, 1024), "gpt2: tokenizer processes (0 = automatic)")
 
 
 def main(argv=None) -> None:
     """python -m jaxgpt.prepare: exits with code 2 and one 'error: ...' line on a mistake."""
-    p = _Parser(description="Prepare a text file or a directory of text files for jaxgpt.")
-    p.add_argument("--input", required=True, help="UTF-8 text file, or a directory (each file one document)")
-    p.add_argument("--data_dir", required=True, help="where to write train.bin, val.bin, meta.json")
-    p.add_argument("--tokenizer", default="char", choices=tok_lib.KINDS, help="char, or GPT-2's BPE")
-    p.add_argument("--tokenizer_dir", default="", help="gpt2: a Hugging Face dir with vocab.json + merges.txt")
-    p.add_argument("--include", action="append", default=[], metavar="GLOB",
-                   help="directory input: use only files matching GLOB (repeatable; ** spans directories)")
-    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
-                   help="directory input: skip files matching GLOB (repeatable; hidden ones are always skipped)")
-    p.add_argument("--val_fraction", type=float, default=0.1, help="share of the corpus held out for val")
-    p.add_argument("--workers", type=int, default=0, help="gpt2: tokenizer processes (0: automatic)")
 
     def body(args):
-        a = p.parse_args(args)
-        prepare(a.input, a.data_dir, tokenizer=a.tokenizer, tokenizer_dir=a.tokenizer_dir, include=a.include,
-                exclude=a.exclude, val_fraction=a.val_fraction, workers=a.workers)
+        a = parse_args(args, PrepareConfig, prog="python -m jaxgpt.prepare")
+        validate_fields(a)
+        split = lambda s: [p.strip() for p in s.split(",") if p.strip()]  # noqa: E731
+        prepare(a.input, a.data_dir, tokenizer=a.tokenizer, tokenizer_dir=a.tokenizer_dir, include=split(a.include),
+                exclude=split(a.exclude), val_fraction=a.val_fraction, workers=a.workers)
         return 0
 
     rc = run_cli(body, sys.argv[1:] if argv is None else list(argv))

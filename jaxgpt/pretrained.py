@@ -5,7 +5,7 @@
     logits = model(idx)                                 # (B, T) -> (B, T, V), evaluation mode
 
 Sources `load_weights` understands (`init_from` in a training config takes these and a jaxgpt
-out_dir, which jaxgpt.run reads: this module knows nothing of checkpoints):
+out_dir, which jaxgpt.loading reads: this module knows nothing of checkpoints):
   gpt2 | gpt2-medium | gpt2-large | gpt2-xl   the Hugging Face cache, else a download
   a Hugging Face GPT-2 directory               config.json + model.safetensors or pytorch_model.bin
   a nanoGPT checkpoint, .../ckpt.pt            PyTorch state dict; the `_orig_mod.` prefix is stripped
@@ -82,7 +82,7 @@ def load_weights(name_or_path: str, lazy: bool = False) -> Weights:
         return _read_nanogpt(path)
     if os.path.isdir(path):  # a jaxgpt out_dir also holds a config.json (its train config): test it first
         if os.path.isdir(os.path.join(path, "checkpoints")):
-            raise UserError(f"{path} is a jaxgpt out_dir; read it with jaxgpt.run.load or load_weights")
+            raise UserError(f"{path} is a jaxgpt out_dir; read it with jaxgpt.loading.load or load_weights")
         if os.path.isfile(os.path.join(path, "ckpt.pt")):
             return _read_nanogpt(os.path.join(path, "ckpt.pt"))
         if os.path.isfile(os.path.join(path, "config.json")):

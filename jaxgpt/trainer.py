@@ -1,9 +1,10 @@
-"""The training loop alone: steps, evaluation, logging, checkpoints, signals, the loss plot.
+"""The training loop: `train(cfg)` runs a whole run as `python train.py` does and returns a summary.
 
-`train(cfg)` runs a whole training run as `python train.py` does and returns a summary; what
-the loop starts from (data, model, state, mesh, resume) comes ready from jaxgpt.run.
-The loop never waits on the device except at log and eval points: metrics of a log step
-are read one step later, after the next step has been dispatched.
+What the loop starts from (data, model, state, mesh, resume) comes ready from jaxgpt.start; `build`
+turns that into the parts the loop uses (the state, the compiled steps, the checkpointers); the loop
+in `train` reads top to bottom, its periodic work (evaluate, checkpoint, log) in its body. It never
+waits on the device except at log and eval points: a log step's metrics are read one step later,
+after the next step has been dispatched.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import jax
@@ -24,92 +25,272 @@ from jaxgpt import data as data_lib
 from jaxgpt import parallel
 from jaxgpt.benchmark import device_peak, flops_per_token
 from jaxgpt.checkpoint import Checkpointer
-from jaxgpt.config import Config, save_config
+from jaxgpt.config import Config, format_config, save_config
 from jaxgpt.errors import UserError
 from jaxgpt.model import num_params
 from jaxgpt.optim import lr_schedule
-from jaxgpt.run import Run, check_fresh_run, clear_run, run_keys, setup, start_state
 from jaxgpt.rundir import RunLock, writing
 from jaxgpt.runtime import matmul_precision
+from jaxgpt.signals import StopFlag, finishing
+from jaxgpt.start import Run, check_fresh_run, clear_run, resolve, run_keys, setup, start_state
 from jaxgpt.step import abstract_state, make_eval_step, make_train_step
 
 # with several processes, how often (in steps) they agree on whether a signal asked them to stop
 STOP_CHECK = 10
 
+
 class NonFiniteLoss(UserError):
     """The loss or gradient became NaN or inf (with on_nonfinite=stop)."""
 
 
-class _finish:
-    """Lets checkpoint writes complete and closes the progress bar, also when the loop fails or is
-    interrupted (further signals wait meanwhile). After an error, a failure to close is not reported
-    over it."""
+def train(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Runs a training run (or an evaluation, eval_only) as train.py does; returns a summary."""
+    main = jax.process_index() == 0  # only process 0 writes logs, metrics and plots
+    if not main:
+        log = lambda s: None  # noqa: E731
+    cfg = resolve(cfg, log)  # the one validated, resolved config: what is printed and saved is what runs
+    log("config:\n" + format_config(cfg))
+    check_fresh_run(cfg)  # before anything is created
+    with matmul_precision(cfg.matmul_precision), \
+            RunLock(cfg.out_dir) if main and not cfg.eval_only else contextlib.nullcontext():
+        run = setup(cfg, log)
+        t = build(run, log)
+        if cfg.eval_only:
+            losses = evaluate(t, run, t.start)
+            log(f"iter {t.start}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            return {"iter": t.start, "train_loss": losses["train"], "val_loss": losses["val"],
+                    "best_val_loss": t.best_val}
+        if cfg.overwrite and cfg.init_from != "resume":
+            parallel.process_zero_first(clear_run, cfg.out_dir, log)
+        config_path = os.path.join(cfg.out_dir, "config.json")
+        with writing("config.json", config_path):
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            if main:
+                save_config(cfg, config_path)
+        if cfg.init_from != "resume" and main and os.path.exists(t.metrics_path):
+            os.remove(t.metrics_path)  # a fresh run starts a fresh log
+        summary = loop(t, run, main, log)
+        if main:
+            png = os.path.join(cfg.out_dir, "loss.png")
+            with writing("the loss plot", png, "The checkpoints are saved"):
+                plot_losses(t.metrics_path, png)
+        return summary
 
-    def __init__(self, signals: "StopFlag", *closables):
-        self.signals, self.closables = signals, closables
 
-    def __enter__(self):
-        return self
+def loop(t: "Training", run: Run, main: bool, log) -> dict[str, Any]:
+    """The loop: evaluate and checkpoint when due, stop when asked, step, log."""
+    cfg, start = run.cfg, t.start
+    bar = tqdm(total=cfg.max_iters, initial=start, dynamic_ncols=True, disable=None if main else True,
+               file=sys.stderr)
+    say = bar.write if not bar.disable else log
+    summary: dict[str, Any] = {"n_params": t.n_params, "n_trainable": t.n_trainable}
+    clock = Clock()
+    pending = None  # (iter, metrics on device) of the last log step, read one step later
+    it = start
+    signals = StopFlag()
+    try:
+        with signals as stop, finishing(signals, t.latest, t.best, bar):
+            while True:
+                if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and not (cfg.init_from == "resume" and it == start):
+                    jax.block_until_ready(t.state)  # a resumed run's first step was evaluated before it stopped
+                    ms = clock.ms_per_iter()
+                    check_finite(t, cfg)
+                    losses = evaluate(t, run, it)
+                    if losses["val"] < t.best_val:
+                        t.best_val = losses["val"]
+                        save(t, run, t.best, it, signals)
+                    save(t, run, t.latest, it, signals)
+                    t.last_saved = it
+                    row = eval_row(t, run, it, losses, ms)
+                    if main:
+                        with writing("metrics", t.metrics_path), open(t.metrics_path, "a", encoding="utf-8") as f:
+                            f.write(json.dumps(row) + "\n")
+                    say(f"iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+                        + (f", {ms:.1f} ms/iter, MFU {100 * row['mfu']:.1f}%" if ms == ms else ""))
+                    summary.update(row)
+                    clock.mark()
+                if it >= cfg.max_iters:
+                    break
+                # every process must stop at the same step: with several, they agree every STOP_CHECK
+                # steps (a one-bool host collective), since signals arrive at different moments
+                if stop.stop if jax.process_count() == 1 else it % STOP_CHECK == 0 and parallel.any_process(stop.stop):
+                    jax.block_until_ready(t.state)
+                    check_finite(t, cfg)
+                    with signals.deferred(honour=False):  # stopping anyway: a second signal changes nothing
+                        save(t, run, t.latest, it, signals)
+                        t.latest.wait()  # "saved" is said once it is on disk, complete
+                        t.best.wait()
+                    say(f"stopped at iter {it}; checkpoint saved. Continue with --init_from=resume "
+                        f"--out_dir={cfg.out_dir}")
+                    summary["stopped_at"] = it
+                    break
+                batch = run.batches["train"](t.keys["data"], it)
+                t.state, metrics = t.train_step(t.state, batch, t.keys["dropout"])
+                if t.sync_steps:
+                    jax.block_until_ready(metrics)
+                if pending is not None:  # the previous log step's metrics, now that this step is queued
+                    show_progress(t, cfg, bar, log, clock, *pending)
+                    pending = None
+                if it % cfg.log_interval == 0:
+                    pending = (it, metrics)
+                if it == start:  # compilation is not timed
+                    jax.block_until_ready(t.state)
+                    clock.mark(-1)
+                it += 1
+                clock.steps += 1
+                bar.update(1)
+    except KeyboardInterrupt:  # a second signal: every save begun has completed (finishing waited)
+        t.latest.manager.reload()
+        newest = t.latest.all_steps()
+        raise KeyboardInterrupt(
+            f"training stopped at iter {it}; "
+            + (f"the newest checkpoint is iter {newest[0]} in {t.latest.manager.directory}. Continue with "
+               f"--init_from=resume --out_dir={cfg.out_dir}" if newest else "no checkpoint was written")) from None
+    summary["iter"] = it
+    return summary
 
-    def __exit__(self, typ, *exc):
-        with self.signals.deferred(honour=False):
-            for c in self.closables:
-                try:
-                    if hasattr(c, "wait"):
-                        c.wait()
-                    c.close()
-                except Exception:  # noqa: BLE001
-                    if typ is None:
-                        raise
+
+# ----------------------------------------------------------------------------- the loop's parts
+
+@dataclass
+class Training:
+    """What the loop carries from step to step and uses: the state, the compiled steps, the
+    checkpointers, the best val loss, and what the MFU needs."""
+    state: Any
+    best_val: float
+    train_step: Callable
+    eval_step: Callable
+    keys: dict
+    latest: Checkpointer
+    best: Checkpointer
+    metrics_path: str
+    start: int
+    last_saved: int
+    sync_steps: bool
+    n_params: int
+    n_trainable: int
+    fpt: float  # FLOPs per token
+    peak: float  # the devices' peak FLOP/s
+    tokens_per_iter: int
+    schedule: Callable
 
 
-class StopFlag:
-    """SIGINT / SIGTERM set a flag; the loop finishes its step, checkpoints and stops. A second
-    signal stops at once (KeyboardInterrupt), except while a checkpoint is being written
-    (`deferred`): then it waits until the write is complete, so a checkpoint is never cut short."""
+def build(run: Run, log=print) -> Training:
+    """The state (scratch, pretrained, LoRA or resumed), the compiled steps and the checkpointers."""
+    cfg = run.cfg
+    keys = run_keys(cfg.seed)
+    graphdef, abstract, optimizer = abstract_state(run.model_cfg, cfg)
+    state_sh = parallel.state_shardings(abstract, run.mesh)
+    create = not cfg.eval_only  # an evaluation creates nothing
+    latest = Checkpointer(cfg.out_dir, "latest", max_to_keep=2, create=create)
+    best = Checkpointer(cfg.out_dir, "best", create=create)
+    state, best_val = start_state(run, cfg, abstract, optimizer, state_sh, (latest, best), keys["init"], log)
+    n_trainable = num_params(state.params)
+    n_params = n_trainable + num_params(state.frozen)
+    peak, peak_src = device_peak("float32" if jax.devices()[0].platform == "cpu" else cfg.dtype,
+                                 run.mesh.devices.flat)  # MFU of the whole mesh
+    describe(run, state, n_params, n_trainable, peak_src, log)
+    repl = parallel.replicated(run.mesh)
+    start = int(state.step)
+    return Training(
+        state=state, best_val=best_val, keys=keys, latest=latest, best=best,
+        train_step=make_train_step(graphdef, optimizer, cfg, state_sh, parallel.batch_sharding(run.mesh, 3), repl),
+        eval_step=make_eval_step(graphdef, state_sh.params, parallel.batch_sharding(run.mesh, 2), repl,
+                                 state_sh.frozen),
+        metrics_path=os.path.join(cfg.out_dir, "metrics.jsonl"), start=start, last_saved=start,
+        sync_steps=parallel.needs_step_sync(run.mesh), n_params=n_params, n_trainable=n_trainable,
+        fpt=flops_per_token(run.model_cfg, n_params, n_trainable), peak=peak,
+        tokens_per_iter=cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size, schedule=lr_schedule(cfg))
+
+
+def describe(run: Run, state, n_params: int, n_trainable: int, peak_src: str, log) -> None:
+    """Logs the model, LoRA and devices."""
+    cfg, mc = run.cfg, run.model_cfg
+    log(f"model: {cfg.model_type}, {n_params / 1e6:.2f}M parameters, compute dtype {mc.dtype}, "
+        f"attention {mc.attn_impl}; MFU peak {peak_src}")
+    if run.lora_base is not None:
+        quant = mc.base_quant
+        log(f"{'QLoRA' if quant else 'LoRA'} rank {mc.lora_rank} on {mc.lora_targets}: "
+            f"{n_trainable:,} trainable parameters ({100 * n_trainable / n_params:.2f}%), base from "
+            f"{run.lora_base['source']} frozen"
+            + (f", its Linear kernels in {quant} (the frozen base: {parallel.tree_bytes(state.frozen) / 1e6:,.1f} "
+               f"MB on the devices)" if quant else ""))
+    log(f"devices: {run.mesh.devices.size} ({jax.devices()[0].device_kind}), sharding {cfg.sharding}, "
+        f"mesh data={run.mesh.shape['data']} x fsdp={run.mesh.shape['fsdp']}, {jax.process_count()} process(es)")
+
+
+def evaluate(t: Training, run: Run, it: int) -> dict[str, float]:
+    """The mean loss over eval_iters batches of each split (the batches derive from the eval key and it)."""
+    ek, n = jax.random.fold_in(t.keys["eval"], it), run.cfg.eval_iters
+    out = {}
+    for s, split in enumerate(data_lib.SPLITS):
+        losses = []
+        for i in range(n):
+            losses.append(t.eval_step(t.state.params, run.eval_batches[split](ek, s * n + i), t.state.frozen))
+            if t.sync_steps:
+                jax.block_until_ready(losses[-1])
+        out[split] = float(np.mean([parallel.host_value(l) for l in losses]))
+    return out
+
+
+def save(t: Training, run: Run, ckpt: Checkpointer, it: int, signals: StopFlag) -> None:
+    """Starts writing checkpoint `it` with everything needed to use it alone (never a frozen LoRA
+    base: that is loaded from its source)."""
+    cfg = run.cfg
+    meta = {"step": it, "best_val_loss": t.best_val, "model_config": run.model_cfg.to_dict(),
+            "train_config": cfg.to_dict(), "tokenizer": run.tok_meta,
+            "rng": {"seed": cfg.seed, "derivation": "fold_in(key(seed), stream); per step fold_in(stream_key, step)"},
+            "data_state": {"step": it}, "lora_base": run.lora_base, "origin": run.origin}
+    with signals.deferred():  # a second signal stops after Orbax has taken the state
+        ckpt.save(it, t.state.replace(frozen={}), meta)
+
+
+def check_finite(t: Training, cfg: Config, first_bad=None) -> None:
+    """on_nonfinite=stop: end the run, saving nothing, once a step was not finite."""
+    bad = int(parallel.host_value(t.state.first_nonfinite if first_bad is None else first_bad))
+    if cfg.on_nonfinite == "stop" and bad >= 0:
+        raise NonFiniteLoss(f"the loss became non-finite (NaN or inf) at iter {bad}; stopped without saving, "
+                            f"so the latest checkpoint (iter {t.last_saved}) is the last good one. Lower "
+                            f"--learning_rate, check the data, or pass --on_nonfinite=skip")
+
+
+def eval_row(t: Training, run: Run, it: int, losses: dict[str, float], ms: float) -> dict[str, Any]:
+    """metrics.jsonl's row for an evaluation."""
+    timed = ms == ms
+    return {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"], "lr": float(t.schedule(it)),
+            "ms_per_iter": ms, "tokens_per_s": t.tokens_per_iter / ms * 1000 if timed else float("nan"),
+            "mfu": t.fpt * t.tokens_per_iter / (ms / 1000) / t.peak if timed else float("nan"),
+            "best_val_loss": t.best_val, "skipped_steps": int(parallel.host_value(t.state.skipped))}
+
+
+class Clock:
+    """Training time between evaluations (steps, not compilation or evaluation) and between log lines."""
 
     def __init__(self):
-        self.stop = False
-        self.deferring, self.pending = 0, False
-        self._old = {}
+        self.t, self.steps = time.perf_counter(), 0
+        self.log_mark, self.recent_ms = None, None  # (time, iter) of the last log line; ms/iter since then
 
-    def __enter__(self):
-        if hasattr(signal, "SIGTERM"):
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                try:
-                    self._old[sig] = signal.signal(sig, self._handle)
-                except ValueError:  # not the main thread
-                    pass
-        return self
+    def mark(self, steps: int = 0) -> None:
+        self.t, self.steps = time.perf_counter(), steps
 
-    def _handle(self, signum, frame):
-        if not self.stop:
-            self.stop = True
-            return
-        if self.deferring:  # a second signal during a checkpoint write: after the write
-            if not self.pending:
-                os.write(2, b"\nsignal received: stopping once the checkpoint being written is complete\n")
-            self.pending = True
-            return
-        raise KeyboardInterrupt
+    def ms_per_iter(self) -> float:
+        return 1000 * (time.perf_counter() - self.t) / self.steps if self.steps else float("nan")
 
-    @contextlib.contextmanager
-    def deferred(self, honour: bool = True):
-        """Signals wait until the block ends; honour: a second signal that came meanwhile then
-        stops at once (else it is dropped: the caller is stopping anyway)."""
-        self.deferring += 1
-        try:
-            yield
-        finally:
-            self.deferring -= 1
-        if not self.deferring and self.pending:
-            self.pending = False
-            if honour:
-                raise KeyboardInterrupt
 
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+def show_progress(t: Training, cfg: Config, bar, log, clock: Clock, it: int, metrics) -> None:
+    """The loss and lr of log step `it`, read one step later (the device is already busy)."""
+    check_finite(t, cfg, metrics["first_nonfinite"])
+    loss, lr = float(parallel.host_value(metrics["loss"])), float(parallel.host_value(metrics["lr"]))
+    now = time.perf_counter()
+    if clock.log_mark is not None and it > clock.log_mark[1]:
+        clock.recent_ms = 1000 * (now - clock.log_mark[0]) / (it - clock.log_mark[1])
+    clock.log_mark = (now, it)
+    speed = (f"{clock.recent_ms:.1f} ms/iter, {t.tokens_per_iter / clock.recent_ms * 1000:,.0f} tok/s"
+             if clock.recent_ms else "compiling")
+    if bar.disable:
+        log(f"iter {it}: loss {loss:.4f}, lr {lr:.2e}, {speed}")
+    else:
+        bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {speed}")
 
 
 def plot_losses(metrics_path: str, png_path: str) -> None:
@@ -132,232 +313,3 @@ def plot_losses(metrics_path: str, png_path: str) -> None:
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
-
-
-def train(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Runs a training run (or an evaluation, eval_only) as train.py does; returns a summary."""
-    with matmul_precision(cfg.validate().matmul_precision):  # every program of the run is traced inside
-        return _train(cfg, log)
-
-
-def _train(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
-    main = jax.process_index() == 0  # only process 0 writes logs, metrics and plots
-    if not main:
-        log = lambda s: None  # noqa: E731
-    check_fresh_run(cfg)  # before anything is created (setup checks again once init_from=auto is resolved)
-    # one training process per out_dir (process 0 of a job); eval_only writes nothing and locks nothing
-    with RunLock(cfg.out_dir) if main and not cfg.eval_only else contextlib.nullcontext():
-        run = setup(cfg, log)
-        if cfg.eval_only:
-            return Loop(run, cfg, main, log).eval_only()
-        if cfg.overwrite and cfg.init_from != "resume":
-            parallel.process_zero_first(clear_run, cfg.out_dir, log)
-        config_path = os.path.join(cfg.out_dir, "config.json")
-        with writing("config.json", config_path):
-            os.makedirs(cfg.out_dir, exist_ok=True)
-            if main:
-                save_config(cfg, config_path)
-        loop = Loop(run, cfg, main, log)
-        summary = loop.train()
-        if main:
-            png = os.path.join(cfg.out_dir, "loss.png")
-            with writing("the loss plot", png, "The checkpoints are saved"):
-                plot_losses(loop.metrics_path, png)
-        return summary
-
-
-class Loop:
-    """One training run's loop and what it carries from step to step: the state, the steps, the
-    checkpointers, the best val loss, the timing marks. Each method is one job of the loop."""
-
-    def __init__(self, run: Run, cfg: Config, main: bool, log: Callable[[str], None]):
-        self.run, self.cfg, self.main, self.log = run, cfg, main, log
-        self.keys = run_keys(cfg.seed)
-        self.metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-        graphdef, abstract, optimizer = abstract_state(run.model_cfg, cfg)
-        state_sh = parallel.state_shardings(abstract, run.mesh)
-        create = not cfg.eval_only  # an evaluation creates nothing
-        self.latest = Checkpointer(cfg.out_dir, "latest", max_to_keep=2, create=create)
-        self.best = Checkpointer(cfg.out_dir, "best", create=create)
-        self.signals = StopFlag()
-        self.state, self.best_val = start_state(run, cfg, abstract, optimizer, state_sh, (self.latest, self.best),
-                                                self.keys["init"], log)
-        if cfg.init_from != "resume" and create and main and os.path.exists(self.metrics_path):
-            os.remove(self.metrics_path)  # a fresh run starts a fresh log
-        self.describe()
-        repl = parallel.replicated(run.mesh)
-        self.train_step = make_train_step(graphdef, optimizer, cfg, state_sh, parallel.batch_sharding(run.mesh, 3),
-                                          repl)
-        self.eval_step = make_eval_step(graphdef, state_sh.params, parallel.batch_sharding(run.mesh, 2), repl,
-                                        state_sh.frozen)
-        self.schedule = lr_schedule(cfg)
-        self.tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
-        self.sync_steps = parallel.needs_step_sync(run.mesh)
-        self.start = self.last_saved = int(self.state.step)
-
-    def describe(self) -> None:
-        """Logs the model, LoRA and devices; keeps what the MFU needs."""
-        run, cfg, state, log = self.run, self.cfg, self.state, self.log
-        self.n_trainable = num_params(state.params)
-        self.n_params = self.n_trainable + num_params(state.frozen)
-        self.peak, peak_src = device_peak("float32" if jax.devices()[0].platform == "cpu" else cfg.dtype,
-                                          run.mesh.devices.flat)  # MFU of the whole mesh
-        self.fpt = flops_per_token(run.model_cfg, self.n_params, self.n_trainable)
-        log(f"model: {cfg.model_type}, {self.n_params / 1e6:.2f}M parameters, compute dtype {run.model_cfg.dtype}, "
-            f"attention {run.model_cfg.attn_impl}; "
-            f"MFU peak {peak_src}")
-        if run.lora_base is not None:
-            n, total = self.n_trainable, self.n_params
-            quant = run.model_cfg.base_quant
-            log(f"{'QLoRA' if quant else 'LoRA'} rank {run.model_cfg.lora_rank} on {run.model_cfg.lora_targets}: "
-                f"{n:,} trainable parameters ({100 * n / total:.2f}%), base from {run.lora_base['source']} frozen"
-                + (f", its Linear kernels in {quant} (the frozen base: {parallel.tree_bytes(state.frozen) / 1e6:,.1f} "
-                   f"MB on the devices)" if quant else ""))
-        log(f"devices: {run.mesh.devices.size} ({jax.devices()[0].device_kind}), sharding {cfg.sharding}, "
-            f"mesh data={run.mesh.shape['data']} x fsdp={run.mesh.shape['fsdp']}, {jax.process_count()} process(es)")
-
-    def evaluate(self, it: int) -> dict[str, float]:
-        ek, n = jax.random.fold_in(self.keys["eval"], it), self.cfg.eval_iters
-        out = {}
-        for s, split in enumerate(data_lib.SPLITS):
-            losses = []
-            for i in range(n):
-                batch = self.run.eval_batches[split](ek, s * n + i)
-                losses.append(self.eval_step(self.state.params, batch, self.state.frozen))
-                if self.sync_steps:
-                    jax.block_until_ready(losses[-1])
-            out[split] = float(np.mean([parallel.host_value(l) for l in losses]))
-        return out
-
-    def save(self, ckpt: Checkpointer, it: int) -> None:
-        # checkpoints never hold a frozen LoRA base (it is loaded from its source); {} without LoRA
-        run, cfg = self.run, self.cfg
-        meta = {"step": it, "best_val_loss": self.best_val, "model_config": run.model_cfg.to_dict(),
-                "train_config": cfg.to_dict(), "tokenizer": run.tok_meta,
-                "rng": {"seed": cfg.seed,
-                        "derivation": "fold_in(key(seed), stream); per step fold_in(stream_key, step)"},
-                "data_state": {"step": it}, "lora_base": run.lora_base, "origin": run.origin}
-        with self.signals.deferred():  # a second signal stops after Orbax has taken the state
-            ckpt.save(it, self.state.replace(frozen={}), meta)
-
-    def check_finite(self, first_bad) -> None:
-        """on_nonfinite=stop: end the run, saving nothing, once a step was not finite."""
-        bad = int(parallel.host_value(first_bad))
-        if self.cfg.on_nonfinite == "stop" and bad >= 0:
-            raise NonFiniteLoss(f"the loss became non-finite (NaN or inf) at iter {bad}; stopped without saving, "
-                                f"so the latest checkpoint (iter {self.last_saved}) is the last good one. Lower "
-                                f"--learning_rate, check the data, or pass --on_nonfinite=skip")
-
-    def eval_only(self) -> dict[str, Any]:
-        losses = self.evaluate(self.start)
-        self.log(f"iter {self.start}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-        return {"iter": self.start, "train_loss": losses["train"], "val_loss": losses["val"],
-                "best_val_loss": self.best_val}
-
-    def train(self) -> dict[str, Any]:
-        cfg, start = self.cfg, self.start
-        bar = tqdm(total=cfg.max_iters, initial=start, dynamic_ncols=True, disable=None if self.main else True,
-                   file=sys.stderr)
-        self.bar, self.say = bar, (bar.write if not bar.disable else self.log)
-        self.summary: dict[str, Any] = {"n_params": self.n_params, "n_trainable": self.n_trainable}
-        self.log_mark, self.recent_ms = None, None  # (time, iter) of the last log line; ms/iter since then
-        self.t_mark, self.steps_since_mark, self.ms_per_iter = time.perf_counter(), 0, float("nan")
-        self.it = start
-        try:
-            with self.signals as stop, _finish(self.signals, self.latest, self.best, bar):
-                self._loop(stop, bar)
-        except KeyboardInterrupt:  # a second signal: every save begun has completed (_finish waited)
-            self.latest.manager.reload()
-            newest = self.latest.all_steps()
-            raise KeyboardInterrupt(
-                f"training stopped at iter {self.it}; "
-                + (f"the newest checkpoint is iter {newest[0]} in {self.latest.manager.directory}. Continue with "
-                   f"--init_from=resume --out_dir={cfg.out_dir}" if newest else "no checkpoint was written")) from None
-        self.summary["iter"] = self.it
-        return self.summary
-
-    def _loop(self, stop: StopFlag, bar) -> None:
-        cfg, start, it = self.cfg, self.start, self.start
-        resumed = cfg.init_from == "resume"
-        pending = None  # (iter, metrics on device) of the last log step, read one step later
-        while True:
-            due = it % cfg.eval_interval == 0 or it == cfg.max_iters
-            if due and not (resumed and it == start):  # a resumed step was evaluated before
-                self.eval_and_save(it)
-            if it >= cfg.max_iters:
-                break
-            # every process must stop at the same step: with several, they agree every
-            # STOP_CHECK steps (a one-bool host collective), since signals arrive at different moments
-            if stop.stop if jax.process_count() == 1 else it % STOP_CHECK == 0 and parallel.any_process(stop.stop):
-                self.stop_at(it)
-                break
-            batch = self.run.batches["train"](self.keys["data"], it)
-            self.state, metrics = self.train_step(self.state, batch, self.keys["dropout"])
-            if self.sync_steps:
-                jax.block_until_ready(metrics)
-            if pending is not None:
-                self.log_step(*pending)
-                pending = None
-            if it % cfg.log_interval == 0:
-                pending = (it, metrics)
-            if it == start:  # exclude compilation from the timing
-                jax.block_until_ready(self.state)
-                self.t_mark, self.steps_since_mark = time.perf_counter(), -1
-            it += 1
-            self.it = it
-            self.steps_since_mark += 1
-            bar.update(1)
-
-    def eval_and_save(self, it: int) -> None:
-        """Evaluates, saves latest (and best when val improved), appends to metrics.jsonl, logs."""
-        jax.block_until_ready(self.state)
-        timed = bool(self.steps_since_mark)
-        if timed:
-            self.ms_per_iter = 1000 * (time.perf_counter() - self.t_mark) / self.steps_since_mark
-        self.check_finite(self.state.first_nonfinite)
-        losses = self.evaluate(it)
-        if losses["val"] < self.best_val:
-            self.best_val = losses["val"]
-            self.save(self.best, it)
-        self.save(self.latest, it)
-        self.last_saved = it
-        ms, nan = self.ms_per_iter, float("nan")
-        row = {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"],
-               "lr": float(self.schedule(it)), "ms_per_iter": ms,
-               "tokens_per_s": self.tokens_per_iter / ms * 1000 if timed else nan,
-               "mfu": self.fpt * self.tokens_per_iter / (ms / 1000) / self.peak if timed else nan,
-               "best_val_loss": self.best_val, "skipped_steps": int(parallel.host_value(self.state.skipped))}
-        if self.main:
-            with writing("metrics", self.metrics_path), open(self.metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
-        self.say(f"iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-                 + (f", {ms:.1f} ms/iter, MFU {100 * row['mfu']:.1f}%" if timed else ""))
-        self.summary.update(row)
-        self.t_mark, self.steps_since_mark = time.perf_counter(), 0
-
-    def stop_at(self, it: int) -> None:
-        """A signal asked to stop: checkpoint where the loop is and say how to continue."""
-        jax.block_until_ready(self.state)
-        self.check_finite(self.state.first_nonfinite)
-        with self.signals.deferred(honour=False):  # stopping anyway: a second signal changes nothing
-            self.save(self.latest, it)
-            self.latest.wait()  # "saved" is said once it is on disk, complete
-            self.best.wait()
-        self.say(f"stopped at iter {it}; checkpoint saved. Continue with --init_from=resume "
-                 f"--out_dir={self.cfg.out_dir}")
-        self.summary["stopped_at"] = it
-
-    def log_step(self, p_it: int, p_metrics) -> None:
-        """The loss and lr of log step p_it, read one step later (the device is already busy)."""
-        self.check_finite(p_metrics["first_nonfinite"])
-        loss, lr = float(parallel.host_value(p_metrics["loss"])), float(parallel.host_value(p_metrics["lr"]))
-        now = time.perf_counter()
-        if self.log_mark is not None and p_it > self.log_mark[1]:
-            self.recent_ms = 1000 * (now - self.log_mark[0]) / (p_it - self.log_mark[1])
-        self.log_mark = (now, p_it)
-        speed = (f"{self.recent_ms:.1f} ms/iter, {self.tokens_per_iter / self.recent_ms * 1000:,.0f} tok/s"
-                 if self.recent_ms else "compiling")
-        if self.bar.disable:
-            self.log(f"iter {p_it}: loss {loss:.4f}, lr {lr:.2e}, {speed}")
-        else:
-            self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {speed}")

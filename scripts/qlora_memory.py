@@ -4,8 +4,8 @@ peak memory of one training step, for full finetuning, LoRA and QLoRA on GPT-2-s
     python scripts/qlora_memory.py --sizes=gpt2,gpt2-medium --methods=full,lora,qlora --B=1 --T=128
 
 Each size gets a random-weight Hugging Face directory (scripts/random_gpt2.py) under --dir; each
-(size, method) runs in a fresh process that goes through the real path (jaxgpt.run.setup loads,
-and for QLoRA quantizes as it streams, the base; trainer.Loop builds the state and compiles the
+(size, method) runs in a fresh process that goes through the real path (jaxgpt.start.setup loads,
+and for QLoRA quantizes as it streams, the base; trainer.build makes the state and compiles the
 step) and then takes one training step; it reports its bytes and its peak RSS (getrusage's
 ru_maxrss: the whole process, the JAX runtime and XLA's compilation included). On a GPU the
 device's peak is reported too (memory_stats' peak_bytes_in_use). Rows print as JSON lines and a
@@ -32,8 +32,8 @@ def child(size_dir: str, method: str, B: int, T: int, work: str) -> dict:
 
     from jaxgpt import parallel
     from jaxgpt.config import parse_args
-    from jaxgpt.run import setup
-    from jaxgpt.trainer import Loop
+    from jaxgpt.start import setup
+    from jaxgpt.trainer import build
 
     flags = [f"--init_from={size_dir}", "--tokenizer=gpt2", f"--finetune_method={method}", f"--batch_size={B}",
              f"--block_size={T}", "--dtype=float32", "--lora_rank=8", "--lora_alpha=16", "--learning_rate=1e-4",
@@ -42,7 +42,7 @@ def child(size_dir: str, method: str, B: int, T: int, work: str) -> dict:
     cfg = parse_args(flags).validate()
     t0 = time.perf_counter()
     run = setup(cfg, log=lambda s: None)
-    loop = Loop(run, cfg, True, log=lambda s: None)
+    loop = build(run, log=lambda s: None)
     t_load = time.perf_counter() - t0
     state = loop.state
     sizes = {"base_bytes": parallel.tree_bytes(state.frozen if cfg.adapters else state.params),

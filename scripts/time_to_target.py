@@ -56,16 +56,15 @@ def one_run(args, recipe_argv: list[str]) -> dict:
 
     from jaxgpt import data as data_lib
     from jaxgpt import parallel, prepare
-    from jaxgpt.run import setup
+    from jaxgpt.start import setup
     from jaxgpt.runtime import matmul_precision
-    from jaxgpt.trainer import Loop
+    from jaxgpt.trainer import build
 
     quiet = lambda s: None  # noqa: E731
-    cfg.out_dir = tempfile.mkdtemp(prefix="ttt-")
-    cfg.eval_interval = 10**9
+    cfg = cfg.replace(out_dir=tempfile.mkdtemp(prefix="ttt-"), eval_interval=10**9)
     with matmul_precision(cfg.matmul_precision):
         run = setup(cfg, quiet)
-        loop = Loop(run, cfg, True, quiet)
+        loop = build(run, quiet)
         meta = prepare.ensure_prepared(cfg.resolved_data_dir(), cfg.dataset, cfg.input_file, tokenizer=cfg.tokenizer)
         val = np.asarray(data_lib.load_split(cfg.resolved_data_dir(), "val", meta), np.int32)
         rng = np.random.RandomState(0)  # the fixed eval set: the same positions for every recipe

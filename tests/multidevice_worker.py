@@ -25,7 +25,7 @@ from jaxgpt.config import parse_args  # noqa: E402
 from jaxgpt.step import abstract_state, init_state, make_train_step  # noqa: E402
 from jaxgpt.data import make_batch_fn  # noqa: E402
 from jaxgpt.model import model_config  # noqa: E402
-from jaxgpt.run import run_keys  # noqa: E402
+from jaxgpt.start import run_keys  # noqa: E402
 from jaxgpt.trainer import train  # noqa: E402
 
 
@@ -86,7 +86,7 @@ def main():
     # a corpus too big for the devices (RESIDENT_BYTES = 0 here): each device's rows are read from the
     # memmap on the host, prefetched, on a 2x2 mesh (data x fsdp)
     import jaxgpt.data as data_lib
-    import jaxgpt.run as run_lib
+    import jaxgpt.start as run_lib
 
     resident, data_lib.RESIDENT_BYTES = data_lib.RESIDENT_BYTES, 0
     memmap = args("memmap", sharding="fsdp", mesh_shape="2x2")

@@ -34,7 +34,7 @@ def test_shipped_configs_load():
     (["--bias=maybe"], "bias expects True or False"),
     (["--learning_rate=fast"], "learning_rate expects a number"),
     (["--config", "does/not/exist.py"], "config file not found"),
-    (["--batch_size"], "--key=value"),
+    (["--batch_size"], "--batch_size=VALUE"),
 ])
 def test_config_errors(argv, message):
     with pytest.raises(UserError, match=message) as e:

@@ -17,9 +17,9 @@ import export as export_script
 import sample as sample_script
 import train as train_script
 from conftest import ROOT, tiny_args
-from jaxgpt.run import load as load_model
+from jaxgpt.loading import load as load_model
 from jaxgpt.config import parse_args
-from jaxgpt.run import padded_vocab
+from jaxgpt.start import padded_vocab
 from jaxgpt.trainer import train
 from test_train import SEP, engine_texts
 
@@ -87,7 +87,7 @@ def test_first_eval_is_the_pretrained_models_loss(tmp_path, hf_dir, corpus_file)
                        "--batch_size=4", "--gradient_accumulation_steps=1", "--eval_only=True", "--eval_iters=3"])
     summary = train(args, log=lambda s: None)
     from jaxgpt import data as data_lib
-    from jaxgpt.run import run_keys
+    from jaxgpt.start import run_keys
 
     meta = data_lib.load_meta(str(tmp_path / "data"))
     hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
@@ -134,7 +134,7 @@ def test_scratch_bpe_run_pads_the_vocab_and_samples_only_real_tokens(tmp_path, h
     from jaxgpt.model import build_model
     from jaxgpt.sampling import Engine
     from jaxgpt.tokenizer import load_bpe
-    from jaxgpt.run import setup
+    from jaxgpt.start import setup
 
     cfg = parse_args(tiny_args(tmp_path, corpus_file, tokenizer="gpt2", tokenizer_dir=str(hf_dir)))
     model_cfg = setup(cfg, log=lambda s: None).model_cfg

@@ -19,7 +19,7 @@ from conftest import tiny_args
 from test_train import SEP, restore_params
 from jaxgpt import lora
 from jaxgpt.benchmark import device_peak
-from jaxgpt.run import load as load_model
+from jaxgpt.loading import load as load_model
 from jaxgpt.config import parse_args
 from jaxgpt.errors import UserError
 from jaxgpt.model import ModelConfig, build_model

@@ -18,7 +18,7 @@ from jaxgpt.errors import UserError
 from jaxgpt.model import ModelConfig, build_model, num_params
 from jaxgpt.optim import lr_schedule, make_optimizer, muon_labels
 from jaxgpt.pretrained import export_hf
-from jaxgpt.run import load, load_weights
+from jaxgpt.loading import load, load_weights
 from jaxgpt.trainer import train
 
 BASE = ModelConfig(vocab_size=13, block_size=8, n_layer=2, n_head=2, n_embd=16)

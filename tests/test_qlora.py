@@ -26,7 +26,7 @@ from jaxgpt.config import parse_args
 from jaxgpt.errors import UserError
 from jaxgpt.model import build_model
 from jaxgpt.quant import QTensor, dequantize, quantize_tree
-from jaxgpt.run import base_params, load as load_model
+from jaxgpt.loading import base_params, load as load_model
 from jaxgpt.sampling import Engine
 from jaxgpt.step import init_state, make_train_step
 from jaxgpt.trainer import train

@@ -17,7 +17,7 @@ import train as train_script
 from conftest import ROOT, subprocess_env, tiny_args
 from jaxgpt import step as step_lib
 from jaxgpt.checkpoint import Checkpointer
-from jaxgpt.run import load as load_model
+from jaxgpt.loading import load as load_model
 from jaxgpt.config import parse_args
 from jaxgpt.errors import UserError
 from jaxgpt.model import ModelConfig

@@ -29,7 +29,7 @@ from jaxgpt import trainer as trainer_lib
 from jaxgpt.checkpoint import KINDS, Checkpointer, readable
 from jaxgpt.config import parse_args
 from jaxgpt.errors import UserError
-from jaxgpt.run import load, read_checkpoint
+from jaxgpt.loading import load, read_checkpoint
 from jaxgpt.trainer import train
 from orbax.checkpoint._src.handlers import json_checkpoint_handler
 

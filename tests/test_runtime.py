@@ -12,7 +12,7 @@ import pytest
 from conftest import tiny_args
 from jaxgpt import runtime
 from jaxgpt.checkpoint import Checkpointer
-from jaxgpt.run import load as load_model
+from jaxgpt.loading import load as load_model
 from jaxgpt.config import parse_args
 from jaxgpt.errors import UserError
 from jaxgpt.model import pick_attention

@@ -12,7 +12,7 @@ import transformers
 import sample as sample_script
 from bpe_fixture import train_tiny_bpe, write_hf_tokenizer_files
 from conftest import make_corpus, tiny_args
-from jaxgpt.run import load as load_model
+from jaxgpt.loading import load as load_model
 from jaxgpt.config import parse_args
 from jaxgpt.sampling import Engine, TextStream
 from jaxgpt.trainer import train

@@ -11,14 +11,15 @@ import os
 
 # bottom to top; the README's Layout lists the same layers
 STACK = [
-    ("quant", "runtime", "launch"),
-    ("errors",),
-    ("config", "rundir"),
-    ("tokenizer", "layers", "parallel"),
+    ("quant", "runtime"),
+    ("errors", "signals"),
+    ("cli", "config", "rundir"),
+    ("tokenizer", "layers", "parallel", "launch"),
     ("lora", "optim", "data"),
     ("model", "prepare"),
     ("step", "pretrained", "sampling", "benchmark", "checkpoint"),
-    ("run",),
+    ("loading",),
+    ("start",),
     ("trainer",),
 ]
 ROOT = os.path.join(os.path.dirname(__file__), "..", "jaxgpt")

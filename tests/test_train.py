@@ -11,7 +11,7 @@ import pytest
 
 from conftest import ROOT, subprocess_env, tiny_args
 from jaxgpt.checkpoint import Checkpointer
-from jaxgpt.run import load as load_model
+from jaxgpt.loading import load as load_model
 from jaxgpt.config import Config, parse_args
 from jaxgpt.errors import UserError
 from jaxgpt.model import ModelConfig
@@ -172,7 +172,7 @@ def test_memmap_path_trains_like_the_device_resident_path(tmp_path, corpus_file,
     """Corpora too big for the devices are read from the memmap on the host (prefetched);
     the batches, and so the losses, are the same as when the corpus sits on the device."""
     import jaxgpt.data as data_lib
-    import jaxgpt.run as run_lib
+    import jaxgpt.start as run_lib
 
     resident = parse_args(tiny_args(tmp_path / "a", corpus_file, max_iters=6, eval_interval=3,
                                     gradient_accumulation_steps=2))
