@@ -3,6 +3,7 @@
     python sample.py --out_dir=out-shakespeare-char-cpu --start="ROMEO:" --num_samples=3 \
         --max_new_tokens=500 --temperature=0.8 --top_k=200 --seed=1337
     python sample.py --init_from=gpt2 --start="The meaning of life is"   # or a directory / ckpt.pt
+    python sample.py --init_from=out-shakespeare-char/ckpt.pt --start="ROMEO:"  # nanoGPT's; --meta_pkl=PATH
 
 --start=FILE:prompt.txt reads the prompt from a file (UTF-8, or UTF-16/32 with a byte-order mark);
 --top_p=0.9 nucleus sampling;
@@ -38,6 +39,7 @@ SEPARATOR = "---------------"
 @dataclass
 class SampleConfig:
     init_from: str = "resume"  # 'resume' = the out_dir's checkpoint; or a GPT-2 name, directory, ckpt.pt
+    meta_pkl: str = ""  # a nanoGPT character ckpt.pt's meta.pkl (default: beside it, else data/<dataset>/meta.pkl)
     out_dir: str = "out"
     start: str = "\n"  # prompt text, or FILE:path to read it from a file
     num_samples: int = 10
@@ -57,6 +59,7 @@ SAMPLE_RULES = {
     "top_k": lambda key, v: v == 0 or SAMPLING_RULES["top_k"](key, v),  # the flag's 0 is the engine's None
     "init_from": nonempty("use resume (the out_dir's checkpoint), a GPT-2 name or a path to weights"),
     "out_dir": ANY,  # load() says what is missing there
+    "meta_pkl": ANY,  # checked where it is read: jaxgpt.pretrained.read_nanogpt
     "start": ANY,  # text, or FILE:path (read_prompt checks the file)
     "num_samples": rng(1, 1 << 20), "seed": rng(0, 2**32, hi_open=True),
     "stop": ANY,
@@ -93,7 +96,8 @@ def sample_main(argv):
         return 0
     top_k = sc.top_k or None
     resume = sc.init_from == "resume"
-    graphdef, params, model_cfg, tok, _ = load(sc.out_dir if resume else sc.init_from, sc.which, run=resume)
+    graphdef, params, model_cfg, tok, _ = load(sc.out_dir if resume else sc.init_from, sc.which, run=resume,
+                                               meta_pkl=sc.meta_pkl)
     prompt = tok.encode(prompt_text)
     stop = tok.encode(sc.stop) if sc.stop else None
     engine = Engine(graphdef, params, model_cfg.block_size, vocab_size=tok.vocab_size)

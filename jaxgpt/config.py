@@ -159,6 +159,9 @@ class Config:
     # start from: a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl),
     # a Hugging Face GPT-2 directory, a nanoGPT ckpt.pt, or another jaxgpt out_dir (fresh optimizer)
     init_from: str = "scratch"
+    # init_from a nanoGPT character ckpt.pt: its meta.pkl (default: beside the ckpt.pt, else
+    # data/<the checkpoint's dataset>/meta.pkl, where nanoGPT's sample.py reads it)
+    meta_pkl: str = ""
     # a fresh run (not resume) on an out_dir that holds a run's checkpoints: False refuses, True deletes them
     overwrite: bool = False
     # finetuning: 'full' trains every weight; 'lora' trains low-rank adapters on a frozen base
@@ -288,6 +291,7 @@ Config.RULES = {
     "out_dir": directory_to_write,
     "eval_interval": rng(1, INT32_MAX), "log_interval": rng(1, INT32_MAX), "eval_iters": rng(1, INT32_MAX),
     "init_from": nonempty("use scratch, resume, a GPT-2 name or a path to weights"),
+    "meta_pkl": ANY,  # checked where it is read, with the ckpt.pt: jaxgpt.pretrained.read_nanogpt
     "finetune_method": choice("full", "lora", "qlora"),
     "qlora_quant": choice("nf4", "int8"),
     "lora_rank": rng(1, 65536), "lora_alpha": rng(0, lo_open=True), "lora_dropout": rng(0, 1, hi_open=True),
