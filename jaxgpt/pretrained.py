@@ -15,8 +15,10 @@ A source that knows which characters (or BPE) its model reads says so in `Weight
 the dict a jaxgpt run stores for its tokenizer (jaxgpt.tokenizer's `meta()`): a Hugging Face
 directory written by `export_hf` for a char model (its jaxgpt_tokenizer.json), a nanoGPT ckpt.pt
 with nanoGPT's meta.pkl (`read_meta_pkl`), and a jaxgpt out_dir (jaxgpt.run.load_weights). A source
-without one reads GPT-2's BPE (its own vocab.json + merges.txt, else tiktoken's); `source_tokenizer`
-is the one place that decides, for every consumer (init_from, sampling, export).
+without one reads GPT-2's BPE (its own vocab.json + merges.txt, else tiktoken's), unless it knows
+that it does not (`Weights.tokenizer_error`: a nanoGPT char model whose meta.pkl is missing or bad).
+`source_tokenizer` decides so for sampling and export; init_from (jaxgpt.run.setup) uses the same
+fields, where --tokenizer=gpt2 and --tokenizer_dir may name the BPE of a source that has none.
 
 Every source is read into one flat table of numpy arrays under the Hugging Face names
 (`h.0.attn.c_attn.weight`, ...), with every matrix laid out (in, out) as in GPT-2's Conv1D;
@@ -78,7 +80,7 @@ class Weights:
     tokenizer_dir: str = ""  # a directory with vocab.json + merges.txt
     tokenizer_file: str = ""  # the file tokenizer_meta was read from, for messages
     # why the model's tokenizer cannot be had, with the fix (a nanoGPT char ckpt.pt whose meta.pkl is
-    # missing or bad): raised by source_tokenizer, so weights alone (a LoRA base) still load
+    # missing or bad): raised where the tokenizer is needed, so the weights alone (a LoRA base) still load
     tokenizer_error: str = ""
 
 
@@ -369,21 +371,17 @@ def read_meta_pkl(path: str) -> dict[str, Any]:
     return {"tokenizer": "char", "vocab_size": n, "chars": chars}
 
 
-def source_tokenizer_meta(w: Weights) -> dict[str, Any] | None:
-    """The tokenizer a source's model reads, as jaxgpt.tokenizer's meta(), or None for GPT-2's BPE
-    (from w.tokenizer_dir's vocab.json + merges.txt, else tiktoken's files). Raises w.tokenizer_error:
-    a source that knows it reads something else but could not say what."""
-    if w.tokenizer_error:
-        raise UserError(w.tokenizer_error)
-    return w.tokenizer_meta
-
-
 def source_tokenizer(w: Weights):
-    """The tokenizer object of `source_tokenizer_meta`."""
+    """The tokenizer a source's model reads: its tokenizer_meta (jaxgpt.tokenizer's meta()), else
+    w.tokenizer_error (a source that knows it reads something else but cannot say what), else
+    GPT-2's BPE from w.tokenizer_dir's vocab.json + merges.txt or from tiktoken's files."""
     from jaxgpt.tokenizer import load_bpe, tokenizer_from_meta
 
-    meta = source_tokenizer_meta(w)
-    return tokenizer_from_meta(meta) if meta is not None else load_bpe(w.tokenizer_dir)
+    if w.tokenizer_meta is not None:
+        return tokenizer_from_meta(w.tokenizer_meta)
+    if w.tokenizer_error:
+        raise UserError(w.tokenizer_error)
+    return load_bpe(w.tokenizer_dir)
 
 
 def _canonical(state: dict[str, Any], transpose: bool) -> dict[str, np.ndarray]:

@@ -147,11 +147,12 @@ def setup(cfg: Config, log=print) -> Run:
     elif pretrained.is_pretrained_source(cfg.init_from):
         weights = load_weights(cfg.init_from, lazy=bool(cfg.base_quant), meta_pkl=cfg.meta_pkl)
         # a base that says which tokenizer it reads (a jaxgpt run, an exported char model, a nanoGPT
-        # ckpt.pt with its meta.pkl): the new data is encoded with that tokenizer
-        base_tok = pretrained.source_tokenizer_meta(weights)
+        # ckpt.pt with its meta.pkl): the new data is encoded with that tokenizer; else BPE, as the
+        # user names it (--tokenizer=gpt2, tiktoken's or --tokenizer_dir's)
+        base_tok = weights.tokenizer_meta
         if base_tok is None and cfg.tokenizer != "gpt2":
-            raise UserError(f"init_from={cfg.init_from} holds GPT-2 weights, which read BPE tokens; "
-                            f"pass --tokenizer=gpt2")
+            raise UserError(weights.tokenizer_error or f"init_from={cfg.init_from} holds GPT-2 weights, which read "
+                                                       f"BPE tokens; pass --tokenizer=gpt2")
         if cfg.tokenizer == "gpt2" and not tokenizer_dir:
             tokenizer_dir = weights.tokenizer_dir  # a Hugging Face directory brings its BPE files
     data_dir = cfg.resolved_data_dir()

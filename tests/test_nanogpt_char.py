@@ -134,6 +134,11 @@ def test_weights_alone_load_without_meta_pkl(tmp_path):
     assert w.tokenizer_meta is None and "meta.pkl" in w.tokenizer_error
     with pytest.raises(UserError, match="meta.pkl"):
         pretrained.source_tokenizer(w)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT, encoding="utf-8")
+    with pytest.raises(UserError, match=r"reads \d+ tokens, not GPT-2's 50257, .*pass --meta_pkl=PATH"):
+        train(parse_args(tiny_args(tmp_path, str(corpus), init_from=str(tmp_path / "out" / "ckpt.pt"))),
+              log=lambda s: None)
     write_meta_pkl(tmp_path / "out" / "meta.pkl", meta)
     w = pretrained.load_weights(str(tmp_path / "out"))
     assert w.tokenizer_meta == {"tokenizer": "char", "vocab_size": meta["vocab_size"],
