@@ -172,8 +172,13 @@ def _read_hf_dir(path: str, source: str, lazy: bool = False) -> Weights:
                 tokenizer_dir=path if has_tok else "")
     tok_file = os.path.join(path, TOKENIZER_FILE)
     if os.path.isfile(tok_file):  # export_hf's char model: the characters it reads
-        _set_tokenizer(w, tok_file, int(shape_of(table, "wte.weight")[0]), _read_tokenizer_json)
+        _set_tokenizer(w, tok_file, _vocab(table), _read_tokenizer_json)
     return w
+
+
+def _vocab(table: Mapping[str, np.ndarray]) -> int:
+    """The model's vocabulary size: wte's rows (0 without a wte, which to_params reports)."""
+    return int(shape_of(table, "wte.weight")[0]) if "wte.weight" in table else 0
 
 
 def _set_tokenizer(w: Weights, path: str, vocab: int, read) -> None:
@@ -306,7 +311,7 @@ def read_nanogpt(path: str, meta_pkl: str = "") -> Weights:
     state = {k.removeprefix("_orig_mod."): v.float().numpy() for k, v in ckpt["model"].items()}
     w = Weights(_canonical(state, transpose=True), n_head=int(ckpt["model_args"]["n_head"]),
                 gelu="exact", source=path)
-    vocab = int(shape_of(w.tensors, "wte.weight")[0]) if "wte.weight" in w.tensors else 0
+    vocab = _vocab(w.tensors)
     config = ckpt.get("config")
     dataset = config.get("dataset") if isinstance(config, dict) else None
     candidates = [meta_pkl] if meta_pkl else [os.path.join(os.path.dirname(path), "meta.pkl")]
@@ -324,6 +329,10 @@ def read_nanogpt(path: str, meta_pkl: str = "") -> Weights:
     return w
 
 
+class _Refused(pickle.UnpicklingError):
+    """A pickle names a class _PlainUnpickler does not build."""
+
+
 class _PlainUnpickler(pickle.Unpickler):
     """Unpickles only dict, list, str and int (and what pickle builds without naming a class): no
     class is imported, no code from the file runs."""
@@ -332,7 +341,7 @@ class _PlainUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if module == "builtins" and name in self.ALLOWED:
             return getattr(builtins, name)
-        raise pickle.UnpicklingError(f"holds a {module}.{name} object")
+        raise _Refused(f"{module}.{name}")
 
 
 def read_meta_pkl(path: str) -> dict[str, Any]:
@@ -344,12 +353,11 @@ def read_meta_pkl(path: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
             obj = _PlainUnpickler(f).load()
-    except pickle.UnpicklingError as e:
-        raise UserError(f"{path} {e if str(e).startswith('holds') else f'is not a readable pickle ({e})'}; "
-                        f"{fix}") from None
+    except _Refused as e:
+        raise UserError(f"{path} holds a {e} object; {fix}") from None
     except OSError as e:
         raise UserError(f"cannot read {path} ({e.strerror}); pass nanoGPT's meta.pkl with --meta_pkl=PATH") from None
-    except Exception as e:  # noqa: BLE001 -- a truncated or foreign file: EOFError, ValueError, ...
+    except Exception as e:  # noqa: BLE001 -- a truncated or foreign file: UnpicklingError, EOFError, ...
         raise UserError(f"{path} is not a readable pickle ({type(e).__name__}); {fix}") from None
 
     def bad(why: str) -> UserError:
