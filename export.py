@@ -7,10 +7,14 @@ config.json as "jaxgpt_qlora_base", in the jaxgpt out_dir's checkpoint metadata 
     python export.py --out_dir=out-shakespeare-char-cpu --hf_dir=hf-shakespeare-char
     python -c "from transformers import GPT2LMHeadModel; GPT2LMHeadModel.from_pretrained('hf-shakespeare-char')"
     python export.py --out_dir=out-code-lora --jaxgpt_dir=out-code-merged    # no base needed after this
+    python export.py --init_from=out-shakespeare-char/ckpt.pt --hf_dir=hf-char   # nanoGPT's (+ its meta.pkl)
 
---which=latest exports the latest checkpoint instead of the best one. A BPE model's directory
-also gets vocab.json and merges.txt; a char model's gets jaxgpt_tokenizer.json (Hugging Face
-has no character tokenizer for GPT-2). Each directory is written into a temporary sibling and
+--which=latest exports the latest checkpoint instead of the best one. --init_from=SOURCE exports
+weights from elsewhere instead of the out_dir's run (what sample.py's --init_from takes: a nanoGPT
+ckpt.pt, with --meta_pkl=PATH where its meta.pkl is not found, a Hugging Face directory, a GPT-2
+name) to --hf_dir. A BPE model's directory also gets vocab.json and merges.txt; a char model's gets
+jaxgpt_tokenizer.json (Hugging Face has no character tokenizer for GPT-2), which jaxgpt reads back:
+the directory is a round trip for init_from and sample.py. Each directory is written into a temporary sibling and
 renamed into place when whole, so Ctrl-C or a full disk never leaves half an export; a directory
 that holds files is replaced only with --overwrite=True (never the run being exported).
 """
@@ -37,6 +41,10 @@ class ExportConfig:
     QLoRA run with its adapters merged)."""
 
     out_dir: str = _export("out", nonempty("pass the run to export, e.g. --out_dir=out"), "the run to export")
+    init_from: str = _export("resume", nonempty("use resume (the out_dir's run) or the weights to export"),
+                             "resume = the out_dir's run; or weights as sample.py takes them (--hf_dir only)")
+    meta_pkl: str = _export("", ANY, "init_from a nanoGPT character ckpt.pt: its meta.pkl (default: beside it, else "
+                                     "data/<its dataset>/meta.pkl)")
     hf_dir: str = _export("", ANY, "where to write the Hugging Face directory")
     jaxgpt_dir: str = _export("", ANY, "where to write a standalone jaxgpt out_dir (no base needed after it)")
     which: str = _export("best", choice("best", "latest"), "the run's best checkpoint or its latest")
@@ -52,9 +60,16 @@ def export_main(argv) -> int:
         raise UserError("pass --hf_dir=DIR (a Hugging Face GPT-2 directory) and/or --jaxgpt_dir=DIR (a jaxgpt out_dir)")
     if ec.hf_dir and ec.jaxgpt_dir and os.path.realpath(ec.hf_dir) == os.path.realpath(ec.jaxgpt_dir):
         raise UserError(f"--hf_dir and --jaxgpt_dir are both {ec.hf_dir}; give them different directories")
+    resume = ec.init_from == "resume"
+    if ec.jaxgpt_dir and not resume:
+        raise UserError(f"--jaxgpt_dir exports a jaxgpt run; to make one from {ec.init_from}, run train.py with "
+                        f"--init_from={ec.init_from} (--max_iters=0 writes its first checkpoint)")
+    source = ec.out_dir if resume else ec.init_from
     for flag in ("jaxgpt_dir", "hf_dir"):  # checked before any work: nothing is loaded or written otherwise
-        check_output_dir(flag, getattr(ec, flag), ec.overwrite, protect=(ec.out_dir,))
-    _, params, model_cfg, tok, meta = load(ec.out_dir, ec.which, run=True)  # LoRA adapters come merged
+        check_output_dir(flag, getattr(ec, flag), ec.overwrite, protect=(source,))
+    # LoRA adapters come merged
+    _, params, model_cfg, tok, meta = load(source, ec.which, run=resume, meta_pkl=ec.meta_pkl)
+    what = f"{source} (iter {meta['step']})" if "step" in meta else source
     qbase = quantized_base(meta)
     if qbase:
         print(f"note: {ec.out_dir} was trained against a {qbase['quant']}-quantized base ({qbase['source']}); "
@@ -62,11 +77,11 @@ def export_main(argv) -> int:
     if ec.jaxgpt_dir:
         with replace_dir(ec.jaxgpt_dir, "the exported run") as tmp:
             save_standalone(tmp, params, model_cfg, meta, name=ec.jaxgpt_dir)
-        print(f"exported {ec.out_dir} (iter {meta['step']}) to the jaxgpt out_dir {ec.jaxgpt_dir}")
+        print(f"exported {what} to the jaxgpt out_dir {ec.jaxgpt_dir}")
     if ec.hf_dir:
         with replace_dir(ec.hf_dir, "the Hugging Face directory") as tmp:
             export_hf(params, model_cfg, tmp, tok, extra_config={"jaxgpt_qlora_base": qbase} if qbase else None)
-        print(f"exported {ec.out_dir} (iter {meta['step']}) to the Hugging Face directory {ec.hf_dir}")
+        print(f"exported {what} to the Hugging Face directory {ec.hf_dir}")
     return 0
 
 

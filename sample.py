@@ -3,6 +3,7 @@
     python sample.py --out_dir=out-shakespeare-char-cpu --start="ROMEO:" --num_samples=3 \
         --max_new_tokens=500 --temperature=0.8 --top_k=200 --seed=1337
     python sample.py --init_from=gpt2 --start="The meaning of life is"   # or a directory / ckpt.pt
+    python sample.py --init_from=out-shakespeare-char/ckpt.pt --start="ROMEO:"  # nanoGPT's; --meta_pkl=PATH
 
 --start=FILE:prompt.txt reads the prompt from a file (UTF-8, or UTF-16/32 with a byte-order mark);
 --top_p=0.9 nucleus sampling;
@@ -49,6 +50,8 @@ class SampleConfig:
     init_from: str = _what("resume", nonempty("use resume (the out_dir's checkpoint), a GPT-2 name or a path to weights"),
                            "resume = out_dir's checkpoint; or a GPT-2 name, a Hugging Face directory, a nanoGPT ckpt.pt")
     out_dir: str = _what("out", ANY, "the run to sample from (with init_from=resume)")
+    meta_pkl: str = _what("", ANY, "a nanoGPT character ckpt.pt's meta.pkl (default: beside it, else "
+                                   "data/<its dataset>/meta.pkl)")
     which: str = _what("best", choice("best", "latest"), "the run's best checkpoint (lowest val loss) or its latest")
     start: str = _prompt("\n", ANY, "the prompt, or FILE:path to read it from a file")
     num_samples: int = _prompt(10, rng(1, 1 << 20), "samples, decoded together as one batch")
@@ -94,7 +97,8 @@ def sample_main(argv):
     prompt_text = read_prompt(sc.start)
     top_k = sc.top_k or None
     resume = sc.init_from == "resume"
-    graphdef, params, model_cfg, tok, _ = load(sc.out_dir if resume else sc.init_from, sc.which, run=resume)
+    graphdef, params, model_cfg, tok, _ = load(sc.out_dir if resume else sc.init_from, sc.which, run=resume,
+                                               meta_pkl=sc.meta_pkl)
     prompt = tok.encode(prompt_text)
     stop = tok.encode(sc.stop) if sc.stop else None
     engine = Engine(graphdef, params, model_cfg.block_size, vocab_size=tok.vocab_size)

@@ -246,6 +246,8 @@ class Config(ModelKeys):
     init_from: str = _init("scratch", nonempty("use scratch, resume, a GPT-2 name or a path to weights"),
                            "scratch | resume | auto (resume if out_dir holds a run) | gpt2* | a Hugging Face "
                            "directory | a nanoGPT ckpt.pt | a jaxgpt out_dir")
+    meta_pkl: str = _init("", ANY, "init_from a nanoGPT character ckpt.pt: its meta.pkl (default: beside the ckpt.pt, "
+                                   "else data/<its dataset>/meta.pkl, where nanoGPT's sample.py reads it)")
     overwrite: bool = _init(False, None, "a fresh run over an out_dir that holds a run deletes it (else refused)")
     finetune_method: str = _init("full", choice("full", "lora", "qlora"),
                                  "train every weight, or LoRA adapters on a frozen base (qlora: a quantized base)")

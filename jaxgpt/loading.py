@@ -29,7 +29,7 @@ from jaxgpt.model import ModelConfig, abstract_model, with_attention
 from jaxgpt.quant import quantize_stream
 from jaxgpt.runtime import resolve_dtype
 from jaxgpt.step import abstract_state
-from jaxgpt.tokenizer import load_bpe, tokenizer_from_meta
+from jaxgpt.tokenizer import tokenizer_from_meta
 
 
 def newest_meta(out_dir: str) -> dict[str, Any] | None:
@@ -85,24 +85,33 @@ def is_run_dir(path: str) -> bool:
     return os.path.isdir(os.path.join(os.path.expanduser(path), "checkpoints"))
 
 
-def load(source: str, prefer: str = "best", dtype: str = "auto", run: bool = False, log=None):
+def load(source: str, prefer: str = "best", dtype: str = "auto", run: bool = False, log=None, meta_pkl: str = ""):
     """Any model a user can name, ready for sampling or export: a jaxgpt out_dir (its newest
     intact `prefer` checkpoint, else the other kind's; a LoRA run's adapters merged into its base),
     a GPT-2 name, a Hugging Face GPT-2 directory or a nanoGPT ckpt.pt.
 
     Returns (graphdef, params, ModelConfig, tokenizer, meta); `nnx.merge(graphdef, params)` is the
     model. A run computes in the dtype it recorded; weights from elsewhere in `dtype` ('auto':
-    bfloat16 on GPUs and TPUs, float32 on CPUs). The tokenizer is the source's own (a run's, or a
-    directory's vocab.json + merges.txt), else GPT-2's BPE, as nanoGPT assumes for its checkpoints.
+    bfloat16 on GPUs and TPUs, float32 on CPUs). The tokenizer is the source's own (a run's, an
+    exported directory's jaxgpt_tokenizer.json or vocab.json + merges.txt, a nanoGPT ckpt.pt's
+    meta.pkl, found as pretrained.read_nanogpt says or given as `meta_pkl`), else GPT-2's BPE, as
+    nanoGPT assumes for its checkpoints without a meta.pkl (pretrained.source_tokenizer).
     meta is a run's checkpoint metadata, else {"source": source}. run=True: `source` must be a
     run (an --out_dir), and one without checkpoints is reported as such. A damaged checkpoint is
     skipped, never moved or deleted; `log` (default: stderr) says which one was used instead."""
     if run or is_run_dir(source):
+        _no_meta_pkl(source, meta_pkl)
         return _load_run(os.path.expanduser(source), prefer, log)
-    params, cfg, w = pretrained.load_params(source, dtype=resolve_dtype(dtype))
+    params, cfg, w = pretrained.load_params(source, dtype=resolve_dtype(dtype), meta_pkl=meta_pkl)
     cfg = with_attention(cfg)
-    tokenizer = load_bpe(w.tokenizer_dir)
+    tokenizer = pretrained.source_tokenizer(w)
     return abstract_model(cfg)[0], jax.tree.map(jnp.asarray, params), cfg, tokenizer, {"source": source}
+
+
+def _no_meta_pkl(source: str, meta_pkl: str) -> None:
+    if meta_pkl:
+        raise UserError(f"--meta_pkl gives the characters of a nanoGPT ckpt.pt, and {source} is a jaxgpt "
+                        f"out_dir (its checkpoints hold their tokenizer); drop --meta_pkl")
 
 
 def _load_run(out_dir: str, prefer: str, log=None):
@@ -154,11 +163,12 @@ def read_checkpoint(ckpt: Checkpointer, step: int):
     return graphdef, state, meta, model_cfg
 
 
-def load_weights(source: str, lazy: bool = False) -> pretrained.Weights:
-    """pretrained.load_weights, and a jaxgpt out_dir's best (else latest) weights as the same table
-    (lazy: see pretrained.load_weights; an out_dir is read whole)."""
+def load_weights(source: str, lazy: bool = False, meta_pkl: str = "") -> pretrained.Weights:
+    """pretrained.load_weights, and a jaxgpt out_dir's best (else latest) weights as the same table,
+    with its tokenizer (lazy, meta_pkl: see pretrained.load_weights; an out_dir is read whole)."""
     if not is_run_dir(source):
-        return pretrained.load_weights(source, lazy=lazy)
+        return pretrained.load_weights(source, lazy=lazy, meta_pkl=meta_pkl)
+    _no_meta_pkl(source, meta_pkl)
     _, params, model_cfg, _, meta = _load_run(os.path.expanduser(source), "best")
     if model_cfg.model_type != "gpt":
         raise UserError(f"{source} holds a {model_cfg.model_type} model; only GPT models can be a starting point")

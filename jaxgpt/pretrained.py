@@ -8,7 +8,17 @@ Sources `load_weights` understands (`init_from` in a training config takes these
 out_dir, which jaxgpt.loading reads: this module knows nothing of checkpoints):
   gpt2 | gpt2-medium | gpt2-large | gpt2-xl   the Hugging Face cache, else a download
   a Hugging Face GPT-2 directory               config.json + model.safetensors or pytorch_model.bin
-  a nanoGPT checkpoint, .../ckpt.pt            PyTorch state dict; the `_orig_mod.` prefix is stripped
+  a nanoGPT checkpoint, .../ckpt.pt            PyTorch state dict; the `_orig_mod.` prefix is stripped,
+                                               the characters from its meta.pkl (read_nanogpt)
+
+A source that knows which characters (or BPE) its model reads says so in `Weights.tokenizer_meta`,
+the dict a jaxgpt run stores for its tokenizer (jaxgpt.tokenizer's `meta()`): a Hugging Face
+directory written by `export_hf` for a char model (its jaxgpt_tokenizer.json), a nanoGPT ckpt.pt
+with nanoGPT's meta.pkl (`read_meta_pkl`), and a jaxgpt out_dir (jaxgpt.loading.load_weights). A source
+without one reads GPT-2's BPE (its own vocab.json + merges.txt, else tiktoken's), unless it knows
+that it does not (`Weights.tokenizer_error`: a nanoGPT char model whose meta.pkl is missing or bad).
+`source_tokenizer` decides so for sampling and export; init_from (jaxgpt.start.setup) uses the same
+fields, where --tokenizer=gpt2 and --tokenizer_dir may name the BPE of a source that has none.
 
 Every source is read into one flat table of numpy arrays under the Hugging Face names
 (`h.0.attn.c_attn.weight`, ...), with every matrix laid out (in, out) as in GPT-2's Conv1D;
@@ -20,9 +30,11 @@ quantizes the base as it streams past); other sources are read whole in any case
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import json
 import os
+import pickle
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +63,8 @@ TOP_TABLE = [
     (("ln_f", "scale"), "ln_f.weight"), (("ln_f", "bias"), "ln_f.bias"),
 ]
 LINEARS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+GPT2_VOCAB = 50257  # GPT-2's BPE tokens; nanoGPT pads a scratch model's vocabulary to 50304
+TOKENIZER_FILE = "jaxgpt_tokenizer.json"  # export_hf's description of a tokenizer Hugging Face has no form for
 
 
 @dataclass
@@ -60,8 +74,14 @@ class Weights:
     n_head: int
     gelu: str  # 'exact' | 'tanh'
     source: str
-    tokenizer_meta: dict[str, Any] | None = None  # a jaxgpt checkpoint's tokenizer
+    # the tokenizer the model reads, as jaxgpt.tokenizer's meta() (a jaxgpt run's, an exported
+    # directory's jaxgpt_tokenizer.json, a nanoGPT meta.pkl's characters); None: GPT-2's BPE
+    tokenizer_meta: dict[str, Any] | None = None
     tokenizer_dir: str = ""  # a directory with vocab.json + merges.txt
+    tokenizer_file: str = ""  # the file tokenizer_meta was read from, for messages
+    # why the model's tokenizer cannot be had, with the fix (a nanoGPT char ckpt.pt whose meta.pkl is
+    # missing or bad): raised where the tokenizer is needed, so the weights alone (a LoRA base) still load
+    tokenizer_error: str = ""
 
 
 def is_pretrained_source(init_from: str) -> bool:
@@ -70,21 +90,24 @@ def is_pretrained_source(init_from: str) -> bool:
 
 # ----------------------------------------------------------------------------- reading sources
 
-def load_weights(name_or_path: str, lazy: bool = False) -> Weights:
+def load_weights(name_or_path: str, lazy: bool = False, meta_pkl: str = "") -> Weights:
     """Reads any supported source into a `Weights` table (numpy, float32, on the host).
-    lazy: a safetensors directory's tensors are read only when the table is indexed (LazyTensors)."""
+    lazy: a safetensors directory's tensors are read only when the table is indexed (LazyTensors).
+    meta_pkl: nanoGPT's meta.pkl for a ckpt.pt, instead of looking for it (see `read_nanogpt`)."""
     path = os.path.expanduser(name_or_path)
+    ckpt = _nanogpt_file(path)
+    if meta_pkl and not ckpt:
+        raise UserError(f"--meta_pkl gives the characters of a nanoGPT ckpt.pt, and {name_or_path} is not one "
+                        f"(it says itself which tokenizer it reads); drop --meta_pkl")
+    if ckpt:
+        return read_nanogpt(ckpt, meta_pkl)
     if name_or_path in GPT2_SIZES and not os.path.exists(path):
         return _read_hf_dir(hub_snapshot(name_or_path), source=name_or_path, lazy=lazy)
-    if os.path.isfile(path):
-        if path.endswith((".safetensors", ".bin")):
-            return _read_hf_dir(os.path.dirname(path) or ".", source=path, lazy=lazy)
-        return _read_nanogpt(path)
+    if os.path.isfile(path):  # a .safetensors or .bin file: its directory
+        return _read_hf_dir(os.path.dirname(path) or ".", source=path, lazy=lazy)
     if os.path.isdir(path):  # a jaxgpt out_dir also holds a config.json (its train config): test it first
         if os.path.isdir(os.path.join(path, "checkpoints")):
             raise UserError(f"{path} is a jaxgpt out_dir; read it with jaxgpt.loading.load or load_weights")
-        if os.path.isfile(os.path.join(path, "ckpt.pt")):
-            return _read_nanogpt(os.path.join(path, "ckpt.pt"))
         if os.path.isfile(os.path.join(path, "config.json")):
             return _read_hf_dir(path, source=path, lazy=lazy)
         raise UserError(f"{path} holds no GPT-2 weights: expected config.json + model.safetensors (Hugging Face), "
@@ -92,6 +115,17 @@ def load_weights(name_or_path: str, lazy: bool = False) -> Weights:
     names = ", ".join(GPT2_SIZES)
     raise UserError(f"init_from={name_or_path!r} is neither scratch, resume, a GPT-2 name ({names}) nor an "
                     f"existing file or directory; check the path")
+
+
+def _nanogpt_file(path: str) -> str:
+    """The nanoGPT checkpoint `path` names (a file other than .safetensors / .bin, or an out_dir
+    holding ckpt.pt but no jaxgpt checkpoints/), else ''."""
+    if os.path.isfile(path):
+        return "" if path.endswith((".safetensors", ".bin")) else path
+    inside = os.path.join(path, "ckpt.pt")
+    if os.path.isdir(path) and not os.path.isdir(os.path.join(path, "checkpoints")) and os.path.isfile(inside):
+        return inside
+    return ""
 
 
 def hub_snapshot(name: str) -> str:
@@ -134,8 +168,50 @@ def _read_hf_dir(path: str, source: str, lazy: bool = False) -> Weights:
     else:
         table = _canonical(_read_hf_tensors(path, files), transpose=False)
     has_tok = all(os.path.isfile(os.path.join(path, f)) for f in ("vocab.json", "merges.txt"))
-    return Weights(table, n_head=int(hf["n_head"]), gelu=HF_GELU[act], source=source,
-                   tokenizer_dir=path if has_tok else "")
+    w = Weights(table, n_head=int(hf["n_head"]), gelu=HF_GELU[act], source=source,
+                tokenizer_dir=path if has_tok else "")
+    tok_file = os.path.join(path, TOKENIZER_FILE)
+    if os.path.isfile(tok_file):  # export_hf's char model: the characters it reads
+        _set_tokenizer(w, tok_file, _vocab(table), _read_tokenizer_json)
+    return w
+
+
+def _vocab(table: Mapping[str, np.ndarray]) -> int:
+    """The model's vocabulary size: wte's rows (0 without a wte, which to_params reports)."""
+    return int(shape_of(table, "wte.weight")[0]) if "wte.weight" in table else 0
+
+
+def _set_tokenizer(w: Weights, path: str, vocab: int, read) -> None:
+    """w.tokenizer_meta from the file at `path` (read(path) -> meta), checked against the model's
+    vocab; a file that does not read back, or does not fit, becomes w.tokenizer_error instead."""
+    from jaxgpt.tokenizer import tokenizer_from_meta
+
+    try:
+        meta = read(path)
+        n = tokenizer_from_meta(meta).vocab_size
+    except UserError as e:
+        w.tokenizer_error = str(e)
+        return
+    char = meta.get("tokenizer") == "char"  # a char model's vocabulary is exact; a BPE one may be padded
+    if n > vocab or (char and n != vocab):
+        w.tokenizer_error = (f"{path} has {n} tokens but the model in {w.source} reads {vocab}; "
+                             f"use the tokenizer file of the data it was trained on")
+        return
+    w.tokenizer_meta, w.tokenizer_file = meta, path
+
+
+def _read_tokenizer_json(path: str) -> dict[str, Any]:
+    try:
+        meta = _read_json(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path} ({type(e).__name__}); export the model again") from None
+    if not isinstance(meta, dict) or meta.get("tokenizer") not in ("char", "gpt2"):
+        raise UserError(f"{path} is not a jaxgpt tokenizer description; export the model again")
+    if meta["tokenizer"] == "char" and not (isinstance(meta.get("chars"), list)
+                                            and all(isinstance(c, str) for c in meta["chars"])
+                                            and meta.get("vocab_size") == len(meta["chars"])):
+        raise UserError(f"{path} is damaged (its 'chars' and 'vocab_size' disagree); export the model again")
+    return meta
 
 
 def _safetensors_files(path: str) -> list[str]:
@@ -214,9 +290,14 @@ def _torch_load(path: str) -> dict[str, np.ndarray]:
     return {k: v.float().numpy() for k, v in state.items()}
 
 
-def _read_nanogpt(path: str) -> Weights:
-    """nanoGPT's ckpt.pt: {'model': state dict, 'model_args': {...}, ...}; nn.Linear weights are
-    (out, in) and torch.compile'd runs prefix every name with `_orig_mod.`."""
+def read_nanogpt(path: str, meta_pkl: str = "") -> Weights:
+    """nanoGPT's ckpt.pt: {'model': state dict, 'model_args': {...}, 'config': {...}, ...};
+    nn.Linear weights are (out, in) and torch.compile'd runs prefix every name with `_orig_mod.`.
+
+    A model whose vocabulary is not GPT-2's (a character model) reads the characters of nanoGPT's
+    meta.pkl: `meta_pkl` when given, else the meta.pkl beside the checkpoint, else the one nanoGPT's
+    sample.py reads, data/<config['dataset']>/meta.pkl from the current directory. A missing or bad
+    one is Weights.tokenizer_error (the weights alone still load, e.g. as a LoRA base)."""
     try:
         import torch
     except ImportError:
@@ -228,8 +309,87 @@ def _read_nanogpt(path: str) -> Weights:
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise UserError(f"{path} is not a nanoGPT checkpoint (expected the keys 'model' and 'model_args')")
     state = {k.removeprefix("_orig_mod."): v.float().numpy() for k, v in ckpt["model"].items()}
-    return Weights(_canonical(state, transpose=True), n_head=int(ckpt["model_args"]["n_head"]),
-                   gelu="exact", source=path)
+    w = Weights(_canonical(state, transpose=True), n_head=int(ckpt["model_args"]["n_head"]),
+                gelu="exact", source=path)
+    vocab = _vocab(w.tensors)
+    config = ckpt.get("config")
+    dataset = config.get("dataset") if isinstance(config, dict) else None
+    candidates = [meta_pkl] if meta_pkl else [os.path.join(os.path.dirname(path), "meta.pkl")]
+    if not meta_pkl and isinstance(dataset, str) and dataset:
+        candidates.append(os.path.join("data", dataset, "meta.pkl"))
+    found = next((c for c in candidates if os.path.isfile(c)), "")
+    if found:
+        _set_tokenizer(w, found, vocab, read_meta_pkl)
+    elif meta_pkl:
+        w.tokenizer_error = f"--meta_pkl={meta_pkl} does not exist; pass the meta.pkl nanoGPT wrote for {path}'s data"
+    elif vocab < GPT2_VOCAB:  # not GPT-2's BPE: the characters are somewhere else
+        w.tokenizer_error = (f"{path} reads {vocab} tokens, not GPT-2's {GPT2_VOCAB}, and its characters are in "
+                             f"nanoGPT's meta.pkl, which is at none of {', '.join(candidates)}; pass "
+                             f"--meta_pkl=PATH (nanoGPT's prepare.py writes it to data/<dataset>/meta.pkl)")
+    return w
+
+
+class _Refused(pickle.UnpicklingError):
+    """A pickle names a class _PlainUnpickler does not build."""
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Unpickles only dict, list, str and int (and what pickle builds without naming a class): no
+    class is imported, no code from the file runs."""
+    ALLOWED = ("dict", "list", "str", "int")
+
+    def find_class(self, module, name):
+        if module == "builtins" and name in self.ALLOWED:
+            return getattr(builtins, name)
+        raise _Refused(f"{module}.{name}")
+
+
+def read_meta_pkl(path: str) -> dict[str, Any]:
+    """The char tokenizer meta of nanoGPT's meta.pkl ({'vocab_size': n, 'itos': {i: ch}, 'stoi':
+    {ch: i}}, as data/shakespeare_char/prepare.py writes it): chars[i] = itos[i], checked against
+    stoi, so encoding and decoding are exactly nanoGPT's. Read without running code from the file."""
+    fix = "meta.pkl may hold only dict, str, int and list, as nanoGPT's prepare.py writes it; rewrite it " \
+          "with those or pass the right one with --meta_pkl=PATH"
+    try:
+        with open(path, "rb") as f:
+            obj = _PlainUnpickler(f).load()
+    except _Refused as e:
+        raise UserError(f"{path} holds a {e} object; {fix}") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror}); pass nanoGPT's meta.pkl with --meta_pkl=PATH") from None
+    except Exception as e:  # noqa: BLE001 -- a truncated or foreign file: UnpicklingError, EOFError, ...
+        raise UserError(f"{path} is not a readable pickle ({type(e).__name__}); {fix}") from None
+
+    def bad(why: str) -> UserError:
+        return UserError(f"{path} is not nanoGPT's character meta.pkl ({why}); pass the one nanoGPT's "
+                         f"prepare.py wrote for this model's data with --meta_pkl=PATH")
+
+    if not isinstance(obj, dict) or not {"vocab_size", "itos", "stoi"} <= set(obj):
+        raise bad("expected a dict with 'vocab_size', 'itos' and 'stoi'")
+    itos, stoi, n = obj["itos"], obj["stoi"], obj["vocab_size"]
+    if type(n) is not int or not isinstance(itos, dict) or not isinstance(stoi, dict):
+        raise bad("'vocab_size' must be an int, 'itos' and 'stoi' dicts")
+    if sorted(k for k in itos if type(k) is int) != list(range(n)) or len(itos) != n:
+        raise bad(f"'itos' must map 0..{n - 1} (vocab_size {n}), it has {len(itos)} entries")
+    chars = [itos[i] for i in range(n)]
+    if not all(isinstance(c, str) and len(c) == 1 for c in chars):
+        raise bad("'itos' must map every id to one character")
+    if stoi != {c: i for i, c in enumerate(chars)}:
+        raise bad("'stoi' is not the inverse of 'itos'")
+    return {"tokenizer": "char", "vocab_size": n, "chars": chars}
+
+
+def source_tokenizer(w: Weights):
+    """The tokenizer a source's model reads: its tokenizer_meta (jaxgpt.tokenizer's meta()), else
+    w.tokenizer_error (a source that knows it reads something else but cannot say what), else
+    GPT-2's BPE from w.tokenizer_dir's vocab.json + merges.txt or from tiktoken's files."""
+    from jaxgpt.tokenizer import load_bpe, tokenizer_from_meta
+
+    if w.tokenizer_meta is not None:
+        return tokenizer_from_meta(w.tokenizer_meta)
+    if w.tokenizer_error:
+        raise UserError(w.tokenizer_error)
+    return load_bpe(w.tokenizer_dir)
 
 
 def _canonical(state: dict[str, Any], transpose: bool) -> dict[str, np.ndarray]:
@@ -332,9 +492,10 @@ def from_params(params: dict, n_layer: int, bias: bool) -> dict[str, np.ndarray]
 
 # ----------------------------------------------------------------------------- public API
 
-def load_params(name_or_path: str, block_size: int | None = None, **overrides):
-    """(params as numpy, ModelConfig, Weights) from any source; block_size crops the context."""
-    w = load_weights(name_or_path)
+def load_params(name_or_path: str, block_size: int | None = None, meta_pkl: str = "", **overrides):
+    """(params as numpy, ModelConfig, Weights) from any source; block_size crops the context;
+    meta_pkl: see load_weights."""
+    w = load_weights(name_or_path, meta_pkl=meta_pkl)
     params = to_params(w, block_size)
     cfg = weights_config(w, **({"block_size": block_size} if block_size else {}), **overrides)
     return params, cfg, w
@@ -359,7 +520,8 @@ def load_pretrained(name_or_path: str, dtype: str = "auto"):
 
 def export_hf(params: dict, model_cfg, directory: str, tokenizer=None, extra_config: dict | None = None) -> str:
     """Writes a Hugging Face GPT-2 directory (config.json, model.safetensors, and the BPE files when
-    the tokenizer is a BPE one) that transformers' GPT2LMHeadModel.from_pretrained loads.
+    the tokenizer is a BPE one, else jaxgpt_tokenizer.json, its meta()) that transformers'
+    GPT2LMHeadModel.from_pretrained loads, and load_weights reads back with the same tokenizer.
     extra_config: more keys for config.json (transformers keeps unknown ones as attributes)."""
     from safetensors.numpy import save_file
 
@@ -384,6 +546,6 @@ def export_hf(params: dict, model_cfg, directory: str, tokenizer=None, extra_con
     if tokenizer is not None and hasattr(tokenizer, "write_hf_files"):
         tokenizer.write_hf_files(directory)
     elif tokenizer is not None:  # a char tokenizer has no Hugging Face form: keep jaxgpt's description
-        with open(os.path.join(directory, "jaxgpt_tokenizer.json"), "w", encoding="utf-8") as f:
+        with open(os.path.join(directory, TOKENIZER_FILE), "w", encoding="utf-8") as f:
             json.dump(tokenizer.meta(), f, ensure_ascii=False)
     return directory

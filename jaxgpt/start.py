@@ -146,11 +146,14 @@ def setup(cfg: Config, log=print) -> Run:
         if ckpt_meta.get("lora_base"):  # a LoRA run's checkpoints hold only the adapters
             weights = load_weights(ckpt_meta["lora_base"]["source"], lazy=True)
     elif pretrained.is_pretrained_source(cfg.init_from):
-        weights = load_weights(cfg.init_from, lazy=bool(cfg.base_quant))
-        base_tok = weights.tokenizer_meta  # a jaxgpt base: the new data is encoded with its tokenizer
+        weights = load_weights(cfg.init_from, lazy=bool(cfg.base_quant), meta_pkl=cfg.meta_pkl)
+        # a base that says which tokenizer it reads (a jaxgpt run, an exported char model, a nanoGPT
+        # ckpt.pt with its meta.pkl): the new data is encoded with that tokenizer; else BPE, as the
+        # user names it (--tokenizer=gpt2, tiktoken's or --tokenizer_dir's)
+        base_tok = weights.tokenizer_meta
         if base_tok is None and cfg.tokenizer != "gpt2":
-            raise UserError(f"init_from={cfg.init_from} holds GPT-2 weights, which read BPE tokens; "
-                            f"pass --tokenizer=gpt2")
+            raise UserError(weights.tokenizer_error or f"init_from={cfg.init_from} holds GPT-2 weights, which read "
+                                                       f"BPE tokens; pass --tokenizer=gpt2")
         if cfg.tokenizer == "gpt2" and not tokenizer_dir:
             tokenizer_dir = weights.tokenizer_dir  # a Hugging Face directory brings its BPE files
     data_dir = cfg.resolved_data_dir()
@@ -193,7 +196,8 @@ def setup(cfg: Config, log=print) -> Run:
                             f"only {model_cfg.vocab_size}; prepare the data with the model's tokenizer")
         log(f"init_from {cfg.init_from}: {model_cfg.n_layer} layers, {model_cfg.n_head} heads, "
             f"n_embd {model_cfg.n_embd}, vocab {model_cfg.vocab_size}, context {model_cfg.block_size} "
-            f"(the config's model shape is not used)")
+            f"(the config's model shape is not used)"
+            + (f"; its tokenizer from {weights.tokenizer_file}" if weights.tokenizer_file else ""))
     else:
         model_cfg = model_config(cfg, padded_vocab(meta), log)
     batches, eval_batches = {}, {}
