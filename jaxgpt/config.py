@@ -600,6 +600,25 @@ def help_text(cls, values: dict[str, Any] | None = None, origins: dict[str, str]
     return "\n".join(lines)
 
 
+def keys_markdown(classes: dict[str, type]) -> str:
+    """docs/config.md: every entry point's keys, by group, from their declarations
+    (python scripts/write_config_doc.py writes it; a test checks it is current)."""
+    out = ["# Configuration keys", "",
+           "Generated from the declarations (`python scripts/write_config_doc.py`); `--help` on each entry point "
+           "shows the same, and `--config FILE --help` a file's values. Config files hold `name = value` lines "
+           "(read, never executed); flags are `--key=value` or `--key value`, and `--key` alone sets a True/False key.", ""]
+    for command, cls in classes.items():
+        out += [f"## `python {command}`", "", " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split()), ""]
+        for title, keys in by_group(cls).items():
+            out += [f"### {title}", "", "| key | default | allowed | meaning |", "| --- | --- | --- | --- |"]
+            for f in keys:
+                allowed = "True, False" if _field_types(cls)[f.name] is bool else getattr(f.metadata["rule"], "allowed", "")
+                cell = lambda x: str(x).replace("|", "\\|")  # noqa: E731
+                out.append(f"| `{f.name}` | `{f.default!r}` | {cell(allowed)} | {cell(f.metadata['help'])} |")
+            out.append("")
+    return "\n".join(out)
+
+
 def format_config(cfg) -> str:
     """The config as it is printed at the start of a run: `key = value` lines by group."""
     return "\n".join(f"  {f.name} = {getattr(cfg, f.name)!r}"

@@ -89,6 +89,20 @@ def tiny_gpt2_dir(tmp_path_factory):
     return d
 
 
+def entry_points() -> dict:
+    """Every entry point's command -> the dataclass its flags fill (one declaration per key)."""
+    import bench
+    import export
+    import sample
+
+    from jaxgpt.config import Config
+    from jaxgpt.launch import LaunchConfig
+    from jaxgpt.prepare import PrepareConfig
+
+    return {"train.py": Config, "sample.py": sample.SampleConfig, "export.py": export.ExportConfig,
+            "bench.py": bench.BenchConfig, "-m jaxgpt.prepare": PrepareConfig, "-m jaxgpt.launch": LaunchConfig}
+
+
 # the files whose module fixtures take longest (an 8-device worker, jobs of several processes) run
 # first, so that with two xdist workers (pyproject: --dist loadfile) no long file starts last
 SLOW_FILES = ("test_parallel.py", "test_multiprocess.py")
