@@ -1,4 +1,5 @@
-"""Train a character-level GPT (or the bigram baseline) on a text corpus.
+"""Train a GPT (any size, the classic or the modern recipe; from scratch, resumed, or finetuned from
+GPT-2 weights, fully or with LoRA/QLoRA) or the bigram baseline, on character or GPT-2 BPE data.
 
     python train.py --config configs/shakespeare_char_cpu.py [--key=value ...]
 
