@@ -4,7 +4,7 @@ import jax
 
 import bench as bench_script
 from conftest import ROOT, subprocess_env
-from test_train import run_script
+from helpers import run_script
 
 from jaxgpt.benchmark import PEAK_FLOPS, device_peak, flops_per_token, summarize
 from jaxgpt.model import ModelConfig

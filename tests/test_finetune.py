@@ -21,7 +21,7 @@ from jaxgpt.run import load as load_model
 from jaxgpt.config import parse_args
 from jaxgpt.run import padded_vocab
 from jaxgpt.trainer import train
-from test_train import SEP, engine_texts
+from helpers import SEP, engine_texts, nanogpt_ckpt
 
 FINETUNE = os.path.join(ROOT, "configs", "finetune_shakespeare.py")
 # logits and losses are compared with transformers' float32 ones at 1e-4: float32 compute, exact matmuls
@@ -104,8 +104,6 @@ def test_first_eval_is_the_pretrained_models_loss(tmp_path, hf_dir, corpus_file)
 
 
 def test_init_from_nanogpt_ckpt_and_jaxgpt_out_dir(tmp_path, hf_dir, corpus_file):
-    from test_pretrained import nanogpt_ckpt
-
     ref = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
     nanogpt_ckpt(ref, tmp_path / "ckpt.pt")
     common = dict(tokenizer="gpt2", tokenizer_dir=str(hf_dir), max_iters=2, eval_interval=2, block_size=32)

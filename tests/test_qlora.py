@@ -19,8 +19,7 @@ import torch
 import transformers
 
 from conftest import tiny_args
-from test_lora import BASE, leaves_equal, pure
-from test_train import SEP, restore_params
+from helpers import BASE, SEP, leaves_equal, pure, restore_params
 from jaxgpt import lora, parallel, pretrained
 from jaxgpt.config import parse_args
 from jaxgpt.errors import UserError

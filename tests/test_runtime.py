@@ -17,7 +17,7 @@ from jaxgpt.config import parse_args
 from jaxgpt.errors import UserError
 from jaxgpt.model import pick_attention
 from jaxgpt.trainer import train
-from test_train import run_script
+from helpers import run_script
 
 
 def test_auto_dtype_is_bfloat16_on_accelerators_and_float32_on_cpus():

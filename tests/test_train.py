@@ -2,22 +2,18 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, subprocess_env, tiny_args
+from conftest import tiny_args
+from helpers import SEP, engine_texts, run_script
 from jaxgpt.checkpoint import Checkpointer
 from jaxgpt.run import load as load_model
-from jaxgpt.config import Config, parse_args
+from jaxgpt.config import parse_args
 from jaxgpt.errors import UserError
-from jaxgpt.model import ModelConfig
-from jaxgpt.sampling import Engine
 from jaxgpt.step import abstract_state
-from jaxgpt.tokenizer import tokenizer_from_meta
 from jaxgpt.model import model_config
 from jaxgpt.trainer import train
 
@@ -94,40 +90,6 @@ def test_too_short_corpus(tmp_path):
     short.write_text("abcdefghij" * 3)
     with pytest.raises(UserError, match="fewer than block_size"):
         train(parse_args(tiny_args(tmp_path, str(short))), log=lambda s: None)
-
-
-def run_script(*args, cwd=ROOT, env=None):
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
-                          env=env or subprocess_env())
-
-
-SEP = "---------------\n"  # what sample.py prints after each sample
-
-
-def restore_params(out_dir, which="best"):
-    """(graphdef, params, model config, tokenizer) of a run's newest `which` checkpoint, read directly
-    (a LoRA run's params are then its adapters only)."""
-    ckpt = Checkpointer(out_dir, which)
-    meta = ckpt.restore_meta()
-    model_cfg = ModelConfig.from_dict(meta["model_config"])
-    train_cfg = Config(**{k: v for k, v in meta["train_config"].items() if k in Config.__dataclass_fields__})
-    graphdef, abstract, _ = abstract_state(model_cfg, train_cfg)
-    state, _ = ckpt.restore(abstract.replace(frozen={}))
-    ckpt.close()
-    return graphdef, state.params, model_cfg, tokenizer_from_meta(meta["tokenizer"])
-
-
-def engine_texts(out_dir, start, *, max_new_tokens, num_samples, temperature=0.8, top_k=200, top_p=1.0,
-                 seed=1337, stop="", which="best"):
-    """The text sample.py must print after the prompt (its defaults as the defaults here): the library's
-    Engine with the same seed and settings on the checkpoint's weights, restored here without load_model;
-    each sample cut at `stop`."""
-    graphdef, params, model_cfg, tok = restore_params(out_dir, which)
-    result = Engine(graphdef, params, model_cfg.block_size, vocab_size=tok.vocab_size).generate(
-        tok.encode(start), max_new_tokens=max_new_tokens, num_samples=num_samples, temperature=temperature,
-        top_k=top_k, top_p=top_p, key=jax.random.key(seed), stop=tok.encode(stop) if stop else None)
-    texts = [tok.decode(row) for row in result.tokens[:, :result.decoded]]
-    return [t[:t.index(stop)] if stop and stop in t else t for t in texts]
 
 
 def test_scripts_end_to_end(tmp_path, corpus_file):

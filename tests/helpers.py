@@ -1,0 +1,86 @@
+"""Helpers shared by several test files (no test file imports another): the scripts as processes,
+a run's checkpoint read back directly, what sample.py must print, parameter trees compared, and
+GPT-2 weights in nanoGPT's ckpt.pt layout. Fixtures and the corpus are in conftest.py."""
+
+import subprocess
+import sys
+
+import jax
+import numpy as np
+from flax import nnx
+
+from conftest import ROOT, subprocess_env
+from jaxgpt.checkpoint import Checkpointer
+from jaxgpt.config import Config
+from jaxgpt.model import ModelConfig
+from jaxgpt.sampling import Engine
+from jaxgpt.step import abstract_state
+from jaxgpt.tokenizer import tokenizer_from_meta
+
+
+def run_script(*args, cwd=ROOT, env=None):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env=env or subprocess_env())
+
+
+SEP = "---------------\n"  # what sample.py prints after each sample
+
+
+def restore_params(out_dir, which="best"):
+    """(graphdef, params, model config, tokenizer) of a run's newest `which` checkpoint, read directly
+    (a LoRA run's params are then its adapters only)."""
+    ckpt = Checkpointer(out_dir, which)
+    meta = ckpt.restore_meta()
+    model_cfg = ModelConfig.from_dict(meta["model_config"])
+    train_cfg = Config(**{k: v for k, v in meta["train_config"].items() if k in Config.__dataclass_fields__})
+    graphdef, abstract, _ = abstract_state(model_cfg, train_cfg)
+    state, _ = ckpt.restore(abstract.replace(frozen={}))
+    ckpt.close()
+    return graphdef, state.params, model_cfg, tokenizer_from_meta(meta["tokenizer"])
+
+
+def engine_texts(out_dir, start, *, max_new_tokens, num_samples, temperature=0.8, top_k=200, top_p=1.0,
+                 seed=1337, stop="", which="best"):
+    """The text sample.py must print after the prompt (its defaults as the defaults here): the library's
+    Engine with the same seed and settings on the checkpoint's weights, restored here without load_model;
+    each sample cut at `stop`."""
+    graphdef, params, model_cfg, tok = restore_params(out_dir, which)
+    result = Engine(graphdef, params, model_cfg.block_size, vocab_size=tok.vocab_size).generate(
+        tok.encode(start), max_new_tokens=max_new_tokens, num_samples=num_samples, temperature=temperature,
+        top_k=top_k, top_p=top_p, key=jax.random.key(seed), stop=tok.encode(stop) if stop else None)
+    texts = [tok.decode(row) for row in result.tokens[:, :result.decoded]]
+    return [t[:t.index(stop)] if stop and stop in t else t for t in texts]
+
+
+# the small base model of the LoRA and QLoRA tests
+BASE = ModelConfig(vocab_size=23, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=True)
+
+
+def pure(model):
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def leaves_equal(a, b):
+    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+NANOGPT_CTX = 32  # the causal-mask buffers' size in nanogpt_ckpt (test_pretrained's models' context)
+
+
+def nanogpt_ckpt(hf_model, path, compiled=True):
+    """The same weights in nanoGPT's ckpt.pt layout: nn.Linear (out, in), `_orig_mod.` from
+    torch.compile, the causal-mask buffers, the tied lm_head, and model_args."""
+    import torch
+
+    state = {}
+    for k, v in hf_model.state_dict().items():
+        if k.endswith(("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")):
+            v = v.t().contiguous()
+        state[("_orig_mod." if compiled else "") + k] = v
+    for i in range(hf_model.config.n_layer):
+        state[f"_orig_mod.transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, NANOGPT_CTX, NANOGPT_CTX))
+    c = hf_model.config
+    torch.save({"model": state, "model_args": dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
+                                                   block_size=c.n_positions, bias=True, vocab_size=c.vocab_size,
+                                                   dropout=0.0),
+                "iter_num": 5, "best_val_loss": torch.tensor(2.0), "config": {"dataset": "x"}}, path)
