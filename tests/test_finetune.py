@@ -38,6 +38,7 @@ def read_metrics(out_dir):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow  # over 10 s: a finetuning run, sampled, exported
 def test_finetune_config_end_to_end_from_a_local_gpt2_dir(tmp_path, hf_dir, corpus_file, capsys):
     """configs/finetune_shakespeare.py with a local GPT-2 directory: train, sample, export."""
     out, data = tmp_path / "out", tmp_path / "data"
@@ -103,6 +104,7 @@ def test_first_eval_is_the_pretrained_models_loss(tmp_path, hf_dir, corpus_file)
     assert abs(summary["val_loss"] - np.mean(losses)) < 1e-4
 
 
+@pytest.mark.slow  # the fast tier's budget: among its longest (--durations, 2026-12-02)
 def test_init_from_nanogpt_ckpt_and_jaxgpt_out_dir(tmp_path, hf_dir, corpus_file):
     ref = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
     nanogpt_ckpt(ref, tmp_path / "ckpt.pt")

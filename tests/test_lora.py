@@ -166,6 +166,7 @@ def lora_args(tmp_path, base_run, name, **overrides):
     return parse_args(tiny_args(tmp_path, str(new_corpus), **kw))
 
 
+@pytest.mark.slow  # over 10 s: a LoRA run, resumed, sampled, exported
 def test_lora_run_learns_saves_little_resumes_and_samples(tmp_path, base_run, capsys):
     base, _ = base_run
     full = train(lora_args(tmp_path, base_run, "full"), log=lambda s: None)

@@ -58,6 +58,7 @@ def test_checkpoint_save_restore_is_exact(tmp_path, corpus_file):
     assert int(again.step) == 3 and jax.tree.leaves(again.opt_state)
 
 
+@pytest.mark.slow  # the fast tier's budget: among its longest (--durations, 2026-12-02)
 @pytest.mark.parametrize("extra", [{}, {"dropout": 0.1, "gradient_accumulation_steps": 2}])
 def test_resume_matches_uninterrupted_run(tmp_path, corpus_file, extra):
     full = parse_args(tiny_args(tmp_path / "a", corpus_file, max_iters=8, eval_interval=4, **extra))
@@ -92,6 +93,7 @@ def test_too_short_corpus(tmp_path):
         train(parse_args(tiny_args(tmp_path, str(short))), log=lambda s: None)
 
 
+@pytest.mark.slow  # train.py / sample.py as processes
 def test_scripts_end_to_end(tmp_path, corpus_file):
     r = run_script("train.py", *tiny_args(tmp_path, corpus_file, max_iters=6, eval_interval=3))
     assert r.returncode == 0, r.stderr
@@ -123,6 +125,7 @@ def test_scripts_end_to_end(tmp_path, corpus_file):
     (["sample.py", "--out_dir=/nonexistent/run"], "no checkpoint in /nonexistent/run"),
     (["sample.py", "--temperature=-1"], "temperature must be >= 0"),
 ])
+@pytest.mark.slow  # train.py / sample.py as processes
 def test_script_errors_are_one_line(args, message):
     r = run_script(*args)
     assert r.returncode == 2
@@ -130,6 +133,7 @@ def test_script_errors_are_one_line(args, message):
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+@pytest.mark.slow  # the fast tier's budget: among its longest (--durations, 2026-12-02)
 def test_memmap_path_trains_like_the_device_resident_path(tmp_path, corpus_file, monkeypatch):
     """Corpora too big for the devices are read from the memmap on the host (prefetched);
     the batches, and so the losses, are the same as when the corpus sits on the device."""
@@ -149,6 +153,7 @@ def test_memmap_path_trains_like_the_device_resident_path(tmp_path, corpus_file,
     assert [(r["train_loss"], r["val_loss"]) for r in a] == [(r["train_loss"], r["val_loss"]) for r in b]
 
 
+@pytest.mark.slow  # the fast tier's budget: among its longest (--durations, 2026-12-02)
 def test_bfloat16_training_keeps_float32_weights_and_tracks_float32(tmp_path, corpus_file):
     """dtype=bfloat16 computes in bfloat16 (the losses differ from float32's) while parameters and
     optimizer state stay float32; the run learns and its losses stay near the float32 run's (bfloat16
@@ -166,6 +171,7 @@ def test_bfloat16_training_keeps_float32_weights_and_tracks_float32(tmp_path, co
     assert model_cfg.dtype == "bfloat16" and {x.dtype for x in jax.tree.leaves(params)} == {np.dtype("float32")}
 
 
+@pytest.mark.slow  # train.py / sample.py as processes
 def test_cpu_devices_splits_the_cpu_for_train_py(tmp_path, corpus_file):
     """--cpu_devices=2: train.py runs data parallel over two CPU devices (a fresh process: JAX fixes its
     device count at start) and learns; that N devices give the 1-device losses is test_parallel's."""
