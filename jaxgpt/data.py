@@ -187,3 +187,11 @@ class Prefetched:
             batch = self.fn(key, i)
         self.ahead = (key, i + 1, self.pool.submit(self.fn, key, i + 1))
         return batch
+
+
+if __name__ == "__main__":  # the command before jaxgpt.prepare existed: say where it went, not exit 0 doing nothing
+    import sys
+
+    print("error: jaxgpt.data has no command line; prepare a corpus with "
+          "python -m jaxgpt.prepare --input FILE --data_dir DIR", file=sys.stderr)
+    sys.exit(2)

@@ -1,173 +1,86 @@
-"""Shared test helpers that are not fixtures: nanoGPT's model and its checkpoint files.
+"""Helpers shared by several test files (no test file imports another): the scripts as processes,
+a run's checkpoint read back directly, what sample.py must print, parameter trees compared, and
+GPT-2 weights in nanoGPT's ckpt.pt layout. Fixtures and the corpus are in conftest.py."""
 
-`NanoGPT` is nanoGPT's model.py GPT (the attention written out, as nanoGPT does without flash
-attention: the same function), the reference forward for jaxgpt's import of nanoGPT checkpoints.
-`write_nanogpt_run` writes ckpt.pt the way nanoGPT's train.py saves it and meta.pkl the way its
-data/shakespeare_char/prepare.py does, so tests read exactly what a nanoGPT user has on disk."""
+import subprocess
+import sys
 
-from __future__ import annotations
+import jax
+import numpy as np
+from flax import nnx
 
-import math
-import os
-import pickle
-
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-
-
-class LayerNorm(nn.Module):
-    """nanoGPT's LayerNorm: an optional bias (PyTorch's has none to switch off)."""
-
-    def __init__(self, ndim, bias):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(ndim))
-        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
-
-    def forward(self, x):
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+from conftest import ROOT, subprocess_env
+from jaxgpt.checkpoint import Checkpointer
+from jaxgpt.config import Config
+from jaxgpt.model import ModelConfig
+from jaxgpt.sampling import Engine
+from jaxgpt.step import abstract_state
+from jaxgpt.tokenizer import tokenizer_from_meta
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, n_embd, n_head, block_size, bias, mask_buffer):
-        super().__init__()
-        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)
-        self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
-        self.n_head, self.n_embd = n_head, n_embd
-        if mask_buffer:  # nanoGPT registers it when flash attention is missing (PyTorch < 2.0)
-            self.register_buffer("bias", torch.tril(torch.ones(block_size, block_size)).view(1, 1, block_size, block_size))
-
-    def forward(self, x):
-        B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, hs)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
-        att = att.masked_fill(torch.tril(torch.ones(T, T, dtype=torch.bool)).logical_not(), float("-inf"))
-        y = F.softmax(att, dim=-1) @ v
-        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+def run_script(*args, cwd=ROOT, env=None):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env=env or subprocess_env())
 
 
-class MLP(nn.Module):
-    def __init__(self, n_embd, bias):
-        super().__init__()
-        self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
-        self.gelu = nn.GELU()  # exact (erf) GELU, as nanoGPT
-        self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
-
-    def forward(self, x):
-        return self.c_proj(self.gelu(self.c_fc(x)))
+SEP = "---------------\n"  # what sample.py prints after each sample
 
 
-class Block(nn.Module):
-    def __init__(self, n_embd, n_head, block_size, bias, mask_buffer):
-        super().__init__()
-        self.ln_1 = LayerNorm(n_embd, bias)
-        self.attn = CausalSelfAttention(n_embd, n_head, block_size, bias, mask_buffer)
-        self.ln_2 = LayerNorm(n_embd, bias)
-        self.mlp = MLP(n_embd, bias)
-
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
-
-
-class NanoGPT(nn.Module):
-    """nanoGPT's GPT: wte tied to lm_head; the state dict has nanoGPT's names."""
-
-    def __init__(self, n_layer, n_head, n_embd, block_size, bias, vocab_size, dropout=0.0, mask_buffer=False):
-        super().__init__()
-        self.block_size = block_size
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(vocab_size, n_embd), wpe=nn.Embedding(block_size, n_embd),
-            drop=nn.Dropout(dropout),
-            h=nn.ModuleList([Block(n_embd, n_head, block_size, bias, mask_buffer) for _ in range(n_layer)]),
-            ln_f=LayerNorm(n_embd, bias)))
-        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying
-
-    def forward(self, idx):
-        """Logits at every position, (B, T) -> (B, T, V) (nanoGPT's inference forward keeps only the last)."""
-        pos = torch.arange(idx.size(1), dtype=torch.long)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
-            x = block(x)
-        return self.lm_head(self.transformer.ln_f(x))
-
-    @torch.no_grad()
-    def generate_greedy(self, idx, max_new_tokens):
-        """nanoGPT's generate with the argmax instead of a draw: the context cropped to block_size."""
-        for _ in range(max_new_tokens):
-            idx_cond = idx if idx.size(1) <= self.block_size else idx[:, -self.block_size:]
-            idx = torch.cat((idx, self(idx_cond)[:, -1, :].argmax(-1, keepdim=True)), dim=1)
-        return idx
+def restore_params(out_dir, which="best"):
+    """(graphdef, params, model config, tokenizer) of a run's newest `which` checkpoint, read directly
+    (a LoRA run's params are then its adapters only)."""
+    ckpt = Checkpointer(out_dir, which)
+    meta = ckpt.restore_meta()
+    model_cfg = ModelConfig.from_dict(meta["model_config"])
+    train_cfg = Config(**{k: v for k, v in meta["train_config"].items() if k in Config.__dataclass_fields__})
+    graphdef, abstract, _ = abstract_state(model_cfg, train_cfg)
+    state, _ = ckpt.restore(abstract.replace(frozen={}))
+    ckpt.close()
+    return graphdef, state.params, model_cfg, tokenizer_from_meta(meta["tokenizer"])
 
 
-def random_nanogpt(seed=0, **model_args) -> NanoGPT:
-    """A NanoGPT with every tensor random (LayerNorms too, so a mixed-up name cannot pass unnoticed),
-    at scales that make logits differ clearly between tokens (no near-ties for greedy decoding)."""
-    torch.manual_seed(seed)
-    model = NanoGPT(**model_args).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            ln = ".ln_" in name
-            p.copy_(torch.randn_like(p) * (0.3 if ln else 0.15) + (1.0 if ln and name.endswith("weight") else 0.0))
-    return model
+def engine_texts(out_dir, start, *, max_new_tokens, num_samples, temperature=0.8, top_k=200, top_p=1.0,
+                 seed=1337, stop="", which="best"):
+    """The text sample.py must print after the prompt (its defaults as the defaults here): the library's
+    Engine with the same seed and settings on the checkpoint's weights, restored here without load_model;
+    each sample cut at `stop`."""
+    graphdef, params, model_cfg, tok = restore_params(out_dir, which)
+    result = Engine(graphdef, params, model_cfg.block_size, vocab_size=tok.vocab_size).generate(
+        tok.encode(start), max_new_tokens=max_new_tokens, num_samples=num_samples, temperature=temperature,
+        top_k=top_k, top_p=top_p, key=jax.random.key(seed), stop=tok.encode(stop) if stop else None)
+    texts = [tok.decode(row) for row in result.tokens[:, :result.decoded]]
+    return [t[:t.index(stop)] if stop and stop in t else t for t in texts]
 
 
-def nanogpt_meta(text: str) -> dict:
-    """meta.pkl's dict as nanoGPT's data/shakespeare_char/prepare.py builds it."""
-    chars = sorted(list(set(text)))
-    stoi = {ch: i for i, ch in enumerate(chars)}
-    itos = {i: ch for i, ch in enumerate(chars)}
-    return {"vocab_size": len(chars), "itos": itos, "stoi": stoi}
+# the small base model of the LoRA and QLoRA tests
+BASE = ModelConfig(vocab_size=23, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=True)
 
 
-def write_meta_pkl(path, meta: dict) -> None:
-    os.makedirs(os.path.dirname(str(path)) or ".", exist_ok=True)
-    with open(path, "wb") as f:
-        pickle.dump(meta, f)
+def pure(model):
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
-def write_nanogpt_run(out_dir, text: str, *, n_layer=2, n_head=2, n_embd=32, block_size=16, bias=False,
-                      compiled=False, mask_buffer=False, dataset="shakespeare_char", seed=0):
-    """out_dir/ckpt.pt as nanoGPT's train.py saves it for a character model of `text`'s characters
-    (config/train_shakespeare_char.py's settings, a smaller model), and returns (model, meta) with
-    meta as prepare.py builds it (written nowhere: tests put meta.pkl where they need it).
-    compiled: the model was torch.compile'd, so its state dict names start with `_orig_mod.`."""
-    meta = nanogpt_meta(text)
-    model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
-                      vocab_size=meta["vocab_size"], dropout=0.2)
-    model = random_nanogpt(seed, mask_buffer=mask_buffer, **model_args)
-    # configure_optimizers: AdamW, weight decay on the 2-D tensors only; one step so it has state
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=1e-3, betas=(0.9, 0.99))
-    saved = model
-    if compiled:  # what nanoGPT saves: raw_model = model (the compiled wrapper) -> '_orig_mod.' names
-        saved = torch.compile(model)
-    state = {k: v.clone() for k, v in saved.state_dict().items()}  # the step below must not change them
-    model.train()
-    loss = model(torch.zeros(1, 4, dtype=torch.long)).sum()
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    with torch.no_grad():  # the saved weights are the model's: undo the step
-        own = saved.state_dict()
-        for k, v in state.items():
-            own[k].copy_(v)
-    model.eval()
-    config = dict(out_dir=str(out_dir), eval_interval=250, log_interval=10, eval_iters=200, eval_only=False,
-                  always_save_checkpoint=False, init_from="scratch", wandb_log=False, wandb_project="shakespeare-char",
-                  wandb_run_name="mini-gpt", dataset=dataset, gradient_accumulation_steps=1, batch_size=64,
-                  block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=0.2, bias=bias,
-                  learning_rate=1e-3, max_iters=5000, weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0,
-                  decay_lr=True, warmup_iters=100, lr_decay_iters=5000, min_lr=1e-4, backend="nccl",
-                  device="cpu", dtype="float32", compile=compiled)
-    checkpoint = {"model": saved.state_dict(), "optimizer": optimizer.state_dict(), "model_args": model_args,
-                  "iter_num": 250, "best_val_loss": torch.tensor(1.4697), "config": config}
-    os.makedirs(out_dir, exist_ok=True)
-    torch.save(checkpoint, os.path.join(out_dir, "ckpt.pt"))
-    return model, meta
+def leaves_equal(a, b):
+    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+NANOGPT_CTX = 32  # the causal-mask buffers' size in nanogpt_ckpt (test_pretrained's models' context)
+
+
+def nanogpt_ckpt(hf_model, path, compiled=True):
+    """The same weights in nanoGPT's ckpt.pt layout: nn.Linear (out, in), `_orig_mod.` from
+    torch.compile, the causal-mask buffers, the tied lm_head, and model_args."""
+    import torch
+
+    state = {}
+    for k, v in hf_model.state_dict().items():
+        if k.endswith(("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")):
+            v = v.t().contiguous()
+        state[("_orig_mod." if compiled else "") + k] = v
+    for i in range(hf_model.config.n_layer):
+        state[f"_orig_mod.transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, NANOGPT_CTX, NANOGPT_CTX))
+    c = hf_model.config
+    torch.save({"model": state, "model_args": dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
+                                                   block_size=c.n_positions, bias=True, vocab_size=c.vocab_size,
+                                                   dropout=0.0),
+                "iter_num": 5, "best_val_loss": torch.tensor(2.0), "config": {"dataset": "x"}}, path)

@@ -376,7 +376,8 @@ jax.monitoring.register_event_duration_secs_listener(
     lambda event, secs, **kw: COMPILES.append(kw.get("fun_name")) if event.endswith("backend_compile_duration") else None)
 
 
-@pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
+@pytest.mark.parametrize("row", [pytest.param(r, marks=pytest.mark.slow) if r.subprocess else r for r in ROWS],
+                         ids=[r.id for r in ROWS])  # slow: the rows run as processes
 def test_bad_input(row: Row, run, tmp_path, capsys):
     paths, first = run
     before = hashes(paths["run"])

@@ -1,10 +1,11 @@
 import json
 
 import jax
+import pytest
 
 import bench as bench_script
 from conftest import ROOT, subprocess_env
-from test_train import run_script
+from helpers import run_script
 
 from jaxgpt.benchmark import PEAK_FLOPS, device_peak, flops_per_token, summarize
 from jaxgpt.model import ModelConfig
@@ -62,6 +63,7 @@ def test_bench_honours_vocab_size_and_gradient_accumulation(capsys):
     assert res["peak_source"] == source and res["peak_source"].startswith("table:" if in_table else "measured:")
 
 
+@pytest.mark.slow  # bench.py as a process
 def test_bench_on_two_cpu_devices():
     """--cpu_devices=2 splits the CPU into two devices (a fresh process: JAX fixes its device count at start)."""
     env = subprocess_env(JAX_PLATFORMS="cpu")

@@ -106,3 +106,22 @@ def test_prepare_cli_writes_the_requested_val_fraction(tmp_path, corpus_file, ca
     with pytest.raises(SystemExit) as e:
         prepare.main(["--input", corpus_file, "--data_dir", str(tmp_path / "e"), "--val_fraction", "1.5"])
     assert e.value.code == 2 and "val_fraction must be between 0 and 1" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:'jaxgpt.data' found in sys.modules:RuntimeWarning")  # runpy, as `python -m` would
+def test_the_old_data_command_points_to_prepare(capsys):
+    """`python -m jaxgpt.data --input FILE --data_dir DIR` was the command before jaxgpt.prepare:
+    it says where preparing went and exits 2, instead of exiting 0 having done nothing."""
+    import runpy
+    import sys
+
+    argv = sys.argv
+    sys.argv = ["jaxgpt.data", "--input", "x.txt", "--data_dir", "d"]
+    try:
+        with pytest.raises(SystemExit) as e:
+            runpy.run_module("jaxgpt.data", run_name="__main__")
+    finally:
+        sys.argv = argv
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().split("\n")
+    assert len(err) == 1 and err[0].startswith("error: ") and "python -m jaxgpt.prepare" in err[0], err

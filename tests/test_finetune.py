@@ -21,7 +21,7 @@ from jaxgpt.loading import load as load_model
 from jaxgpt.config import parse_args
 from jaxgpt.start import padded_vocab
 from jaxgpt.trainer import train
-from test_train import SEP, engine_texts
+from helpers import SEP, engine_texts, nanogpt_ckpt
 
 FINETUNE = os.path.join(ROOT, "configs", "finetune_shakespeare.py")
 # logits and losses are compared with transformers' float32 ones at 1e-4: float32 compute, exact matmuls
@@ -38,6 +38,7 @@ def read_metrics(out_dir):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow  # over 10 s: a finetuning run, sampled, exported
 def test_finetune_config_end_to_end_from_a_local_gpt2_dir(tmp_path, hf_dir, corpus_file, capsys):
     """configs/finetune_shakespeare.py with a local GPT-2 directory: train, sample, export."""
     out, data = tmp_path / "out", tmp_path / "data"
@@ -103,9 +104,8 @@ def test_first_eval_is_the_pretrained_models_loss(tmp_path, hf_dir, corpus_file)
     assert abs(summary["val_loss"] - np.mean(losses)) < 1e-4
 
 
+@pytest.mark.slow  # the fast tier's budget: among its longest (--durations, 2026-12-02)
 def test_init_from_nanogpt_ckpt_and_jaxgpt_out_dir(tmp_path, hf_dir, corpus_file):
-    from test_pretrained import nanogpt_ckpt
-
     ref = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
     nanogpt_ckpt(ref, tmp_path / "ckpt.pt")
     common = dict(tokenizer="gpt2", tokenizer_dir=str(hf_dir), max_iters=2, eval_interval=2, block_size=32)

@@ -12,6 +12,8 @@ import pytest
 
 from conftest import ROOT, subprocess_env
 
+pytestmark = pytest.mark.slow  # every test starts a job of local processes
+
 # each process: join the job, then sum a global array whose rows each process made itself
 JOB = textwrap.dedent("""
     import os, sys, time

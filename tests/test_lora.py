@@ -16,24 +16,19 @@ import torch
 import transformers
 
 from conftest import tiny_args
-from test_train import SEP, restore_params
+from helpers import BASE, SEP, leaves_equal, pure, restore_params
 from jaxgpt import lora
 from jaxgpt.benchmark import device_peak
 from jaxgpt.loading import load as load_model
 from jaxgpt.config import parse_args
 from jaxgpt.errors import UserError
-from jaxgpt.model import ModelConfig, build_model
+from jaxgpt.model import build_model
 from jaxgpt.sampling import Engine
 from jaxgpt.step import init_state, make_eval_step, make_train_step
 from jaxgpt.tokenizer import tokenizer_from_meta
 from jaxgpt.trainer import train
 
-BASE = ModelConfig(vocab_size=23, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=True)
 LORA = dataclasses.replace(BASE, lora_rank=4, lora_alpha=8.0)
-
-
-def pure(model):
-    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
 def forward(cfg, params, x):
@@ -98,10 +93,6 @@ def step_with_keys(model_cfg, keys):
         new, metrics = step(jax.tree.map(jnp.copy, state), batch, key)  # the step donates its input
         out.append((float(metrics["loss"]), new.params))
     return out
-
-
-def leaves_equal(a, b):
-    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 def test_lora_dropout_applies_when_the_models_dropout_is_zero():
@@ -175,6 +166,7 @@ def lora_args(tmp_path, base_run, name, **overrides):
     return parse_args(tiny_args(tmp_path, str(new_corpus), **kw))
 
 
+@pytest.mark.slow  # over 10 s: a LoRA run, resumed, sampled, exported
 def test_lora_run_learns_saves_little_resumes_and_samples(tmp_path, base_run, capsys):
     base, _ = base_run
     full = train(lora_args(tmp_path, base_run, "full"), log=lambda s: None)

@@ -151,6 +151,7 @@ def test_bad_modern_settings_are_user_errors(key, value, message):
 MODERN_FLAGS = dict(ALL, mlp="relu2", optimizer="muon", muon_lr=0.02, lr_schedule_kind="trapezoid")
 
 
+@pytest.mark.slow  # over 10 s: runs trained and resumed
 def test_muon_run_resumes_exactly_and_refuses_gpt2_layouts(tmp_path, corpus_file):
     run = lambda sub, **kw: train(parse_args(tiny_args(tmp_path / sub, corpus_file, eval_interval=3,  # noqa: E731
                                                        eval_iters=1, **{**MODERN_FLAGS, **kw})), log=lambda s: None)

@@ -20,7 +20,7 @@ from conftest import ROOT, subprocess_env, tiny_args
 from jaxgpt.config import parse_args
 from jaxgpt.trainer import train
 
-pytestmark = pytest.mark.usefixtures("exact_f32")
+pytestmark = [pytest.mark.usefixtures("exact_f32"), pytest.mark.slow]  # slow: jobs of 2 and 4 processes
 # every process sums its share of the batch; the order of the sums differs from one process's
 RTOL = 1e-5
 

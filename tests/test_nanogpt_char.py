@@ -1,6 +1,6 @@
 """nanoGPT's character checkpoints (issue 34): ckpt.pt as nanoGPT's train.py saves it, with the
 meta.pkl its data/shakespeare_char/prepare.py writes, read for sampling, finetuning and export.
-The reference is nanoGPT's own model (tests/helpers.NanoGPT), run by PyTorch on the same weights."""
+The reference is nanoGPT's own model (tests/nanogpt_reference.NanoGPT), run by PyTorch on the same weights."""
 
 import json
 import os
@@ -15,7 +15,7 @@ from flax import nnx
 import export as export_script
 import sample as sample_script
 from conftest import make_corpus, on_gpu, tiny_args
-from helpers import write_meta_pkl, write_nanogpt_run
+from nanogpt_reference import write_meta_pkl, write_nanogpt_run
 from jaxgpt import pretrained
 from jaxgpt.config import parse_args
 from jaxgpt.errors import UserError

@@ -23,6 +23,7 @@ def report():
     return json.loads(line[len("REPORT "):])
 
 
+@pytest.mark.slow  # reads the 8-device worker process's report
 def test_dp_and_fsdp_give_the_single_device_losses(report):
     assert report["devices"] == 8
     ref = np.array(report["steps"]["dp1"]["losses"])
@@ -31,6 +32,7 @@ def test_dp_and_fsdp_give_the_single_device_losses(report):
         np.testing.assert_allclose(run["losses"], ref, rtol=1e-5, err_msg=name)
 
 
+@pytest.mark.slow  # reads the 8-device worker process's report
 def test_fsdp_really_shards_parameters_and_optimizer_state(report):
     steps = report["steps"]
     for n in (2, 8):
@@ -44,6 +46,7 @@ def test_fsdp_really_shards_parameters_and_optimizer_state(report):
     assert hybrid["max_bytes_per_device"] <= hybrid["total_bytes"] / 4 * 1.05 + 64
 
 
+@pytest.mark.slow  # reads the 8-device worker process's report
 def test_lora_on_fsdp_gives_the_single_device_losses(report):
     """LoRA's frozen base is sharded like parameters; the adapters train the same on any mesh."""
     one, fsdp = report["lora"]["one"], report["lora"]["fsdp4"]
@@ -52,6 +55,7 @@ def test_lora_on_fsdp_gives_the_single_device_losses(report):
     assert all("fsdp" in spec for spec in fsdp["param_specs"].values())  # the frozen base is split too
 
 
+@pytest.mark.slow  # reads the 8-device worker process's report
 def test_train_py_path_on_4_devices_reproduces_single_device_val_loss(report):
     one = report["val_one"]
     assert len(one) == 3  # iters 0, 10, 20
@@ -59,6 +63,7 @@ def test_train_py_path_on_4_devices_reproduces_single_device_val_loss(report):
     np.testing.assert_allclose(report["val_fsdp4"], one, rtol=1e-5)
 
 
+@pytest.mark.slow  # reads the 8-device worker process's report
 def test_memmap_batches_on_a_2x2_mesh_reproduce_single_device_val_loss(report):
     """The host path for corpora too big for the devices (memmap, prefetch, each device's rows read
     on the host) gives the batches, so the losses, of the device-resident path on one device."""
@@ -66,6 +71,7 @@ def test_memmap_batches_on_a_2x2_mesh_reproduce_single_device_val_loss(report):
     np.testing.assert_allclose(report["val_memmap_2x2"], report["val_one"], rtol=1e-5)
 
 
+@pytest.mark.slow  # reads the 8-device worker process's report
 def test_fsdp_checkpoint_resumes_on_other_meshes(report):
     # fsdp on 4 devices to iter 10, then 1 device to 15, then dp on 2 to 20
     resumed = report["val_resumed"]

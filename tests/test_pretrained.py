@@ -12,11 +12,13 @@ import pytest
 import torch
 import transformers
 
+from helpers import NANOGPT_CTX, nanogpt_ckpt
 from jaxgpt import pretrained
 from jaxgpt.errors import UserError
 from jaxgpt.model import ModelConfig, build_model
 
 V, T_CTX = 97, 32
+assert NANOGPT_CTX == T_CTX  # nanogpt_ckpt's mask buffers have this model's context
 # logits are compared with transformers' float32 ones at 1e-4: float32 compute, exact matmuls
 pytestmark = pytest.mark.usefixtures("exact_f32")
 
@@ -61,23 +63,6 @@ def test_hf_pytorch_model_bin_gives_the_same_logits(tmp_path, hf_model):
     model, _ = pretrained.load_pretrained(str(tmp_path), dtype="float32")
     x = idx(seed=2)
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(x))), hf_logits(hf_model, x), atol=1e-4, rtol=0)
-
-
-def nanogpt_ckpt(hf_model, path, compiled=True):
-    """The same weights in nanoGPT's ckpt.pt layout: nn.Linear (out, in), `_orig_mod.` from
-    torch.compile, the causal-mask buffers, the tied lm_head, and model_args."""
-    state = {}
-    for k, v in hf_model.state_dict().items():
-        if k.endswith(("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")):
-            v = v.t().contiguous()
-        state[("_orig_mod." if compiled else "") + k] = v
-    for i in range(hf_model.config.n_layer):
-        state[f"_orig_mod.transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, T_CTX, T_CTX))
-    c = hf_model.config
-    torch.save({"model": state, "model_args": dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
-                                                   block_size=c.n_positions, bias=True, vocab_size=c.vocab_size,
-                                                   dropout=0.0),
-                "iter_num": 5, "best_val_loss": torch.tensor(2.0), "config": {"dataset": "x"}}, path)
 
 
 def test_nanogpt_ckpt_gives_the_same_logits(tmp_path):

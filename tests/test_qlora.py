@@ -19,8 +19,7 @@ import torch
 import transformers
 
 from conftest import tiny_args
-from test_lora import BASE, leaves_equal, pure
-from test_train import SEP, restore_params
+from helpers import BASE, SEP, leaves_equal, pure, restore_params
 from jaxgpt import lora, parallel, pretrained
 from jaxgpt.config import parse_args
 from jaxgpt.errors import UserError
@@ -53,6 +52,7 @@ def run_steps(model_cfg, frozen, steps=2):
     return state, losses
 
 
+@pytest.mark.slow  # over 10 s: LoRA and QLoRA steps compiled and compared
 @pytest.mark.usefixtures("exact_f32")
 def test_a_qlora_step_is_the_lora_step_on_the_dequantized_base_and_trains_only_the_adapters():
     """Two steps over the NF4 base (qdense decoding inside the jitted step) against the same
@@ -131,6 +131,7 @@ def qlora_args(tmp_path, hf_dir, corpus_file, **overrides):
     return parse_args(tiny_args(tmp_path, corpus_file, **kw))
 
 
+@pytest.mark.slow  # over 10 s: a QLoRA run, resumed, sampled, exported
 @pytest.mark.usefixtures("exact_f32")  # logits against transformers' at 1e-4
 def test_qlora_run_resumes_exactly_samples_and_exports(tmp_path, tiny_gpt2_dir, corpus_file, capsys):
     full = train(qlora_args(tmp_path, tiny_gpt2_dir, corpus_file, out_dir=str(tmp_path / "full")), log=lambda s: None)

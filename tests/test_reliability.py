@@ -136,6 +136,7 @@ def test_debug_flag_shows_the_traceback(capsys):
         train_script.main(["--n_layers=2", "--debug"])
 
 
+@pytest.mark.slow  # processes, signals
 def test_batch_that_devices_cannot_split():
     # a CPU split into 2 devices (JAX on the CPU also on a machine with a GPU)
     r = subprocess.run([sys.executable, "train.py", "--cpu_devices=2", "--batch_size=3"], cwd=ROOT,
@@ -259,6 +260,7 @@ def wait_for(proc, predicate, timeout=120):
     raise AssertionError("the training process never printed the expected line")
 
 
+@pytest.mark.slow  # processes, signals
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, corpus_file):
     proc = start_training(tmp_path, corpus_file)
     wait_for(proc, lambda l: l.startswith("iter 5: loss"))
@@ -303,6 +305,7 @@ def reads_back(out_dir, kind):
     return all(np.isfinite(np.asarray(x)).all() for x in jax_leaves(params))
 
 
+@pytest.mark.slow  # processes, signals
 def test_sigkill_during_a_checkpoint_write_never_loses_a_completed_checkpoint(tmp_path, corpus_file):
     """The process is killed while a checkpoint is being written, every time: the write is held open
     (tests/save_blocker.py) until the kill, first while its files are being written, then once all are

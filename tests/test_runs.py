@@ -112,6 +112,7 @@ def test_a_fresh_run_never_deletes_a_run(run, capsys):
     assert not os.path.exists(run / "none")
 
 
+@pytest.mark.slow  # processes, signals, kills
 def test_one_trainer_per_out_dir_and_a_killed_one_leaves_no_lock(run, capsys):
     out = str(run / "out")
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from jaxgpt.rundir import RunLock; "
@@ -133,6 +134,7 @@ def test_one_trainer_per_out_dir_and_a_killed_one_leaves_no_lock(run, capsys):
     assert not os.path.exists(os.path.join(out, rundir.LOCK_NAME))
 
 
+@pytest.mark.slow  # processes, signals, kills
 def test_the_pid_file_lock_where_flock_is_not_supported(tmp_path, monkeypatch):
     import fcntl
 
@@ -173,6 +175,7 @@ def hold_json_write(monkeypatch, target, during):
     monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, "_save_fn", save_fn)
 
 
+@pytest.mark.slow  # processes, signals, kills
 def test_a_second_sigterm_during_the_save_it_started_waits_for_the_save(run, monkeypatch, capfd):
     """SIGTERM, then SIGTERM again while the checkpoint the first one asked for is being written
     (the write held 0.5 s after the second): the write completes, 'checkpoint saved' is printed only
@@ -252,6 +255,7 @@ def small_tmpfs(tmp_path):
     subprocess.run(["umount", str(mnt)])
 
 
+@pytest.mark.slow  # processes, signals, kills
 def test_a_real_full_disk_and_a_read_only_one(run, small_tmpfs, capsys):
     """TensorStore, which writes Orbax's arrays, reports ENOSPC in its own error type: still one line."""
     out = str(small_tmpfs / "out")
@@ -373,6 +377,7 @@ def test_export_never_overwrites_unless_told_and_never_leaves_half_a_directory(r
 
 # ----------------------------------------------------------------------------- kills at random moments
 
+@pytest.mark.slow  # processes, signals, kills
 def test_sigkill_at_random_moments_while_checkpointing_every_step(run):
     """Training that writes a checkpoint every step is killed at random moments (seeded), then
     resumed: every listed checkpoint reads back whole each time, and the last resume continues."""

@@ -17,7 +17,7 @@ from jaxgpt.config import parse_args
 from jaxgpt.errors import UserError
 from jaxgpt.model import pick_attention
 from jaxgpt.trainer import train
-from test_train import run_script
+from helpers import run_script
 
 
 def test_auto_dtype_is_bfloat16_on_accelerators_and_float32_on_cpus():
@@ -80,6 +80,7 @@ def test_the_resolved_dtype_is_what_the_run_records(tmp_path, corpus_file):
     assert load_model(cfg.out_dir)[2].dtype == resolved
 
 
+@pytest.mark.slow  # the fast tier's budget: among its longest (--durations, 2026-12-02)
 def test_bfloat16_compute_keeps_parameters_optimizer_state_logits_and_loss_float32():
     from flax import nnx
 
@@ -124,6 +125,7 @@ def cache_entries(path):
     return sorted(f for f in os.listdir(path) if f.endswith("-cache")) if os.path.isdir(path) else []
 
 
+@pytest.mark.slow  # train.py as processes
 def test_a_second_run_in_a_fresh_process_loads_its_programs_from_the_cache(tmp_path, corpus_file):
     """train.py then sample.py, each twice in a new process with the same shapes: the first run of
     each writes its compiled programs to the cache, the second finds every one of them there."""

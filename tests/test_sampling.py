@@ -113,6 +113,7 @@ def test_sampled_tokens_follow_the_documented_keys(model):
         assert result.tokens[i].tolist() == ids[len(prompt):]
 
 
+@pytest.mark.slow  # the fast tier's budget: among its longest (--durations, 2026-12-02)
 def test_greedy_forms_agree_past_block_size(model):
     ref, _ = uncached_greedy(*model, [1, 2, 3], 40, CFG.block_size, CFG.block_size)  # 43 tokens > block 8
     for kw in ({"top_k": 1}, {"temperature": 0.0}, {"top_p": 1e-6}):
@@ -137,6 +138,7 @@ def test_top_p_below_one_filters_and_one_does_not(model):
             assert p[p > p[tok]].sum() < 0.5  # the tokens more likely than the drawn one hold < top_p
 
 
+@pytest.mark.slow  # the fast tier's budget: among its longest (--durations, 2026-12-02)
 def test_seeds_and_parallel_equals_one_at_a_time(model):
     graphdef, params = model
     engine = Engine(graphdef, params, CFG.block_size)

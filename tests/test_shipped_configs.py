@@ -63,6 +63,7 @@ def runs(tmp_path_factory, inputs, request):
     return run
 
 
+@pytest.mark.slow  # 13 configs trained: minutes together; the fast tier's budget: among its longest (--durations, 2026-12-02)
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_runs_on_this_machine(name, runs):
     cfg = config(name)

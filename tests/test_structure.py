@@ -1,7 +1,7 @@
 """The package's import graph: no cycle, and every import points down the declared stack.
 
 Read with `ast` from the source (imports inside functions included), so a lazy import that
-dodges a cycle at run time still counts. The same stack is drawn in the README's "## Layout".
+dodges a cycle at run time still counts. The same stack is drawn in docs/design.md's "Layout: the import stack".
 A module may import modules of its own layer or below, never above.
 """
 
@@ -9,7 +9,7 @@ import ast
 import itertools
 import os
 
-# bottom to top; the README's Layout lists the same layers
+# bottom to top; docs/design.md's Layout lists the same layers
 STACK = [
     ("quant", "runtime"),
     ("errors", "signals"),
@@ -47,7 +47,7 @@ def modules() -> list[str]:
 
 
 def test_every_module_is_placed_in_the_stack():
-    assert set(modules()) == set(LAYER), "add the new module to STACK here and to the README's Layout"
+    assert set(modules()) == set(LAYER), "add the new module to STACK here, to docs/design.md's Layout and to the README's Files"
 
 
 def test_imports_point_down_the_stack():

@@ -2,22 +2,18 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, subprocess_env, tiny_args
+from conftest import tiny_args
+from helpers import SEP, engine_texts, run_script
 from jaxgpt.checkpoint import Checkpointer
 from jaxgpt.loading import load as load_model
 from jaxgpt.config import Config, parse_args
 from jaxgpt.errors import UserError
-from jaxgpt.model import ModelConfig
-from jaxgpt.sampling import Engine
 from jaxgpt.step import abstract_state
-from jaxgpt.tokenizer import tokenizer_from_meta
 from jaxgpt.model import model_config
 from jaxgpt.trainer import train
 
@@ -62,6 +58,7 @@ def test_checkpoint_save_restore_is_exact(tmp_path, corpus_file):
     assert int(again.step) == 3 and jax.tree.leaves(again.opt_state)
 
 
+@pytest.mark.slow  # the fast tier's budget: among its longest (--durations, 2026-12-02)
 @pytest.mark.parametrize("extra", [{}, {"dropout": 0.1, "gradient_accumulation_steps": 2}])
 def test_resume_matches_uninterrupted_run(tmp_path, corpus_file, extra):
     full = parse_args(tiny_args(tmp_path / "a", corpus_file, max_iters=8, eval_interval=4, **extra))
@@ -96,40 +93,7 @@ def test_too_short_corpus(tmp_path):
         train(parse_args(tiny_args(tmp_path, str(short))), log=lambda s: None)
 
 
-def run_script(*args, cwd=ROOT, env=None):
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
-                          env=env or subprocess_env())
-
-
-SEP = "---------------\n"  # what sample.py prints after each sample
-
-
-def restore_params(out_dir, which="best"):
-    """(graphdef, params, model config, tokenizer) of a run's newest `which` checkpoint, read directly
-    (a LoRA run's params are then its adapters only)."""
-    ckpt = Checkpointer(out_dir, which)
-    meta = ckpt.restore_meta()
-    model_cfg = ModelConfig.from_dict(meta["model_config"])
-    train_cfg = Config(**{k: v for k, v in meta["train_config"].items() if k in Config.__dataclass_fields__})
-    graphdef, abstract, _ = abstract_state(model_cfg, train_cfg)
-    state, _ = ckpt.restore(abstract.replace(frozen={}))
-    ckpt.close()
-    return graphdef, state.params, model_cfg, tokenizer_from_meta(meta["tokenizer"])
-
-
-def engine_texts(out_dir, start, *, max_new_tokens, num_samples, temperature=0.8, top_k=200, top_p=1.0,
-                 seed=1337, stop="", which="best"):
-    """The text sample.py must print after the prompt (its defaults as the defaults here): the library's
-    Engine with the same seed and settings on the checkpoint's weights, restored here without load_model;
-    each sample cut at `stop`."""
-    graphdef, params, model_cfg, tok = restore_params(out_dir, which)
-    result = Engine(graphdef, params, model_cfg.block_size, vocab_size=tok.vocab_size).generate(
-        tok.encode(start), max_new_tokens=max_new_tokens, num_samples=num_samples, temperature=temperature,
-        top_k=top_k, top_p=top_p, key=jax.random.key(seed), stop=tok.encode(stop) if stop else None)
-    texts = [tok.decode(row) for row in result.tokens[:, :result.decoded]]
-    return [t[:t.index(stop)] if stop and stop in t else t for t in texts]
-
-
+@pytest.mark.slow  # train.py / sample.py as processes
 def test_scripts_end_to_end(tmp_path, corpus_file):
     r = run_script("train.py", *tiny_args(tmp_path, corpus_file, max_iters=6, eval_interval=3))
     assert r.returncode == 0, r.stderr
@@ -161,6 +125,7 @@ def test_scripts_end_to_end(tmp_path, corpus_file):
     (["sample.py", "--out_dir=/nonexistent/run"], "no checkpoint in /nonexistent/run"),
     (["sample.py", "--temperature=-1"], "temperature must be >= 0"),
 ])
+@pytest.mark.slow  # train.py / sample.py as processes
 def test_script_errors_are_one_line(args, message):
     r = run_script(*args)
     assert r.returncode == 2
@@ -168,6 +133,7 @@ def test_script_errors_are_one_line(args, message):
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+@pytest.mark.slow  # the fast tier's budget: among its longest (--durations, 2026-12-02)
 def test_memmap_path_trains_like_the_device_resident_path(tmp_path, corpus_file, monkeypatch):
     """Corpora too big for the devices are read from the memmap on the host (prefetched);
     the batches, and so the losses, are the same as when the corpus sits on the device."""
@@ -187,6 +153,7 @@ def test_memmap_path_trains_like_the_device_resident_path(tmp_path, corpus_file,
     assert [(r["train_loss"], r["val_loss"]) for r in a] == [(r["train_loss"], r["val_loss"]) for r in b]
 
 
+@pytest.mark.slow  # the fast tier's budget: among its longest (--durations, 2026-12-02)
 def test_bfloat16_training_keeps_float32_weights_and_tracks_float32(tmp_path, corpus_file):
     """dtype=bfloat16 computes in bfloat16 (the losses differ from float32's) while parameters and
     optimizer state stay float32; the run learns and its losses stay near the float32 run's (bfloat16
@@ -204,6 +171,7 @@ def test_bfloat16_training_keeps_float32_weights_and_tracks_float32(tmp_path, co
     assert model_cfg.dtype == "bfloat16" and {x.dtype for x in jax.tree.leaves(params)} == {np.dtype("float32")}
 
 
+@pytest.mark.slow  # train.py / sample.py as processes
 def test_cpu_devices_splits_the_cpu_for_train_py(tmp_path, corpus_file):
     """--cpu_devices=2: train.py runs data parallel over two CPU devices (a fresh process: JAX fixes its
     device count at start) and learns; that N devices give the 1-device losses is test_parallel's."""
