@@ -79,3 +79,26 @@ def test_a_resume_names_the_settings_it_keeps(tmp_path, corpus_file):
     notes = [line for line in lines if line.startswith("note: a resumed run keeps")]
     assert notes == ["note: a resumed run keeps its checkpoint's lora_rank=8 (asked 4)"]
     assert "  lora_rank = 8" in next(line for line in lines if line.startswith("config:"))
+
+
+def test_a_run_made_before_the_restructuring_resumes_as_it_did(tmp_path):
+    """tests/fixtures/old_run: a run written by the code before every key was declared once (a43fa8d);
+    resumed today, it logs the losses that code logged (CPU float32: the same ops in the same order)."""
+    import json
+    import shutil
+
+    from jaxgpt.trainer import train
+
+    old = os.path.join(ROOT, "tests", "fixtures", "old_run")
+    shutil.copytree(os.path.join(old, "run"), tmp_path / "run")
+    with open(os.path.join(old, "run", "config.json")) as f:
+        saved = json.load(f)
+    argv = [f"--{k}={v}" for k, v in saved.items() if k in ("n_layer", "n_head", "n_embd", "block_size", "batch_size",
+                                                            "eval_iters", "eval_interval", "warmup_iters",
+                                                            "lr_decay_iters", "learning_rate", "min_lr")]
+    train(parse_args(argv + [f"--out_dir={tmp_path / 'run'}", f"--data_dir={os.path.join(old, 'data')}",
+                             "--init_from=resume", "--max_iters=6", "--cpu_devices=1"]), log=lambda s: None)
+    rows = {r["iter"]: r for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl"))}
+    want = {r["iter"]: r for r in map(json.loads, open(os.path.join(old, "continued_metrics.jsonl")))}
+    for key in ("train_loss", "val_loss"):
+        assert rows[6][key] == pytest.approx(want[6][key], rel=1e-5), key
