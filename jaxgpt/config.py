@@ -227,7 +227,8 @@ class Config:
     dtype: str = "auto"
     # float32 matmuls: 'default' (JAX's: TF32 on NVIDIA GPUs) | 'high' | 'highest' (exact float32)
     matmul_precision: str = "default"
-    # 'auto' | 'explicit' | 'xla' | 'cudnn' (auto: cuDNN flash attention on NVIDIA GPUs for bf16 when it works)
+    # 'auto' | 'explicit' | 'xla' | 'cudnn' | 'splash' (auto: cuDNN flash attention on NVIDIA GPUs for bf16
+    # when it works; Pallas splash attention on TPUs for head sizes that are a multiple of 128)
     attn_impl: str = "auto"
     seed: int = 1337
     # devices
@@ -309,7 +310,7 @@ Config.RULES = {
     "on_nonfinite": choice("stop", "skip"),
     "warmup_iters": rng(0, INT32_MAX), "lr_decay_iters": rng(0, INT32_MAX), "min_lr": rng(0),
     "dtype": choice(*DTYPES), "matmul_precision": choice(*MATMUL_PRECISIONS),
-    "attn_impl": choice("auto", "explicit", "xla", "cudnn"),
+    "attn_impl": choice("auto", "explicit", "xla", "cudnn", "splash"),
     "seed": rng(0, 2**32, hi_open=True),
     "sharding": choice("dp", "fsdp"), "mesh_shape": mesh_shape_rule, "cpu_devices": rng(0, 4096),
     # the modern recipe's options (README "Time to quality")

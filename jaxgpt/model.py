@@ -10,6 +10,7 @@ so the model holds nothing but parameters and a train step stays a pure function
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +39,7 @@ class ModelConfig:
     dropout: float = 0.0
     bias: bool = False
     dtype: str = "float32"  # compute dtype; parameters are always float32
-    attn_impl: str = "explicit"  # 'explicit' | 'xla' | 'cudnn': see attention()
+    attn_impl: str = "explicit"  # 'explicit' | 'xla' | 'cudnn' | 'splash': see attention()
     gelu: str = "exact"  # 'exact' (nanoGPT's nn.GELU) | 'tanh' (OpenAI GPT-2's approximation)
     # LoRA adapters (rank 0 = none) on the Linear layers named in lora_targets: see jaxgpt.lora
     lora_rank: int = 0
@@ -174,15 +175,61 @@ def attention(q, k, v, impl: str = "explicit", *, dropout_rate: float = 0.0, dro
     """Causal self-attention (B, T, H, hs) -> (B, T, H, hs) by the chosen implementation.
 
     'xla' and 'cudnn' go through jax.nn.dot_product_attention (cudnn: flash attention on NVIDIA
-    GPUs). It has no attention-weight dropout, so training with dropout > 0 takes the explicit
-    path, which is also the fastest on CPU (measured: its backward is 1.5x faster there).
+    GPUs); 'splash' is Pallas splash attention, TPU flash attention (splash_attention), for
+    sequence lengths it tiles (a multiple of 128), else XLA's. None has attention-weight dropout,
+    so training with dropout > 0 takes the explicit path, which is also the fastest on CPU
+    (measured: its backward is 1.5x faster there).
     """
     if impl == "explicit" or (dropout_key is not None and dropout_rate > 0):
         return causal_attention(q, k, v, dropout_rate=dropout_rate, dropout_key=dropout_key)
+    if impl == "splash":
+        if splash_fits(q.shape[1]):
+            return splash_attention(q, k, v)
+        impl = "xla"
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl).astype(v.dtype)
 
 
+SPLASH_BLOCKS = (512, 256, 128)  # splash tiles: the largest that divides T is used (lanes: multiples of 128)
+# Pallas interpret mode: splash runs as ordinary XLA operations on any backend, slowly (the tests
+# compare it with XLA attention on a CPU). Never set in a run: off a TPU pick_attention refuses splash.
+SPLASH_INTERPRET = False
+
+
+def splash_fits(T: int) -> bool:
+    """Whether splash attention tiles a causal self-attention over T tokens."""
+    return T % SPLASH_BLOCKS[-1] == 0
+
+
+@functools.lru_cache(maxsize=None)
+def _splash_kernel(H: int, T: int, interpret: bool):
+    """A splash kernel for H heads of causal self-attention over T tokens, one sequence:
+    q, k, v (H, T, hs) -> (H, T, hs). The causal mask is static, so fully masked tiles
+    (above the diagonal) are skipped, forward and backward."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    b = next(b for b in SPLASH_BLOCKS if T % b == 0)
+    blocks = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
+                           block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+    mask = sm.MultiHeadMask([sm.CausalMask((T, T)) for _ in range(H)])
+    with jax.ensure_compile_time_eval():  # its mask tables are constants, not values of the trace that asks
+        return sk.make_splash_mha_single_device(mask, block_sizes=blocks, interpret=interpret)
+
+
+def splash_attention(q, k, v):
+    """Causal self-attention (B, T, H, hs) -> (B, T, H, hs) by Pallas splash attention (TPU flash
+    attention: scores and softmax in float32 inside the kernel, never (T, T) in memory). The kernel
+    takes one sequence with heads first and unscaled scores, so q is scaled by 1/sqrt(hs) here and
+    the batch is vmapped."""
+    B, T, H, hs = q.shape
+    kernel = _splash_kernel(H, T, SPLASH_INTERPRET)
+    q = q * jnp.asarray(1.0 / math.sqrt(hs), q.dtype)
+    qt, kt, vt = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (B, H, T, hs)
+    return jax.vmap(kernel)(qt, kt, vt).transpose(0, 2, 1, 3).astype(v.dtype)  # (B, T, H, hs)
+
+
 CUDNN_DTYPES = ("bfloat16", "float16")
+SPLASH_HEAD_MULTIPLE = 128  # auto picks splash on TPUs for head sizes of this multiple (its tests: 128, 256)
 CUDNN_MAX_HEAD_SIZE = 256  # cuDNN flash attention: head size a multiple of 8, <= 256 (<= 128 before Hopper)
 
 _PROBED: dict = {}  # (probe, dtype, head size) -> None if cuDNN works, else why not
@@ -230,10 +277,11 @@ def pick_attention(requested: str, dtype: str, head_size: int, *, platform: str 
 
     'auto': the explicit form on CPUs (its backward is the fastest there); on NVIDIA GPUs cuDNN
     flash attention when it can serve the dtype (bf16/fp16, never float32) and head size and a
-    probe at exactly those compiles, runs and agrees with XLA's, else XLA's; XLA's on TPUs.
-    An explicit 'cudnn' that cannot serve them is a UserError saying what to pass instead.
-    `platform` defaults to the current devices' ('cpu', 'gpu', 'tpu'); the probe runs once per
-    dtype and head size."""
+    probe at exactly those compiles, runs and agrees with XLA's, else XLA's; on TPUs splash
+    attention (Pallas) for head sizes that are a multiple of 128 (what its tests cover), else XLA's.
+    An explicit 'cudnn' or 'splash' off its device, or a 'cudnn' that cannot serve them, is a
+    UserError saying what to pass instead. `platform` defaults to the current devices' ('cpu',
+    'gpu', 'tpu'); the probe runs once per dtype and head size."""
     platform = platform or jax.devices()[0].platform
     if requested == "cudnn":
         why = (f"needs an NVIDIA GPU, but this run is on {platform}; pass --attn_impl=auto"
@@ -241,10 +289,15 @@ def pick_attention(requested: str, dtype: str, head_size: int, *, platform: str 
         if why is not None:
             raise UserError(f"attn_impl=cudnn {why}")
         return "cudnn"
+    if requested == "splash" and platform != "tpu":
+        raise UserError(f"attn_impl=splash needs a TPU (it is a TPU kernel), but this run is on {platform}; "
+                        f"pass --attn_impl=auto")
     if requested != "auto":
         return requested
     if platform == "cpu":
         return "explicit"
+    if platform == "tpu":
+        return "splash" if head_size % SPLASH_HEAD_MULTIPLE == 0 else "xla"
     if platform != "gpu" or _cudnn_limit(dtype, head_size) is not None:
         return "xla"
     key = (probe, dtype, head_size)
@@ -255,23 +308,27 @@ def pick_attention(requested: str, dtype: str, head_size: int, *, platform: str 
     return "xla" if _PROBED[key] is not None else "cudnn"
 
 
-def with_attention(cfg: "ModelConfig", requested: str = "auto", log=print) -> "ModelConfig":
+def with_attention(cfg: "ModelConfig", requested: str = "auto", log=print, *, platform: str | None = None,
+                   probe=probe_cudnn) -> "ModelConfig":
     """cfg with the attention implementation that serves its dtype and head size on these devices
-    (a checkpoint records where it was trained; what runs here is chosen here)."""
+    (a checkpoint records where it was trained; what runs here is chosen here), or on `platform`
+    ('cpu', 'gpu', 'tpu'; see pick_attention)."""
     if cfg.model_type != "gpt":  # the bigram has no attention
         return dataclasses.replace(cfg, attn_impl="explicit")
-    impl = pick_attention(requested, cfg.dtype, cfg.n_embd // cfg.n_head, log=log)
+    impl = pick_attention(requested, cfg.dtype, cfg.n_embd // cfg.n_head, platform=platform, probe=probe, log=log)
     return dataclasses.replace(cfg, attn_impl=impl)
 
 
-def model_config(cfg: Config, vocab_size: int, log=print) -> ModelConfig:
+def model_config(cfg: Config, vocab_size: int, log=print, *, platform: str | None = None,
+                 probe=probe_cudnn) -> ModelConfig:
     """The one place a training Config becomes a ModelConfig: the model a config trains from
-    scratch, in the dtype and attention that serve it here."""
+    scratch, in the dtype and attention that serve it here (or on `platform`, see with_attention)."""
     modern = {k: getattr(cfg, k) for k in MODERN_KEYS}
+    dtype = resolve_dtype(cfg.dtype, platform)
     return with_attention(ModelConfig(model_type=cfg.model_type, vocab_size=vocab_size, block_size=cfg.block_size,
                                       n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                                      dropout=cfg.dropout, bias=cfg.bias, dtype=resolve_dtype(cfg.dtype), **modern),
-                          cfg.attn_impl, log)
+                                      dropout=cfg.dropout, bias=cfg.bias, dtype=dtype, **modern),
+                          cfg.attn_impl, log, platform=platform, probe=probe)
 
 
 # the ModelConfig fields a training Config sets by the same name (the modern options)
