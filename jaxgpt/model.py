@@ -17,10 +17,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from jaxgpt.config import Config
 from jaxgpt.errors import UserError
+from jaxgpt.head import head_loss, logits_of
 from jaxgpt.layers import Linear, dropout
 from jaxgpt.lora import LoRALinear, count
 from jaxgpt.runtime import resolve_dtype
@@ -201,14 +203,14 @@ def splash_fits(T: int) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _splash_kernel(H: int, T: int, interpret: bool):
+def _splash_kernel(H: int, T: int, blocks: tuple[int, ...], interpret: bool):
     """A splash kernel for H heads of causal self-attention over T tokens, one sequence:
     q, k, v (H, T, hs) -> (H, T, hs). The causal mask is static, so fully masked tiles
     (above the diagonal) are skipped, forward and backward."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
-    b = next(b for b in SPLASH_BLOCKS if T % b == 0)
+    b = next(b for b in blocks if T % b == 0)
     blocks = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
                            block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
     mask = sm.MultiHeadMask([sm.CausalMask((T, T)) for _ in range(H)])
@@ -222,7 +224,7 @@ def splash_attention(q, k, v):
     takes one sequence with heads first and unscaled scores, so q is scaled by 1/sqrt(hs) here and
     the batch is vmapped."""
     B, T, H, hs = q.shape
-    kernel = _splash_kernel(H, T, SPLASH_INTERPRET)
+    kernel = _splash_kernel(H, T, SPLASH_BLOCKS, SPLASH_INTERPRET)
     q = q * jnp.asarray(1.0 / math.sqrt(hs), q.dtype)
     qt, kt, vt = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (B, H, T, hs)
     return jax.vmap(kernel)(qt, kt, vt).transpose(0, 2, 1, 3).astype(v.dtype)  # (B, T, H, hs)
@@ -442,14 +444,31 @@ class GPT(nnx.Module):
         return x.astype(self.config.dtype)
 
     def __call__(self, idx, dropout_key=None):
-        """Training and plain evaluation: token ids (B, T) -> logits (B, T, V)."""
+        """Token ids (B, T) -> logits (B, T, V)."""
+        return self.head(self.hidden(idx, dropout_key))
+
+    def hidden(self, idx, dropout_key=None):
+        """Token ids (B, T) -> the final hidden states ln_f(x) (B, T, C) that the head reads."""
         cfg = self.config
-        B, T = idx.shape
         keys = _split(dropout_key, cfg.n_layer + 1)
         x = dropout(self.embed(idx, 0), cfg.dropout, keys[0])  # (B, T, C)
         for block, k in zip(self.h, keys[1:]):
             x, _ = block(x, k)
-        return self.head(self.ln_f(x))
+        return self.ln_f(x)
+
+    def loss(self, idx, targets, dropout_key=None, chunk: int | None = None):
+        """Training and evaluation: mean next-token cross-entropy of token ids (B, T) against
+        targets (B, T), float32. Large logits are never held whole: jaxgpt.head computes the head
+        and the loss in chunks of `chunk` positions (default: its rule, by the logits' size)."""
+        w, tied = self._head_weight()
+        return head_loss(self.hidden(idx, dropout_key), w, targets, tied=tied, softcap=self.config.logit_softcap,
+                         tc=chunk)
+
+    def _head_weight(self):
+        """(the output head's float32 weight, tied): wte's (V, C), or lm_head's kernel (C, V)."""
+        if self.config.untied_head:
+            return self.lm_head.kernel[...], False
+        return self.wte.embedding[...], True
 
     def init_cache(self, batch_size: int, length: int):
         """An empty KV cache: per layer (k, v), each (B, H, S, hs) in the compute dtype."""
@@ -474,16 +493,9 @@ class GPT(nnx.Module):
     def head(self, x):
         """Output head (tied: wte; untied: lm_head): logits (B, T, V) accumulated and returned in
         float32, soft-capped there when logit_softcap > 0."""
-        cfg, lead = self.config, x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])  # (B*T, C)
-        if cfg.untied_head:
-            w = self.lm_head.kernel[...].astype(x.dtype)  # (C, V)
-            logits = jnp.einsum("nc,cv->nv", x2, w, preferred_element_type=F32)
-        else:
-            w = self.wte.embedding[...].astype(x.dtype)  # (V, C)
-            logits = jnp.einsum("nc,vc->nv", x2, w, preferred_element_type=F32)
-        if cfg.logit_softcap > 0:
-            logits = cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)
+        lead = x.shape[:-1]
+        w, tied = self._head_weight()
+        logits = logits_of(x.reshape(-1, x.shape[-1]), w, tied, self.config.logit_softcap)  # (B*T, V)
         return logits.reshape(*lead, -1)  # (B*T, V) -> (B, T, V)
 
 
@@ -497,6 +509,10 @@ class Bigram(nnx.Module):
 
     def __call__(self, idx, dropout_key=None):
         return self.wte(idx).astype(F32)  # (B, T) -> (B, T, V)
+
+    def loss(self, idx, targets, dropout_key=None, chunk: int | None = None):
+        """Mean next-token cross-entropy, float32 (the table is the logits: nothing to chunk)."""
+        return optax.softmax_cross_entropy_with_integer_labels(self(idx), targets).mean()
 
     def init_cache(self, batch_size: int, length: int):
         return ()  # the next token depends on the current one only

@@ -78,10 +78,16 @@ def abstract_state(model_cfg: ModelConfig, cfg: Config):
     return out["graphdef"], shapes, out["optimizer"]
 
 
+def model_loss(model, x, y, dropout_key=None):
+    """The mean loss of a model on inputs x and targets y (B, T): its `loss`, which for large
+    logits never holds them whole (jaxgpt.head); the cross_entropy of its logits in value."""
+    return model.loss(x, y, dropout_key)
+
+
 def make_loss_fn(graphdef) -> Callable:
     def loss_fn(params, x, y, dropout_key=None, frozen=None):
         model = nnx.merge(graphdef, lora.join(params, frozen) if frozen else params)
-        return cross_entropy(model(x, dropout_key), y)
+        return model_loss(model, x, y, dropout_key)
 
     return loss_fn
 

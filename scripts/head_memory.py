@@ -20,6 +20,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+def head_chunk(B: int, T: int, V: int) -> int | None:
+    """Positions per chunk of the loss head (T: the full logits), None before jaxgpt.head existed."""
+    try:
+        from jaxgpt.head import chunk_len
+    except ImportError:
+        return None
+    return chunk_len(B, T, V)
+
+
 def main(argv: list[str]) -> int:
     import jax
 
@@ -49,8 +58,7 @@ def main(argv: list[str]) -> int:
     res = {"temp_bytes": m.temp_size_in_bytes, "argument_bytes": m.argument_size_in_bytes,
            "output_bytes": m.output_size_in_bytes, "alias_bytes": m.alias_size_in_bytes,
            "compile_s": round(seconds, 1), "B": B, "T": T, "A": A, "V": vocab, "dtype": cfg.dtype,
-           "n_layer": mcfg.n_layer, "n_embd": mcfg.n_embd,
-           "loss_chunk": getattr(cfg, "loss_chunk", None)}
+           "n_layer": mcfg.n_layer, "n_embd": mcfg.n_embd, "head_chunk": head_chunk(B, T, vocab)}
     print(f"temporary {m.temp_size_in_bytes / 2**30:.3f} GiB ({m.temp_size_in_bytes:,} bytes), arguments "
           f"{m.argument_size_in_bytes / 2**30:.3f} GiB, outputs {m.output_size_in_bytes / 2**30:.3f} GiB; "
           f"compiled in {seconds:.0f} s")
