@@ -14,11 +14,11 @@ STACK = [
     ("quant", "runtime", "launch"),
     ("errors",),
     ("config", "rundir"),
-    ("tokenizer", "layers", "parallel"),
+    ("tokenizer", "layers", "parallel", "head"),
     ("lora", "optim", "data"),
     ("model", "prepare"),
     ("step", "pretrained", "sampling", "benchmark", "checkpoint"),
-    ("run",),
+    ("run", "lowering"),
     ("trainer",),
 ]
 ROOT = os.path.join(os.path.dirname(__file__), "..", "jaxgpt")
