@@ -44,8 +44,8 @@ def chunk_len(B: int, T: int, V: int, budget: int | None = None) -> int:
 
 
 def logits_of(x, w, tied: bool, softcap: float):
-    """x (N, C) in the compute dtype, w the head's float32 weight ((V, C) tied, (C, V) untied) ->
-    float32 logits (N, V), soft-capped when softcap > 0."""
+    """x (N, C) in the compute dtype, w the head's weight ((V, C) tied, (C, V) untied; cast to the
+    compute dtype here) -> float32 logits (N, V), soft-capped when softcap > 0."""
     w = w.astype(x.dtype)
     spec = "nc,vc->nv" if tied else "nc,cv->nv"
     z = jnp.einsum(spec, x, w, preferred_element_type=F32)
@@ -94,10 +94,11 @@ def _row_losses(z, t):
 def _loss_only(x, w, targets, tc, tied, softcap):
     B, T, _ = x.shape
     xp, tp, n = _padded(x, targets, tc)
+    wc = w.astype(x.dtype)  # once, not per chunk
 
     def body(total, i):
         xc, tcs, real = _chunk(xp, tp, i, tc, T)
-        losses, _ = _row_losses(logits_of(xc, w, tied, softcap), tcs)
+        losses, _ = _row_losses(logits_of(xc, wc, tied, softcap), tcs)
         return total + jnp.sum(jnp.where(real, losses, 0.0)), None
 
     total, _ = jax.lax.scan(body, jnp.zeros((), F32), jnp.arange(n))
@@ -113,13 +114,13 @@ def _chunked_loss_fwd(x, w, targets, tc, tied, softcap):
     """The loss and, in the same pass over the chunks, its gradients dx and dw."""
     B, T, C = x.shape
     xp, tp, n = _padded(x, targets, tc)
-    wc = w.astype(x.dtype)
+    wc = w.astype(x.dtype)  # once, not per chunk
     scale = 1.0 / (B * T)  # d(mean)/d(row loss)
 
     def body(carry, i):
         total, dx, dw = carry
         xc, tcs, real = _chunk(xp, tp, i, tc, T)
-        z = logits_of(xc, w, tied, softcap)  # (B*tc, V) float32
+        z = logits_of(xc, wc, tied, softcap)  # (B*tc, V) float32
         losses, lse = _row_losses(z, tcs)
         total = total + jnp.sum(jnp.where(real, losses, 0.0))
         # dloss/dz = softmax(z) - onehot(target), per real row, / (B*T)
