@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from jaxgpt.config import Config
 from jaxgpt.errors import UserError
@@ -224,10 +225,17 @@ def splash_attention(q, k, v):
     takes one sequence with heads first and unscaled scores, so q is scaled by 1/sqrt(hs) here and
     the batch is vmapped."""
     B, T, H, hs = q.shape
-    kernel = _splash_kernel(H, T, SPLASH_BLOCKS, SPLASH_INTERPRET)
+    kernel = jax.vmap(_splash_kernel(H, T, SPLASH_BLOCKS, SPLASH_INTERPRET))
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1:
+        # XLA cannot partition a Mosaic kernel: on several devices each runs it on its own rows of
+        # the batch, which is split over every mesh axis (parallel.batch_sharding). The mesh is the
+        # one the train and eval steps trace under (jaxgpt.step.tracing_mesh).
+        spec = P(mesh.axis_names)
+        kernel = jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
     q = q * jnp.asarray(1.0 / math.sqrt(hs), q.dtype)
     qt, kt, vt = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (B, H, T, hs)
-    return jax.vmap(kernel)(qt, kt, vt).transpose(0, 2, 1, 3).astype(v.dtype)  # (B, T, H, hs)
+    return kernel(qt, kt, vt).transpose(0, 2, 1, 3).astype(v.dtype)  # (B, T, H, hs)
 
 
 CUDNN_DTYPES = ("bfloat16", "float16")

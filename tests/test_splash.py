@@ -96,3 +96,61 @@ def test_a_splash_model_trains_and_decodes_as_the_explicit_one(interpret):
         tokens.append(Engine(graphdef, params, CFG.block_size).generate(
             prompt, max_new_tokens=140, temperature=0, key=jax.random.key(0)).tokens)  # past the window: refills
     np.testing.assert_array_equal(tokens[0], tokens[1])
+
+
+SHARDED = r"""
+import json
+import jax, numpy as np
+from jaxgpt import lowering, parallel
+from jaxgpt import model as model_lib
+from jaxgpt.config import Config
+from jaxgpt.model import ModelConfig
+from jaxgpt.step import abstract_state, init_state, make_train_step
+model_lib.SPLASH_INTERPRET = True
+out = {}
+for sharding in ("dp", "fsdp"):
+    for impl in ("explicit", "splash"):
+        m = ModelConfig(vocab_size=50, block_size=128, n_layer=1, n_head=2, n_embd=64, attn_impl=impl)
+        cfg = Config(batch_size=4, block_size=128, sharding=sharding, learning_rate=1e-2, warmup_iters=0)
+        mesh = parallel.make_mesh(cfg.sharding, cfg.mesh_shape)
+        graphdef, abstract, opt = abstract_state(m, cfg)
+        sh = parallel.state_shardings(abstract, mesh)
+        step = make_train_step(graphdef, opt, cfg, sh, parallel.batch_sharding(mesh, 3), parallel.replicated(mesh))
+        state = jax.jit(lambda k: init_state(m, cfg, k)[1], out_shardings=sh)(jax.random.key(0))
+        idx = jax.random.randint(jax.random.key(1), (1, 4, 129), 0, 50)
+        batch = jax.device_put((idx[..., :-1], idx[..., 1:]), parallel.batch_sharding(mesh, 3))
+        state, metrics = step(state, batch, jax.random.key(2))
+        out[f"{sharding}-{impl}"] = {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"])}
+    model_lib.SPLASH_INTERPRET = False  # the TPU kernel itself, lowered for a TPU with this sharding
+    step = make_train_step(graphdef, opt, cfg, sh, parallel.batch_sharding(mesh, 3), parallel.replicated(mesh))
+    tok = jax.ShapeDtypeStruct((1, 4, 128), jax.numpy.int32)
+    out[f"{sharding}-lowering"] = lowering.check({"train_step": (step, (abstract, (tok, tok), jax.random.key(0)))},
+                                                 ["tpu"])
+    model_lib.SPLASH_INTERPRET = True
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_splash_on_several_devices_runs_per_device_and_lowers_for_tpu():
+    """XLA cannot partition a Mosaic kernel ('Mosaic kernels cannot be automatically partitioned'
+    when a step over several devices is lowered for a TPU): the steps trace under their mesh and
+    splash runs per device with shard_map. On a CPU split into 2 devices, with the batch sharded
+    (dp) and the parameters sharded (fsdp): a train step with splash (interpret mode) gives the
+    explicit attention's loss and gradient norm, and the step with the TPU kernel lowers for tpu."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT, subprocess_env
+
+    r = subprocess.run([sys.executable, "-c", SHARDED], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env=subprocess_env(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    for sharding in ("dp", "fsdp"):
+        assert out[f"{sharding}-lowering"] == []
+        ref, got = out[f"{sharding}-explicit"], out[f"{sharding}-splash"]
+        # float32: online softmax against one softmax
+        np.testing.assert_allclose(got["loss"], ref["loss"], rtol=1e-5)
+        np.testing.assert_allclose(got["grad_norm"], ref["grad_norm"], rtol=1e-4)
