@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxgpt import parallel
 from jaxgpt.config import Config
 from jaxgpt.model import ModelConfig, build_model, with_attention
 from jaxgpt.runtime import resolve_dtype
@@ -45,22 +46,32 @@ def for_platform(model_cfg: ModelConfig, dtype: str, attn_impl: str, platform: s
     return dataclasses.replace(m, attn_impl="xla") if m.attn_impl == "cudnn" else m
 
 
-def programs(model_cfg: ModelConfig, cfg: Config, *, num_samples: int = 2,
-             train: bool = True) -> dict[str, tuple[Callable, tuple]]:
+def programs(model_cfg: ModelConfig, cfg: Config, *, num_samples: int = 2, train: bool = True,
+             mesh=None) -> dict[str, tuple[Callable, tuple]]:
     """name -> (jitted function, abstract arguments) of a run's programs at cfg's batch shape:
     the train step (cfg.gradient_accumulation_steps x batch_size x block_size; unless train=False,
     for a config that only evaluates), the eval step, and the decoding engine's prefill (a full
     window), extend and refill for num_samples samples (a LoRA model decodes merged, as sample.py
-    loads it). Nothing is allocated: the arguments are shapes."""
+    loads it). Nothing is allocated: the arguments are shapes. With a `mesh` (jaxgpt.parallel's,
+    of several devices) the train and eval steps are the sharded ones the trainer builds for it,
+    and the single-device decoding programs are left out."""
     graphdef, state, optimizer = abstract_state(model_cfg, cfg)
     A, B, T = cfg.gradient_accumulation_steps, cfg.batch_size, model_cfg.block_size
     i32 = jnp.int32
     tokens = lambda *shape: jax.ShapeDtypeStruct(shape, i32)  # noqa: E731
     out: dict[str, tuple[Callable, tuple]] = {}
+    steps: dict[str, Any] = {}
+    if mesh is not None:
+        sh, repl = parallel.state_shardings(state, mesh), parallel.replicated(mesh)
+        steps["train"] = make_train_step(graphdef, optimizer, cfg, sh, parallel.batch_sharding(mesh, 3), repl)
+        steps["eval"] = make_eval_step(graphdef, sh.params, parallel.batch_sharding(mesh, 2), repl, sh.frozen)
     if train:
-        out["train_step"] = (make_train_step(graphdef, optimizer, cfg), (state, (tokens(A, B, T),) * 2,
-                                                                         jax.random.key(0)))
-    out["eval_step"] = (make_eval_step(graphdef), (state.params, (tokens(B, T),) * 2, state.frozen))
+        out["train_step"] = (steps.get("train") or make_train_step(graphdef, optimizer, cfg),
+                             (state, (tokens(A, B, T),) * 2, jax.random.key(0)))
+    out["eval_step"] = (steps.get("eval") or make_eval_step(graphdef), (state.params, (tokens(B, T),) * 2,
+                                                                         state.frozen))
+    if mesh is not None:
+        return out
 
     sample_cfg = dataclasses.replace(model_cfg, lora_rank=0, base_quant="")  # adapters merged
     box: dict[str, Any] = {}

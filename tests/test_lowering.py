@@ -9,58 +9,12 @@ docs/accelerators.md."""
 
 import dataclasses
 import functools
-import glob
-import os
 
 import pytest
 
-from conftest import ROOT
+from helpers import CONFIGS, base_model, shipped, tiny
 from jaxgpt import lowering
 from jaxgpt import model as model_lib
-from jaxgpt.config import GPT2_SIZES, parse_args
-from jaxgpt.model import ModelConfig, model_config
-
-CONFIGS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "*.py")))
-GPT2_VOCAB, BPE_PADDED, CHAR_VOCAB = 50257, 50304, 65
-
-
-def shipped(name: str, *flags: str):
-    return parse_args(["--config", os.path.join(ROOT, "configs", name), *flags]).validate(paths=False)
-
-
-def tiny(name: str):
-    """The config with its model shrunk: one layer, two heads of its own head size (what the
-    dtype and attention choices look at), 128 positions; at most 2 micro-batches."""
-    cfg = shipped(name)
-    if cfg.init_from in GPT2_SIZES:
-        _, n_head, n_embd = GPT2_SIZES[cfg.init_from]
-        head_size = n_embd // n_head
-    else:
-        head_size = cfg.n_embd // cfg.n_head
-    return shipped(name, "--model_size=", "--n_layer=1", "--n_head=2", f"--n_embd={2 * head_size}",
-                   "--block_size=128", f"--gradient_accumulation_steps={min(cfg.gradient_accumulation_steps, 2)}")
-
-
-def base_model(name: str) -> ModelConfig:
-    """The model a config trains, as jaxgpt.run.setup builds it (dtype and attention still the
-    config's requests): from scratch; OpenAI's GPT-2 layout for a GPT-2 name; the model of the
-    config that writes its init_from out_dir; with the config's LoRA adapters and quantized base."""
-    cfg = tiny(name)
-    if cfg.init_from in GPT2_SIZES:
-        m = ModelConfig(vocab_size=GPT2_VOCAB, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                        n_embd=cfg.n_embd, bias=True, gelu="tanh", dropout=cfg.dropout)
-    elif cfg.init_from not in ("scratch", "resume"):
-        base = [c for c in CONFIGS if shipped(c).out_dir == cfg.init_from]
-        assert base, f"{name}: no config writes init_from={cfg.init_from}"
-        m = dataclasses.replace(base_model(base[0]), dropout=cfg.dropout, lora_rank=0, base_quant="")
-    else:
-        m = model_config(cfg, CHAR_VOCAB if cfg.tokenizer == "char" else BPE_PADDED, log=lambda s: None,
-                         platform="cpu")
-    if cfg.adapters:
-        m = dataclasses.replace(m, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                lora_targets=cfg.lora_targets, base_quant=cfg.base_quant)
-    return m
-
 
 @functools.lru_cache(maxsize=None)
 def config_programs(name: str, platform: str, attn_impl: str = ""):
@@ -135,3 +89,43 @@ def test_a_break_on_the_tpu_path_only_fails_for_tpu(monkeypatch):
         if expected:
             assert failures[0].startswith("configs/train_gpt2.py: eval_step does not lower for tpu: ValueError")
             assert "multiple of 128" in failures[0]
+
+
+SHARDED = r"""
+import json, sys
+sys.path.insert(0, "tests")
+from helpers import CONFIGS, base_model, shipped, tiny
+from jaxgpt import lowering, parallel
+out = []
+for name in CONFIGS:
+    B = shipped(name).batch_size
+    cfg = tiny(name, f"--batch_size={B if B % 2 == 0 else 2 * B}")  # a batch the 2 devices split
+    for sharding in ("dp", "fsdp"):
+        mesh = parallel.make_mesh(sharding, "")
+        for platform, attn in [("cuda", cfg.attn_impl), ("tpu", cfg.attn_impl), ("tpu", "splash")]:
+            if attn == "splash" and cfg.model_type != "gpt":
+                continue
+            m = lowering.for_platform(base_model(name), cfg.dtype, attn, platform)
+            progs = lowering.programs(m, cfg, train=not cfg.eval_only, mesh=mesh)
+            out += lowering.check(progs, [platform], what=f"configs/{name} ({sharding} x 2, attention {m.attn_impl})")
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_shipped_configs_sharded_steps_lower_for_the_accelerators():
+    """The train and eval steps as the trainer builds them for 2 devices (the batch sharded: dp;
+    the parameters and optimizer state too: fsdp), lowered for cuda and tpu, and with splash for
+    tpu: what a multi-device run compiles (a Mosaic kernel, which XLA cannot partition, fails
+    here unless it runs per device)."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT, subprocess_env
+
+    r = subprocess.run([sys.executable, "-c", SHARDED], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                       env=subprocess_env(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    failures = json.loads(r.stdout.strip().splitlines()[-1])
+    assert not failures, "\n".join(failures)
