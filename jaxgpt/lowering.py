@@ -10,7 +10,8 @@ device. What it cannot see: the device compiler's own work (XLA's GPU or TPU pas
 compilation of a Pallas kernel), memory on the device, and speed.
 
 The programs of a run: the train step (what train.py compiles), the eval step, and the decoding
-engine's prefill, extend and refill (jaxgpt.sampling). cuDNN flash attention cannot be lowered
+engine's prefill, extend and refill (jaxgpt.sampling); given a mesh of several (CPU) devices, the
+sharded train and eval steps the trainer builds for it. cuDNN flash attention cannot be lowered
 where cuDNN is not installed, so a 'cuda' check lowers XLA attention in its place (which
 implementation a GPU picks is pick_attention's business and has its own tests).
 """
