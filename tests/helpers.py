@@ -1,13 +1,14 @@
-"""Test helpers shared by several test files (and the subprocesses some tests start)."""
+"""Test helpers shared by several test files (and the subprocesses some tests start): the shipped
+configs with their models shrunk, and the model each one trains."""
 
 import dataclasses
 import glob
 import os
 
+from conftest import ROOT
 from jaxgpt.config import GPT2_SIZES, parse_args
 from jaxgpt.model import ModelConfig, model_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "*.py")))
 GPT2_VOCAB, BPE_PADDED, CHAR_VOCAB = 50257, 50304, 65
 
