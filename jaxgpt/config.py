@@ -288,8 +288,9 @@ class Config(ModelKeys):
                                                   "(parameters, logits and the loss stay float32)")
     matmul_precision: str = _system("default", choice(*MATMUL_PRECISIONS),
                                     "float32 matmuls: default (TF32 on NVIDIA GPUs) | high | highest (exact)")
-    attn_impl: str = _system("auto", choice("auto", "explicit", "xla", "cudnn"),
-                             "attention kernel: auto picks per device, dtype and head size")
+    attn_impl: str = _system("auto", choice("auto", "explicit", "xla", "cudnn", "splash"),
+                             "attention kernel: auto picks per device, dtype and head size (cudnn on NVIDIA "
+                             "GPUs, splash on TPUs, explicit on CPUs)")
     seed: int = _system(1337, rng(0, 2**32, hi_open=True), "every random stream derives from it")
     sharding: str = _system("dp", choice("dp", "fsdp"), "dp: parameters replicated; fsdp: parameters and "
                                                         "optimizer state sharded")

@@ -10,16 +10,20 @@ so the model holds nothing but parameters and a train step stays a pure function
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from jaxgpt.config import Config, ModelKeys
 from jaxgpt.errors import UserError
+from jaxgpt.head import head_loss, logits_of
 from jaxgpt.layers import Linear, dropout
 from jaxgpt.lora import LoRALinear, count
 from jaxgpt.runtime import resolve_dtype
@@ -33,7 +37,7 @@ class ModelConfig(ModelKeys):
     run resolved for it. A checkpoint records it."""
     vocab_size: int = 65  # V: from the data's tokenizer (a BPE vocabulary padded to a multiple of 64)
     dtype: str = "float32"  # the compute dtype, resolved (never 'auto'); parameters are always float32
-    attn_impl: str = "explicit"  # 'explicit' | 'xla' | 'cudnn', resolved for these devices: see attention()
+    attn_impl: str = "explicit"  # 'explicit' | 'xla' | 'cudnn' | 'splash', resolved for these devices: see attention()
     gelu: str = "exact"  # 'exact' (nanoGPT's nn.GELU) | 'tanh' (OpenAI GPT-2's approximation)
     lora_rank: int = 0  # LoRA adapters on lora_targets (0 = none): see jaxgpt.lora
     # QLoRA: the frozen base's Linear kernels are stored quantized ('nf4' | 'int8'; '' = float32);
@@ -157,15 +161,68 @@ def attention(q, k, v, impl: str = "explicit", *, dropout_rate: float = 0.0, dro
     """Causal self-attention (B, T, H, hs) -> (B, T, H, hs) by the chosen implementation.
 
     'xla' and 'cudnn' go through jax.nn.dot_product_attention (cudnn: flash attention on NVIDIA
-    GPUs). It has no attention-weight dropout, so training with dropout > 0 takes the explicit
-    path, which is also the fastest on CPU (measured: its backward is 1.5x faster there).
+    GPUs); 'splash' is Pallas splash attention, TPU flash attention (splash_attention), for
+    sequence lengths it tiles (a multiple of 128), else XLA's. None has attention-weight dropout,
+    so training with dropout > 0 takes the explicit path, which is also the fastest on CPU
+    (measured: its backward is 1.5x faster there).
     """
     if impl == "explicit" or (dropout_key is not None and dropout_rate > 0):
         return causal_attention(q, k, v, dropout_rate=dropout_rate, dropout_key=dropout_key)
+    if impl == "splash":
+        if splash_fits(q.shape[1]):
+            return splash_attention(q, k, v)
+        impl = "xla"
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl).astype(v.dtype)
 
 
+SPLASH_BLOCKS = (512, 256, 128)  # splash tiles: the largest that divides T is used (lanes: multiples of 128)
+# Pallas interpret mode: splash runs as ordinary XLA operations on any backend, slowly (the tests
+# compare it with XLA attention on a CPU). Never set in a run: off a TPU pick_attention refuses splash.
+SPLASH_INTERPRET = False
+
+
+def splash_fits(T: int) -> bool:
+    """Whether splash attention tiles a causal self-attention over T tokens."""
+    return T % SPLASH_BLOCKS[-1] == 0
+
+
+@functools.lru_cache(maxsize=None)
+def _splash_kernel(H: int, T: int, blocks: tuple[int, ...], interpret: bool):
+    """A splash kernel for H heads of causal self-attention over T tokens, one sequence:
+    q, k, v (H, T, hs) -> (H, T, hs). The causal mask is static, so fully masked tiles
+    (above the diagonal) are skipped, forward and backward."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    b = next(b for b in blocks if T % b == 0)
+    blocks = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
+                           block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+    mask = sm.MultiHeadMask([sm.CausalMask((T, T)) for _ in range(H)])
+    with jax.ensure_compile_time_eval():  # its mask tables are constants, not values of the trace that asks
+        return sk.make_splash_mha_single_device(mask, block_sizes=blocks, interpret=interpret)
+
+
+def splash_attention(q, k, v):
+    """Causal self-attention (B, T, H, hs) -> (B, T, H, hs) by Pallas splash attention (TPU flash
+    attention: scores and softmax in float32 inside the kernel, never (T, T) in memory). The kernel
+    takes one sequence with heads first and unscaled scores, so q is scaled by 1/sqrt(hs) here and
+    the batch is vmapped."""
+    B, T, H, hs = q.shape
+    kernel = jax.vmap(_splash_kernel(H, T, SPLASH_BLOCKS, SPLASH_INTERPRET))
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1:
+        # XLA cannot partition a Mosaic kernel: on several devices each runs it on its own rows of
+        # the batch, which is split over every mesh axis (parallel.batch_sharding). The mesh is the
+        # one the train and eval steps trace under (jaxgpt.step.tracing_mesh).
+        spec = P(mesh.axis_names)
+        kernel = jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
+    q = q * jnp.asarray(1.0 / math.sqrt(hs), q.dtype)
+    qt, kt, vt = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (B, H, T, hs)
+    return kernel(qt, kt, vt).transpose(0, 2, 1, 3).astype(v.dtype)  # (B, T, H, hs)
+
+
 CUDNN_DTYPES = ("bfloat16", "float16")
+SPLASH_HEAD_MULTIPLE = 128  # auto picks splash on TPUs for head sizes of this multiple (its tests: 128, 256)
 CUDNN_MAX_HEAD_SIZE = 256  # cuDNN flash attention: head size a multiple of 8, <= 256 (<= 128 before Hopper)
 
 _PROBED: dict = {}  # (probe, dtype, head size) -> None if cuDNN works, else why not
@@ -213,10 +270,11 @@ def pick_attention(requested: str, dtype: str, head_size: int, *, platform: str 
 
     'auto': the explicit form on CPUs (its backward is the fastest there); on NVIDIA GPUs cuDNN
     flash attention when it can serve the dtype (bf16/fp16, never float32) and head size and a
-    probe at exactly those compiles, runs and agrees with XLA's, else XLA's; XLA's on TPUs.
-    An explicit 'cudnn' that cannot serve them is a UserError saying what to pass instead.
-    `platform` defaults to the current devices' ('cpu', 'gpu', 'tpu'); the probe runs once per
-    dtype and head size."""
+    probe at exactly those compiles, runs and agrees with XLA's, else XLA's; on TPUs splash
+    attention (Pallas) for head sizes that are a multiple of 128 (what its tests cover), else XLA's.
+    An explicit 'cudnn' or 'splash' off its device, or a 'cudnn' that cannot serve them, is a
+    UserError saying what to pass instead. `platform` defaults to the current devices' ('cpu',
+    'gpu', 'tpu'); the probe runs once per dtype and head size."""
     platform = platform or jax.devices()[0].platform
     if requested == "cudnn":
         why = (f"needs an NVIDIA GPU, but this run is on {platform}; pass --attn_impl=auto"
@@ -224,10 +282,15 @@ def pick_attention(requested: str, dtype: str, head_size: int, *, platform: str 
         if why is not None:
             raise UserError(f"attn_impl=cudnn {why}")
         return "cudnn"
+    if requested == "splash" and platform != "tpu":
+        raise UserError(f"attn_impl=splash needs a TPU (it is a TPU kernel), but this run is on {platform}; "
+                        f"pass --attn_impl=auto")
     if requested != "auto":
         return requested
     if platform == "cpu":
         return "explicit"
+    if platform == "tpu":
+        return "splash" if head_size % SPLASH_HEAD_MULTIPLE == 0 else "xla"
     if platform != "gpu" or _cudnn_limit(dtype, head_size) is not None:
         return "xla"
     key = (probe, dtype, head_size)
@@ -238,20 +301,24 @@ def pick_attention(requested: str, dtype: str, head_size: int, *, platform: str 
     return "xla" if _PROBED[key] is not None else "cudnn"
 
 
-def with_attention(cfg: "ModelConfig", requested: str = "auto", log=print) -> "ModelConfig":
+def with_attention(cfg: "ModelConfig", requested: str = "auto", log=print, *, platform: str | None = None,
+                   probe=probe_cudnn) -> "ModelConfig":
     """cfg with the attention implementation that serves its dtype and head size on these devices
-    (a checkpoint records where it was trained; what runs here is chosen here)."""
+    (a checkpoint records where it was trained; what runs here is chosen here), or on `platform`
+    ('cpu', 'gpu', 'tpu'; see pick_attention)."""
     if cfg.model_type != "gpt":  # the bigram has no attention
         return dataclasses.replace(cfg, attn_impl="explicit")
-    impl = pick_attention(requested, cfg.dtype, cfg.n_embd // cfg.n_head, log=log)
+    impl = pick_attention(requested, cfg.dtype, cfg.n_embd // cfg.n_head, platform=platform, probe=probe, log=log)
     return dataclasses.replace(cfg, attn_impl=impl)
 
 
-def model_config(cfg: Config, vocab_size: int, log=print) -> ModelConfig:
+def model_config(cfg: Config, vocab_size: int, log=print, *, platform: str | None = None,
+                 probe=probe_cudnn) -> ModelConfig:
     """The one place a training Config becomes a ModelConfig: the model a config trains from
-    scratch (every ModelKeys key as the config says), in the dtype and attention that serve it here."""
-    return with_attention(ModelConfig(**model_keys(cfg), vocab_size=vocab_size, dtype=resolve_dtype(cfg.dtype)),
-                          cfg.attn_impl, log)
+    scratch (every ModelKeys key as the config says), in the dtype and attention that serve it here
+    (or on `platform`, see with_attention)."""
+    return with_attention(ModelConfig(**model_keys(cfg), vocab_size=vocab_size, dtype=resolve_dtype(cfg.dtype, platform)),
+                          cfg.attn_impl, log, platform=platform, probe=probe)
 
 
 def model_keys(cfg) -> dict[str, Any]:
@@ -370,14 +437,31 @@ class GPT(nnx.Module):
         return x.astype(self.config.dtype)
 
     def __call__(self, idx, dropout_key=None):
-        """Training and plain evaluation: token ids (B, T) -> logits (B, T, V)."""
+        """Token ids (B, T) -> logits (B, T, V)."""
+        return self.head(self.hidden(idx, dropout_key))
+
+    def hidden(self, idx, dropout_key=None):
+        """Token ids (B, T) -> the final hidden states ln_f(x) (B, T, C) that the head reads."""
         cfg = self.config
-        B, T = idx.shape
         keys = _split(dropout_key, cfg.n_layer + 1)
         x = dropout(self.embed(idx, 0), cfg.dropout, keys[0])  # (B, T, C)
         for block, k in zip(self.h, keys[1:]):
             x, _ = block(x, k)
-        return self.head(self.ln_f(x))
+        return self.ln_f(x)
+
+    def loss(self, idx, targets, dropout_key=None, chunk: int | None = None):
+        """Training and evaluation: mean next-token cross-entropy of token ids (B, T) against
+        targets (B, T), float32. Large logits are never held whole: jaxgpt.head computes the head
+        and the loss in chunks of `chunk` positions (default: its rule, by the logits' size)."""
+        w, tied = self._head_weight()
+        return head_loss(self.hidden(idx, dropout_key), w, targets, tied=tied, softcap=self.config.logit_softcap,
+                         tc=chunk)
+
+    def _head_weight(self):
+        """(the output head's float32 weight, tied): wte's (V, C), or lm_head's kernel (C, V)."""
+        if self.config.untied_head:
+            return self.lm_head.kernel[...], False
+        return self.wte.embedding[...], True
 
     def init_cache(self, batch_size: int, length: int):
         """An empty KV cache: per layer (k, v), each (B, H, S, hs) in the compute dtype."""
@@ -402,16 +486,9 @@ class GPT(nnx.Module):
     def head(self, x):
         """Output head (tied: wte; untied: lm_head): logits (B, T, V) accumulated and returned in
         float32, soft-capped there when logit_softcap > 0."""
-        cfg, lead = self.config, x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])  # (B*T, C)
-        if cfg.untied_head:
-            w = self.lm_head.kernel[...].astype(x.dtype)  # (C, V)
-            logits = jnp.einsum("nc,cv->nv", x2, w, preferred_element_type=F32)
-        else:
-            w = self.wte.embedding[...].astype(x.dtype)  # (V, C)
-            logits = jnp.einsum("nc,vc->nv", x2, w, preferred_element_type=F32)
-        if cfg.logit_softcap > 0:
-            logits = cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)
+        lead = x.shape[:-1]
+        w, tied = self._head_weight()
+        logits = logits_of(x.reshape(-1, x.shape[-1]), w, tied, self.config.logit_softcap)  # (B*T, V)
         return logits.reshape(*lead, -1)  # (B*T, V) -> (B, T, V)
 
 
@@ -425,6 +502,10 @@ class Bigram(nnx.Module):
 
     def __call__(self, idx, dropout_key=None):
         return self.wte(idx).astype(F32)  # (B, T) -> (B, T, V)
+
+    def loss(self, idx, targets, dropout_key=None, chunk: int | None = None):
+        """Mean next-token cross-entropy, float32 (the table is the logits: nothing to chunk)."""
+        return optax.softmax_cross_entropy_with_integer_labels(self(idx), targets).mean()
 
     def init_cache(self, batch_size: int, length: int):
         return ()  # the next token depends on the current one only

@@ -8,6 +8,7 @@ outside, `nnx.merge` inside the traced function, so no Python object graph is wa
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.struct
@@ -78,10 +79,16 @@ def abstract_state(model_cfg: ModelConfig, cfg: Config):
     return out["graphdef"], shapes, out["optimizer"]
 
 
+def model_loss(model, x, y, dropout_key=None):
+    """The mean loss of a model on inputs x and targets y (B, T): its `loss`, which for large
+    logits never holds them whole (jaxgpt.head); the cross_entropy of its logits in value."""
+    return model.loss(x, y, dropout_key)
+
+
 def make_loss_fn(graphdef) -> Callable:
     def loss_fn(params, x, y, dropout_key=None, frozen=None):
         model = nnx.merge(graphdef, lora.join(params, frozen) if frozen else params)
-        return cross_entropy(model(x, dropout_key), y)
+        return model_loss(model, x, y, dropout_key)
 
     return loss_fn
 
@@ -141,8 +148,24 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Conf
 
     if state_sharding is None:
         return jax.jit(train_step, donate_argnums=0)
-    return jax.jit(train_step, donate_argnums=0, in_shardings=(state_sharding, batch_sharding, None),
-                   out_shardings=(state_sharding, out_sharding))
+    return jax.jit(tracing_mesh(train_step, batch_sharding), donate_argnums=0,
+                   in_shardings=(state_sharding, batch_sharding, None), out_shardings=(state_sharding, out_sharding))
+
+
+def tracing_mesh(fn: Callable, sharding) -> Callable:
+    """fn traced with the mesh of `sharding` (a NamedSharding, or None) as JAX's abstract mesh:
+    what a kernel XLA cannot partition (splash attention) needs to be run per device with
+    shard_map. Nothing else changes: the mesh's axes are Auto, so XLA still partitions the rest."""
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.size == 1:
+        return fn
+
+    @functools.wraps(fn)
+    def traced(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args)
+
+    return traced
 
 
 def make_eval_step(graphdef, param_sharding=None, batch_sharding=None, out_sharding=None, frozen_sharding=None):
@@ -151,4 +174,5 @@ def make_eval_step(graphdef, param_sharding=None, batch_sharding=None, out_shard
     fn = lambda params, batch, frozen: loss_fn(params, *batch, None, frozen)
     if param_sharding is None:
         return jax.jit(fn)
-    return jax.jit(fn, in_shardings=(param_sharding, batch_sharding, frozen_sharding), out_shardings=out_sharding)
+    return jax.jit(tracing_mesh(fn, batch_sharding), in_shardings=(param_sharding, batch_sharding, frozen_sharding),
+                   out_shardings=out_sharding)

@@ -111,10 +111,10 @@ def test_logged_lr_is_the_applied_lr_after_skipped_steps(monkeypatch):
     """Steps 2 and 3 have a NaN loss and are skipped; step i still logs and applies lr_schedule(i) (nanoGPT's
     get_lr(iter)). The applied rate is measured from the weights: with no weight decay a step moves p by
     -lr * m_hat / (sqrt(v_hat) + eps), Adam's moments bias-corrected over the steps actually taken."""
-    real = step_lib.cross_entropy
+    real = step_lib.model_loss
     vocab = 11
     # a target id of vocab - 1 marks a batch whose loss is NaN
-    monkeypatch.setattr(step_lib, "cross_entropy", lambda logits, targets: real(logits, targets)
+    monkeypatch.setattr(step_lib, "model_loss", lambda model, x, targets, key: real(model, x, targets, key)
                         * jnp.where((targets == vocab - 1).any(), jnp.nan, 1.0))
     c = cfg(learning_rate=1e-2, min_lr=1e-3, warmup_iters=2, lr_decay_iters=8, weight_decay=0.0, grad_clip=0.0)
     model_cfg = ModelConfig(vocab_size=vocab, block_size=8, n_layer=1, n_head=2, n_embd=8)

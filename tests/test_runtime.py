@@ -49,7 +49,11 @@ def never(dtype, head_size):
     ("gpu", "bfloat16", 64, fails, "xla"),  # the probe failed at this dtype and head size
     ("gpu", "bfloat16", 12, never, "xla"),  # not a multiple of 8
     ("gpu", "bfloat16", 512, never, "xla"),  # too large a head
-    ("tpu", "bfloat16", 64, never, "xla"),
+    ("tpu", "bfloat16", 64, never, "xla"),  # splash: head sizes a multiple of 128 only
+    ("tpu", "bfloat16", 128, never, "splash"),
+    ("tpu", "float32", 256, never, "splash"),
+    ("gpu", "bfloat16", 128, works, "cudnn"),  # splash is a TPU kernel: never picked elsewhere
+    ("cpu", "bfloat16", 128, never, "explicit"),
 ])
 def test_auto_attention_serves_the_dtype_and_head_size(platform, dtype, head_size, probe, expected):
     notes = []
@@ -67,6 +71,10 @@ def test_a_named_implementation_is_kept_or_refused_in_one_line():
             ("cpu", "bfloat16", 64, "needs an NVIDIA GPU, but this run is on cpu; pass --attn_impl=auto")]:
         with pytest.raises(UserError, match=message):
             pick_attention("cudnn", dtype, head_size, platform=platform, probe=never)
+    assert pick_attention("splash", "bfloat16", 64, platform="tpu", probe=never) == "splash"
+    for platform in ("cpu", "gpu"):
+        with pytest.raises(UserError, match=f"attn_impl=splash needs a TPU .* on {platform}; pass --attn_impl=auto"):
+            pick_attention("splash", "bfloat16", 128, platform=platform, probe=never)
 
 
 def test_the_resolved_dtype_is_what_the_run_records(tmp_path, corpus_file):
@@ -106,9 +114,15 @@ def test_matmul_precision_applies_to_the_whole_run(tmp_path, corpus_file, monkey
     import jaxgpt.trainer as trainer
 
     seen = []
-    monkeypatch.setattr(trainer, "_train", lambda cfg, log: seen.append(jax.config.jax_default_matmul_precision))
+
+    def setup(cfg, log):  # what the run does first inside train: note the precision, then stop there
+        seen.append(jax.config.jax_default_matmul_precision)
+        raise StopIteration
+
+    monkeypatch.setattr(trainer, "setup", setup)
     for precision in ("highest", "default"):
-        train(parse_args(tiny_args(tmp_path, corpus_file, matmul_precision=precision)))
+        with pytest.raises(StopIteration):
+            train(parse_args(tiny_args(tmp_path, corpus_file, matmul_precision=precision)), log=lambda s: None)
     assert seen == ["highest", None]  # 'default' leaves JAX's own choice alone
 
 

@@ -14,12 +14,12 @@ STACK = [
     ("quant", "runtime"),
     ("errors", "signals"),
     ("cli", "config", "rundir"),
-    ("tokenizer", "layers", "parallel", "launch"),
+    ("tokenizer", "layers", "parallel", "launch", "head"),
     ("lora", "optim", "data"),
     ("model", "prepare"),
     ("step", "pretrained", "sampling", "benchmark", "checkpoint"),
     ("loading",),
-    ("start",),
+    ("start", "lowering"),
     ("trainer",),
 ]
 ROOT = os.path.join(os.path.dirname(__file__), "..", "jaxgpt")
