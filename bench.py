@@ -1,7 +1,7 @@
 """Benchmark the training step of a config: ms/iter, tokens/s, compile time, memory, MFU;
 or, with --sample_tokens=N, sampling: tokens/s of the decoding engine for N new tokens.
 
-    python bench.py --config configs/shakespeare_char_cpu.py [--key=value ...] [--steps=50] [--vocab_size=65]
+    python bench.py --config configs/shakespeare_char_cpu.py [--key=value ...] [--steps=50] [--warmup=2] [--vocab_size=65]
     python bench.py --config configs/shakespeare_char_cpu.py --block_size=256 --sample_tokens=200 \
         [--num_samples=5] [--prompt_tokens=1] [--window_keep=0]
 
@@ -13,6 +13,7 @@ values); the model and optimizer are the config's. For GPT-2 124M: --n_layer=12 
 import dataclasses
 import json
 import sys
+import time
 from dataclasses import dataclass
 from functools import partial
 
@@ -23,6 +24,7 @@ from jaxgpt import parallel
 from jaxgpt.benchmark import device_peak, flops_per_token, peak_memory_bytes, sampling_speed, summarize, time_steps
 from jaxgpt.config import INT32_MAX, coerce, parse_args, rng, validate_fields
 from jaxgpt.errors import run_cli
+from jaxgpt.memory import checked_train_step
 from jaxgpt.model import build_model, model_config, num_params
 from jaxgpt.runtime import matmul_precision, resolve_dtype
 from jaxgpt.sampling import Engine
@@ -33,6 +35,7 @@ from jaxgpt.step import abstract_state, init_state, make_train_step
 class BenchOptions:
     """bench.py's own flags; every other flag is a training config key."""
     steps: int = 50  # timed train steps
+    warmup: int = 2  # untimed train steps before them (the first one compiles unless the memory check did)
     vocab_size: int = 65
     sample_tokens: int = 0  # > 0: benchmark sampling this many new tokens instead of training
     num_samples: int = 5
@@ -40,8 +43,8 @@ class BenchOptions:
     window_keep: int = 0
 
 
-BENCH_RULES = {"steps": rng(1, 1_000_000), "vocab_size": rng(1, 1 << 22), "sample_tokens": rng(0, INT32_MAX),
-               "num_samples": rng(1, 1 << 20), "prompt_tokens": rng(1, 1 << 20),
+BENCH_RULES = {"steps": rng(1, 1_000_000), "warmup": rng(1, 1_000_000), "vocab_size": rng(1, 1 << 22),
+               "sample_tokens": rng(0, INT32_MAX), "num_samples": rng(1, 1 << 20), "prompt_tokens": rng(1, 1 << 20),
                "window_keep": rng(0, note="(0 means block_size)")}
 
 
@@ -63,10 +66,10 @@ def bench_main(argv):
         parallel.set_cpu_devices(cfg.cpu_devices)
         parallel.maybe_initialize_distributed()  # under a launcher: one job over all processes
     with matmul_precision(cfg.matmul_precision):
-        return bench_sampling(cfg, opts) if opts["sample_tokens"] else bench(cfg, steps, vocab)
+        return bench_sampling(cfg, opts) if opts["sample_tokens"] else bench(cfg, steps, vocab, o.warmup)
 
 
-def bench(cfg, steps: int, vocab: int) -> int:
+def bench(cfg, steps: int, vocab: int, warmup: int = 2) -> int:
     mesh = parallel.make_mesh(cfg.sharding, cfg.mesh_shape)
     parallel.check_batch(mesh, cfg.batch_size)
     cfg.dtype = resolve_dtype(cfg.dtype, mesh.devices.flat[0].platform)
@@ -84,10 +87,19 @@ def bench(cfg, steps: int, vocab: int) -> int:
         idx = jax.random.randint(jax.random.fold_in(jax.random.key(0), i), (A, B, T + 1), 0, vocab)
         return idx[..., :-1], idx[..., 1:]
 
+    key = jax.random.key(1)
+    compile_s = None
+    if cfg.memory_check:  # refuses a step that does not fit; the step then runs from this compile
+        t0 = time.perf_counter()
+        step = checked_train_step(step, graphdef, optimizer, cfg, state, state_sh, mesh, key,
+                                  log=print if jax.process_index() == 0 else (lambda s: None))
+        compile_s = time.perf_counter() - t0
     peak, peak_src = device_peak("float32" if jax.devices()[0].platform == "cpu" else cfg.dtype, mesh.devices.flat)
-    state, times, compile_s = time_steps(step, state, make_batch, jax.random.key(1), steps)
+    state, times, first_s = time_steps(step, state, make_batch, key, steps, warmup)
     res = summarize(times, A * B * T, flops_per_token(mcfg, n), peak)
-    res.update(compile_s=compile_s, params=n, device=jax.devices()[0].device_kind, devices=mesh.devices.size,
+    # compile_s: lower + compile (the memory check's); without the check, the first step's time
+    res.update(compile_s=first_s if compile_s is None else compile_s, first_step_s=first_s, remat=cfg.remat,
+               params=n, device=jax.devices()[0].device_kind, devices=mesh.devices.size,
                sharding=cfg.sharding, processes=jax.process_count(),
                peak_memory_bytes=peak_memory_bytes(), peak_source=peak_src, dtype=cfg.dtype, steps=steps)
     if jax.process_index():  # one report for the job
@@ -95,7 +107,7 @@ def bench(cfg, steps: int, vocab: int) -> int:
     print(f"device {res['device']} x {mesh.devices.size} ({cfg.sharding}), {jax.process_count()} process(es); "
           f"peak {peak_src}")
     print(f"{res['ms_per_iter']:.2f} ms/iter (median of {steps}), {res['tokens_per_s']:,.0f} tokens/s, "
-          f"MFU {100 * res['mfu']:.1f}%, compile {compile_s:.1f} s, peak memory "
+          f"MFU {100 * res['mfu']:.1f}%, compile {res['compile_s']:.1f} s, peak memory "
           + (f"{res['peak_memory_bytes'] / 2**20:.0f} MiB" if res["peak_memory_bytes"] else "not reported"))
     print(json.dumps(res))
     return 0

@@ -229,6 +229,12 @@ class Config:
     matmul_precision: str = "default"
     # 'auto' | 'explicit' | 'xla' | 'cudnn' (auto: cuDNN flash attention on NVIDIA GPUs for bf16 when it works)
     attn_impl: str = "auto"
+    # activation checkpointing of the blocks in the train step: '' or 'none' (off) | 'block' (keep each
+    # block's input only: least memory) | 'dots' (keep the Linear matmuls' outputs too); see docs/memory.md
+    remat: str = ""
+    # before the first step, compare the compiled train step's memory with the free memory and refuse
+    # one that does not fit, naming settings that do (docs/memory.md); False skips the check
+    memory_check: bool = True
     seed: int = 1337
     # devices
     sharding: str = "dp"  # 'dp' (replicated params) | 'fsdp' (params and optimizer state sharded)
@@ -310,6 +316,7 @@ Config.RULES = {
     "warmup_iters": rng(0, INT32_MAX), "lr_decay_iters": rng(0, INT32_MAX), "min_lr": rng(0),
     "dtype": choice(*DTYPES), "matmul_precision": choice(*MATMUL_PRECISIONS),
     "attn_impl": choice("auto", "explicit", "xla", "cudnn"),
+    "remat": choice("", "none", "block", "dots"),
     "seed": rng(0, 2**32, hi_open=True),
     "sharding": choice("dp", "fsdp"), "mesh_shape": mesh_shape_rule, "cpu_devices": rng(0, 4096),
     # the modern recipe's options (README "Time to quality")

@@ -358,6 +358,22 @@ class Block(nnx.Module):
         return x, cache
 
 
+# Activation checkpointing (remat) of the blocks in the train step: the backward pass recomputes
+# what the forward pass did not keep. 'block': only each block's input (B, T, C) is kept, the
+# whole block is recomputed (the least memory, ~1/3 more compute); 'dots': the outputs of the
+# Linear layers' matmuls (no batch dims) are kept too, attention and elementwise ops are recomputed.
+# Values are functions so jax.checkpoint_policies is read when used.
+REMAT_POLICIES = {
+    "block": lambda: jax.checkpoint_policies.nothing_saveable,
+    "dots": lambda: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+REMAT_OFF = ("", "none")
+
+
+def _run_block(block, x, dropout_key):
+    return block(x, dropout_key)[0]
+
+
 class GPT(nnx.Module):
     """GPT-2-style decoder. Init recipe: every weight normal(0.02), the residual output
     projections (attn.c_proj, mlp.c_proj) normal(0.02 / sqrt(2 * n_layer)), biases zero,
@@ -384,14 +400,16 @@ class GPT(nnx.Module):
             x = x + self.wpe(pos + jnp.arange(idx.shape[1]))
         return x.astype(self.config.dtype)
 
-    def __call__(self, idx, dropout_key=None):
-        """Training and plain evaluation: token ids (B, T) -> logits (B, T, V)."""
+    def __call__(self, idx, dropout_key=None, remat: str = ""):
+        """Training and plain evaluation: token ids (B, T) -> logits (B, T, V). remat (a key of
+        REMAT_POLICIES, '' = none): activation checkpointing of each block, for the train step."""
         cfg = self.config
         B, T = idx.shape
         keys = _split(dropout_key, cfg.n_layer + 1)
         x = dropout(self.embed(idx, 0), cfg.dropout, keys[0])  # (B, T, C)
+        run_block = _run_block if remat in REMAT_OFF else nnx.remat(_run_block, policy=REMAT_POLICIES[remat]())
         for block, k in zip(self.h, keys[1:]):
-            x, _ = block(x, k)
+            x = run_block(block, x, k)
         return self.head(self.ln_f(x))
 
     def init_cache(self, batch_size: int, length: int):
@@ -438,8 +456,8 @@ class Bigram(nnx.Module):
         self.wte = nnx.Embed(cfg.vocab_size, cfg.vocab_size,
                              embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
 
-    def __call__(self, idx, dropout_key=None):
-        return self.wte(idx).astype(F32)  # (B, T) -> (B, T, V)
+    def __call__(self, idx, dropout_key=None, remat: str = ""):
+        return self.wte(idx).astype(F32)  # (B, T) -> (B, T, V); no blocks, nothing to checkpoint
 
     def init_cache(self, batch_size: int, length: int):
         return ()  # the next token depends on the current one only

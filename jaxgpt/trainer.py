@@ -26,6 +26,7 @@ from jaxgpt.benchmark import device_peak, flops_per_token
 from jaxgpt.checkpoint import Checkpointer
 from jaxgpt.config import Config, save_config
 from jaxgpt.errors import UserError
+from jaxgpt.memory import checked_train_step
 from jaxgpt.model import num_params
 from jaxgpt.optim import lr_schedule
 from jaxgpt.run import Run, check_fresh_run, clear_run, run_keys, setup, start_state
@@ -188,6 +189,15 @@ class Loop:
         repl = parallel.replicated(run.mesh)
         self.train_step = make_train_step(graphdef, optimizer, cfg, state_sh, parallel.batch_sharding(run.mesh, 3),
                                           repl)
+        if cfg.memory_check and create and int(self.state.step) < cfg.max_iters:
+            # the step compiled as it will run, after checking that it fits (jaxgpt.memory)
+            try:
+                self.train_step = checked_train_step(self.train_step, graphdef, optimizer, cfg, self.state, state_sh,
+                                                     run.mesh, self.keys["dropout"], checkpoint_copy=True, log=log)
+            except BaseException:  # refused (or interrupted while compiling): nothing was written
+                self.latest.close()
+                self.best.close()
+                raise
         self.eval_step = make_eval_step(graphdef, state_sh.params, parallel.batch_sharding(run.mesh, 2), repl,
                                         state_sh.frozen)
         self.schedule = lr_schedule(cfg)
