@@ -45,7 +45,11 @@ REMAT_ORDER = ("dots", "block")
 
 
 def gib(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB"
+    """Bytes as GiB, or MiB / KiB below one GiB / MiB, with one decimal."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n / 1024:.1f} KiB"
 
 
 @dataclass(frozen=True)
@@ -225,7 +229,7 @@ def checked_train_step(step, graphdef, optimizer, cfg, state, state_sh, mesh, ke
         m = memory[current]
         parts = [f"{what} {gib(sharing * n)}" for what, n in (
             ("state and batch", m.arguments), ("activations and temporaries", m.temporaries),
-            ("new outputs", m.outputs - m.aliased), ("code", m.code)) if sharing * n >= 0.05 * 2**30]
+            ("new outputs", m.outputs - m.aliased), ("code", m.code)) if sharing * n >= 0.02 * m.total]
         if beside:
             parts.append(f"the checkpoints' host copy of the state {gib(beside)}")
         if sharing > 1:
