@@ -134,7 +134,7 @@ def suggest(need: Callable[[Setting], int], current: Setting, budget: int, n_bat
 
     def largest_batch(remat: str) -> tuple[Setting, int] | None:
         # micro-batches below the current one that keep batch_size x accumulation: the need is close
-        # to affine in the micro-batch, so two compiles place the line, and the pick is compiled to check
+        # to affine in the micro-batch, so two compiles place a line, and the pick is compiled to check
         sizes = [b for b in range(current.batch_size - 1, 0, -1) if tokens % b == 0 and b % n_batch == 0]
         if not sizes:
             return None
@@ -143,11 +143,14 @@ def suggest(need: Callable[[Setting], int], current: Setting, budget: int, n_bat
         if cost(at(small)) > budget:
             return None
         slope = (cost(top) - cost(at(small))) / (current.batch_size - small)
-        checks = 0
-        for b in sizes:  # largest first: those the line says fit, compiled until one does (3 at most)
-            if b != small and (checks == 3 or cost(at(small)) + slope * (b - small) > budget):
-                continue
-            checks += 1
+        # start where the line says the largest fit is, then one size at a time (a few compiles at most):
+        # up while the next larger one fits too, down until one fits (the need grows with the batch)
+        i = next((i for i, b in enumerate(sizes) if cost(at(small)) + slope * (b - small) <= budget), len(sizes) - 1)
+        if cost(at(sizes[i])) <= budget:
+            while i > 0 and cost(at(sizes[i - 1])) <= budget:
+                i -= 1
+            return at(sizes[i]), cost(at(sizes[i]))
+        for b in sizes[i + 1:]:
             if cost(at(b)) <= budget:
                 return at(b), cost(at(b))
         return None

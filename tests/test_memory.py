@@ -111,17 +111,18 @@ def fake_need(fixed, per, calls, curve=0.0):
     return need
 
 
-def test_suggest_picks_the_largest_micro_batch_that_fits_at_the_same_tokens():
+@pytest.mark.parametrize("budget, batch, remat", [(1500, 4, "block"), (1650, 6, "dots")])
+def test_suggest_picks_the_largest_micro_batch_that_fits_at_the_same_tokens(budget, batch, remat):
     calls = []
-    need = fake_need(1000, 100, calls)
-    out = suggest(need, Setting(12, 1, ""), budget=1500, n_batch=1)
+    need = fake_need(1000, 100, calls)  # 1000 + 100 b (+ 10 per micro-batch); dots 50 b, block 25 b
+    out = suggest(need, Setting(12, 1, ""), budget=budget, n_batch=1)
+    compiles = len(calls)  # each one a compile in a real run
     s, n = out[0]
-    assert s.batch_size * s.accum == 12 and s.remat == ""
-    assert n <= 1500 and s.batch_size == 4  # 1000 + 100 * 4 + 30 fits; 6 (1000 + 600 + 20) does not
-    # at the same batch, remat=dots (1000 + 50 * 12) fits and is the faster policy: named too
-    assert [x[0] for x in out[1:]] == [Setting(12, 1, "dots")]
-    assert all(need(x) <= 1500 for x, _ in out)
-    assert len(calls) <= 6
+    assert s == Setting(batch, 12 // batch, "") and n <= budget  # the next larger divisor of 12 does not fit
+    # at the same batch the faster policy that fits is named too (dots fits only the larger budget)
+    assert [x[0] for x in out[1:]] == [Setting(12, 1, remat)]
+    assert all(need(x) <= budget for x, _ in out)
+    assert compiles <= 6
 
 
 def test_suggest_checks_its_pick_when_the_need_is_not_affine():
