@@ -171,12 +171,11 @@ def suggest(need: Callable[[Setting], int], current: Setting, budget: int, n_bat
 
 
 def check(need: Callable[[Setting], int], current: Setting, *, resident: int, n_batch: int,
-          describe: Callable[[int, bool], str], log: Callable[[str], None] = print, what_there=None) -> None:
+          describe: Callable[[int, bool], str], log: Callable[[str], None] = print) -> None:
     """Refuses (UserError, one line) a step whose need() does not fit, naming settings that do;
-    else logs one line. describe(need, fits) says what the need is made of; what_there: memory_there's
-    answer (default: asked now)."""
+    else logs one line. describe(need, fits) says what the need is made of."""
     first = need(current)
-    there, what = what_there or memory_there(resident)
+    there, what = memory_there(resident)
     budget = int(MEMORY_SHARE * there)
     fits = first <= budget
     if parallel.any_process(not fits) and fits:  # every process of a job must stop together
