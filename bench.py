@@ -1,7 +1,8 @@
 """Benchmark the training step of a config: ms/iter, tokens/s, compile time, memory, MFU;
 or, with --sample_tokens=N, sampling: tokens/s of the decoding engine for N new tokens.
 
-    python bench.py --config configs/shakespeare_char_cpu.py [--key=value ...] [--steps=50] [--warmup=2] [--vocab_size=65]
+    python bench.py --config configs/shakespeare_char_cpu.py [--key=value ...] [--steps=50] [--warmup=2] \
+        [--vocab_size=65]
     python bench.py --config configs/shakespeare_char_cpu.py --block_size=256 --sample_tokens=200 \
         [--num_samples=5] [--prompt_tokens=1] [--window_keep=0]
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from jaxgpt import parallel
 from jaxgpt.errors import UserError
@@ -120,8 +121,9 @@ def process_rss() -> int | None:
 def suggest(need: Callable[[Setting], int], current: Setting, budget: int, n_batch: int,
             first: int | None = None) -> list[tuple[Setting, int]]:
     """Settings at the same tokens per step that fit in `budget`, each checked with need() (which
-    compiles): the largest micro-batch without changing remat, else the fastest remat policy at
-    the same batch, else remat=block with the largest micro-batch that fits. [] if none does.
+    compiles): the largest micro-batch without changing remat; the fastest remat policy that keeps
+    less and fits at the same batch, else remat=block at the largest micro-batch that fits with it
+    (when larger than the first). [] if none does.
 
     n_batch: the batch must be a multiple of it (the devices it is split over); first: need(current)."""
     tokens = current.batch_size * current.accum
@@ -157,14 +159,16 @@ def suggest(need: Callable[[Setting], int], current: Setting, budget: int, n_bat
 
     found = largest_batch(current.remat)
     out = [found] if found else []
-    if not current.remat:
-        for remat in REMAT_ORDER:
-            s = current._replace(remat=remat)
-            if cost(s) <= budget:
-                out.append((s, cost(s)))
-                break
-        else:  # remat at a micro-batch larger than the one found without it
-            with_remat = largest_batch("block")
+    # the policies that keep less than the current one (REMAT_ORDER: by speed, and so by memory kept)
+    stronger = REMAT_ORDER[REMAT_ORDER.index(current.remat) + 1:] if current.remat else REMAT_ORDER
+    for remat in stronger:
+        s = current._replace(remat=remat)
+        if cost(s) <= budget:
+            out.append((s, cost(s)))
+            break
+    else:  # the strongest policy at a micro-batch larger than the one found without changing remat
+        if stronger:
+            with_remat = largest_batch(stronger[-1])
             if with_remat and (not found or with_remat[0].batch_size > found[0].batch_size):
                 out.append(with_remat)
     return out
@@ -182,17 +186,17 @@ def check(need: Callable[[Setting], int], current: Setting, *, resident: int, n_
         raise UserError("another process of this job has not enough memory for the train step (see its error); "
                         "pass the settings it names to every process")
     if fits:
-        log(f"memory check: the train step needs about {gib(first)} ({describe(first, True)}) of the {gib(budget)} it may "
-            f"use ({100 * MEMORY_SHARE:.0f}% of {gib(there)}: {what}); --memory_check=False skips this check")
+        log(f"memory check: the train step needs about {gib(first)} ({describe(first, True)}) of the {gib(budget)} "
+            f"it may use ({100 * MEMORY_SHARE:.0f}% of {gib(there)}: {what}); --memory_check=False skips this check")
         return
     options = suggest(need, current, budget, n_batch, first)
     fix = (" or ".join(f"{s.flags(current)} (about {gib(n)})" for s, n in options)
            + " (the same tokens per step)" if options else
            "no smaller batch_size or remat setting fits at the same tokens per step; use a smaller model or "
            "block_size, more devices, or --sharding=fsdp")
-    raise UserError(f"the train step needs about {gib(first)} ({describe(first, False)}), more than the {gib(budget)} it may "
-                    f"use ({100 * MEMORY_SHARE:.0f}% of {gib(there)}: {what}); pass {fix}; or --memory_check=False "
-                    f"to try anyway")
+    raise UserError(f"the train step needs about {gib(first)} ({describe(first, False)}), more than the "
+                    f"{gib(budget)} it may use ({100 * MEMORY_SHARE:.0f}% of {gib(there)}: {what}); pass {fix}; or "
+                    f"--memory_check=False to try anyway")
 
 
 def checked_train_step(step, graphdef, optimizer, cfg, state, state_sh, mesh, key, *, checkpoint_copy: bool = False,
@@ -219,7 +223,7 @@ def checked_train_step(step, graphdef, optimizer, cfg, state, state_sh, mesh, ke
         fn = step if s == current else make_train_step(
             graphdef, optimizer, dataclasses.replace(cfg, batch_size=s.batch_size, gradient_accumulation_steps=s.accum,
                                                      remat=s.remat), state_sh, batch_sh, repl)
-        batch = jax.ShapeDtypeStruct((s.accum, s.batch_size, cfg.block_size), jax.numpy.int32, sharding=batch_sh)
+        batch = jax.ShapeDtypeStruct((s.accum, s.batch_size, cfg.block_size), jnp.int32, sharding=batch_sh)
         c = fn.lower(state, (batch, batch), key).compile()
         if s == current:
             compiled[s] = c

@@ -223,3 +223,10 @@ def test_remat_per_device_under_dp_and_fsdp():
             # a few steps of the same arithmetic: equal to float32 rounding (rtol 1e-5)
             np.testing.assert_allclose(report[sharding][remat], plain, rtol=1e-5, err_msg=f"{sharding} {remat}")
     assert report["sharing_2_over_1"] > 1.9  # two devices on one host need twice one device's bytes
+
+
+def test_suggest_from_dots_offers_block():
+    # remat=dots does not fit and no smaller micro-batch does either: the stronger policy is named
+    per = {"": 300, "dots": 200, "block": 50}
+    out = suggest(fake_need(1000, per, []), Setting(4, 1, "dots"), budget=1230, n_batch=1)
+    assert [s for s, _ in out] == [Setting(4, 1, "block")]
