@@ -12,6 +12,7 @@ values); the model and optimizer are the config's. For GPT-2 124M: --n_layer=12 
 
 import json
 import sys
+import time
 from dataclasses import dataclass
 from functools import partial
 
@@ -22,6 +23,7 @@ from jaxgpt import parallel
 from jaxgpt.benchmark import device_peak, flops_per_token, peak_memory_bytes, sampling_speed, summarize, time_steps
 from jaxgpt.config import INT32_MAX, Config, group, parse_args, rng
 from jaxgpt.cli import run_cli
+from jaxgpt.memory import checked_train_step
 from jaxgpt.model import build_model, model_config, num_params
 from jaxgpt.runtime import matmul_precision, resolve_dtype
 from jaxgpt.sampling import Engine
@@ -38,6 +40,8 @@ class BenchConfig(Config):
 
     GROUPS = ("bench.py", *Config.GROUPS)
     steps: int = _bench(50, rng(1, 1_000_000), "timed train steps")
+    warmup: int = _bench(2, rng(1, 1_000_000), "untimed train steps before them (the first compiles unless the "
+                                               "memory check did)")
     vocab_size: int = _bench(65, rng(1, 1 << 22), "the model's vocabulary V (the data is synthetic)")
     sample_tokens: int = _bench(0, rng(0, INT32_MAX), "> 0: benchmark sampling this many new tokens instead")
     num_samples: int = _bench(5, rng(1, 1 << 20), "sampling: sequences decoded together")
@@ -52,10 +56,10 @@ def bench_main(argv):
         parallel.set_cpu_devices(cfg.cpu_devices)
         parallel.maybe_initialize_distributed()  # under a launcher: one job over all processes
     with matmul_precision(cfg.matmul_precision):
-        return bench_sampling(cfg, opts) if cfg.sample_tokens else bench(cfg, cfg.steps, cfg.vocab_size)
+        return bench_sampling(cfg, opts) if cfg.sample_tokens else bench(cfg, cfg.steps, cfg.vocab_size, cfg.warmup)
 
 
-def bench(cfg, steps: int, vocab: int) -> int:
+def bench(cfg, steps: int, vocab: int, warmup: int = 2) -> int:
     mesh = parallel.make_mesh(cfg.sharding, cfg.mesh_shape)
     parallel.check_batch(mesh, cfg.batch_size)
     cfg = cfg.replace(dtype=resolve_dtype(cfg.dtype, mesh.devices.flat[0].platform))
@@ -73,10 +77,19 @@ def bench(cfg, steps: int, vocab: int) -> int:
         idx = jax.random.randint(jax.random.fold_in(jax.random.key(0), i), (A, B, T + 1), 0, vocab)
         return idx[..., :-1], idx[..., 1:]
 
+    key = jax.random.key(1)
+    compile_s = None
+    if cfg.memory_check:  # refuses a step that does not fit; the step then runs from this compile
+        t0 = time.perf_counter()
+        step = checked_train_step(step, graphdef, optimizer, cfg, state, state_sh, mesh, key,
+                                  log=print if jax.process_index() == 0 else (lambda s: None))
+        compile_s = time.perf_counter() - t0
     peak, peak_src = device_peak("float32" if jax.devices()[0].platform == "cpu" else cfg.dtype, mesh.devices.flat)
-    state, times, compile_s = time_steps(step, state, make_batch, jax.random.key(1), steps)
+    state, times, first_s = time_steps(step, state, make_batch, key, steps, warmup)
     res = summarize(times, A * B * T, flops_per_token(mcfg, n), peak)
-    res.update(compile_s=compile_s, params=n, device=jax.devices()[0].device_kind, devices=mesh.devices.size,
+    # compile_s: lower + compile (the memory check's); without the check, the first step's time
+    res.update(compile_s=first_s if compile_s is None else compile_s, first_step_s=first_s, remat=cfg.remat,
+               params=n, device=jax.devices()[0].device_kind, devices=mesh.devices.size,
                sharding=cfg.sharding, processes=jax.process_count(),
                peak_memory_bytes=peak_memory_bytes(), peak_source=peak_src, dtype=cfg.dtype, steps=steps)
     if jax.process_index():  # one report for the job
@@ -84,7 +97,7 @@ def bench(cfg, steps: int, vocab: int) -> int:
     print(f"device {res['device']} x {mesh.devices.size} ({cfg.sharding}), {jax.process_count()} process(es); "
           f"peak {peak_src}")
     print(f"{res['ms_per_iter']:.2f} ms/iter (median of {steps}), {res['tokens_per_s']:,.0f} tokens/s, "
-          f"MFU {100 * res['mfu']:.1f}%, compile {compile_s:.1f} s, peak memory "
+          f"MFU {100 * res['mfu']:.1f}%, compile {res['compile_s']:.1f} s, peak memory "
           + (f"{res['peak_memory_bytes'] / 2**20:.0f} MiB" if res["peak_memory_bytes"] else "not reported"))
     print(json.dumps(res))
     return 0

@@ -291,6 +291,11 @@ class Config(ModelKeys):
     attn_impl: str = _system("auto", choice("auto", "explicit", "xla", "cudnn", "splash"),
                              "attention kernel: auto picks per device, dtype and head size (cudnn on NVIDIA "
                              "GPUs, splash on TPUs, explicit on CPUs)")
+    remat: str = _system("", choice("", "none", "block", "dots"),
+                         "activation checkpointing of the blocks in the train step: '' (off), block (least "
+                         "memory), dots (keeps the matmul outputs); see docs/memory.md")
+    memory_check: bool = _system(True, None, "refuse, before the first step, a step that does not fit in memory "
+                                             "and name settings that do (JAXGPT_MEMORY_LIMIT=8G caps it)")
     seed: int = _system(1337, rng(0, 2**32, hi_open=True), "every random stream derives from it")
     sharding: str = _system("dp", choice("dp", "fsdp"), "dp: parameters replicated; fsdp: parameters and "
                                                         "optimizer state sharded")

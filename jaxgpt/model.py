@@ -410,6 +410,40 @@ class Block(nnx.Module):
         return x, cache
 
 
+# Activation checkpointing (remat) of the blocks in the train step: the backward pass recomputes
+# what the forward pass did not keep. 'block': only each block's input (B, T, C) is kept, the
+# whole block is recomputed (the least memory, ~1/3 more compute); 'dots': the outputs of the
+# Linear layers' matmuls (no batch dims) are kept too, attention and elementwise ops are recomputed.
+# Values are functions so jax.checkpoint_policies is read when used.
+REMAT_POLICIES = {
+    "block": lambda: jax.checkpoint_policies.nothing_saveable,
+    "dots": lambda: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+REMAT_OFF = ("", "none")
+
+
+def _remat_blocks(blocks, x, keys, policy):
+    """x (B, T, C) through the blocks with activation checkpointing, as one jax.lax.scan over the
+    blocks' parameters stacked along a new leading axis (L, ...), its body under jax.checkpoint.
+
+    A scan, not a Python loop of checkpointed blocks: XLA's CPU compiler drops the optimization
+    barriers that keep a checkpointed block's recomputation apart from its forward pass, merges the
+    two again (CSE) and the step keeps every activation (measured: the same temporaries as without
+    remat); across the iterations of a loop nothing can be merged, on any backend. The stacked copy
+    of the blocks' parameters (and of its gradient) is the price: small beside the activations."""
+    graphdef, _ = nnx.split(blocks[0])
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *[nnx.split(b)[1] for b in blocks])  # (L, ...) leaves
+    stacked_keys = None if keys[0] is None else jnp.stack(keys)  # (L,) dropout keys, or None
+
+    @functools.partial(jax.checkpoint, policy=policy, prevent_cse=False)  # a loop body needs no CSE guard
+    def body(x, layer):
+        state, key = layer
+        return nnx.merge(graphdef, state)(x, key)[0], None
+
+    x, _ = jax.lax.scan(body, x, (stacked, stacked_keys))
+    return x
+
+
 class GPT(nnx.Module):
     """GPT-2-style decoder. Init recipe: every weight normal(0.02), the residual output
     projections (attn.c_proj, mlp.c_proj) normal(0.02 / sqrt(2 * n_layer)), biases zero,
@@ -436,26 +470,30 @@ class GPT(nnx.Module):
             x = x + self.wpe(pos + jnp.arange(idx.shape[1]))
         return x.astype(self.config.dtype)
 
-    def __call__(self, idx, dropout_key=None):
+    def __call__(self, idx, dropout_key=None, remat: str = ""):
         """Token ids (B, T) -> logits (B, T, V)."""
-        return self.head(self.hidden(idx, dropout_key))
+        return self.head(self.hidden(idx, dropout_key, remat))
 
-    def hidden(self, idx, dropout_key=None):
-        """Token ids (B, T) -> the final hidden states ln_f(x) (B, T, C) that the head reads."""
+    def hidden(self, idx, dropout_key=None, remat: str = ""):
+        """Token ids (B, T) -> the final hidden states ln_f(x) (B, T, C) that the head reads. remat
+        (a key of REMAT_POLICIES, '' = none): activation checkpointing of the blocks, for the train step."""
         cfg = self.config
         keys = _split(dropout_key, cfg.n_layer + 1)
         x = dropout(self.embed(idx, 0), cfg.dropout, keys[0])  # (B, T, C)
-        for block, k in zip(self.h, keys[1:]):
-            x, _ = block(x, k)
+        if remat in REMAT_OFF:
+            for block, k in zip(self.h, keys[1:]):
+                x, _ = block(x, k)
+        else:
+            x = _remat_blocks(self.h, x, keys[1:], REMAT_POLICIES[remat]())
         return self.ln_f(x)
 
-    def loss(self, idx, targets, dropout_key=None, chunk: int | None = None):
+    def loss(self, idx, targets, dropout_key=None, chunk: int | None = None, remat: str = ""):
         """Training and evaluation: mean next-token cross-entropy of token ids (B, T) against
         targets (B, T), float32. Large logits are never held whole: jaxgpt.head computes the head
         and the loss in chunks of `chunk` positions (default: its rule, by the logits' size)."""
         w, tied = self._head_weight()
-        return head_loss(self.hidden(idx, dropout_key), w, targets, tied=tied, softcap=self.config.logit_softcap,
-                         tc=chunk)
+        return head_loss(self.hidden(idx, dropout_key, remat), w, targets, tied=tied,
+                         softcap=self.config.logit_softcap, tc=chunk)
 
     def _head_weight(self):
         """(the output head's float32 weight, tied): wte's (V, C), or lm_head's kernel (C, V)."""
@@ -500,10 +538,10 @@ class Bigram(nnx.Module):
         self.wte = nnx.Embed(cfg.vocab_size, cfg.vocab_size,
                              embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
 
-    def __call__(self, idx, dropout_key=None):
-        return self.wte(idx).astype(F32)  # (B, T) -> (B, T, V)
+    def __call__(self, idx, dropout_key=None, remat: str = ""):
+        return self.wte(idx).astype(F32)  # (B, T) -> (B, T, V); no blocks, nothing to checkpoint
 
-    def loss(self, idx, targets, dropout_key=None, chunk: int | None = None):
+    def loss(self, idx, targets, dropout_key=None, chunk: int | None = None, remat: str = ""):
         """Mean next-token cross-entropy, float32 (the table is the logits: nothing to chunk)."""
         return optax.softmax_cross_entropy_with_integer_labels(self(idx), targets).mean()
 

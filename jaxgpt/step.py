@@ -79,16 +79,18 @@ def abstract_state(model_cfg: ModelConfig, cfg: Config):
     return out["graphdef"], shapes, out["optimizer"]
 
 
-def model_loss(model, x, y, dropout_key=None):
+def model_loss(model, x, y, dropout_key=None, remat: str = ""):
     """The mean loss of a model on inputs x and targets y (B, T): its `loss`, which for large
     logits never holds them whole (jaxgpt.head); the cross_entropy of its logits in value."""
-    return model.loss(x, y, dropout_key)
+    return model.loss(x, y, dropout_key, remat=remat)
 
 
-def make_loss_fn(graphdef) -> Callable:
+def make_loss_fn(graphdef, remat: str = "") -> Callable:
+    """loss_fn(params, x, y, dropout_key, frozen); remat: activation checkpointing of the blocks
+    (jaxgpt.model.REMAT_POLICIES; '' = none), which changes memory and speed, not the result."""
     def loss_fn(params, x, y, dropout_key=None, frozen=None):
         model = nnx.merge(graphdef, lora.join(params, frozen) if frozen else params)
-        return model_loss(model, x, y, dropout_key)
+        return model_loss(model, x, y, dropout_key, remat)
 
     return loss_fn
 
@@ -109,7 +111,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Conf
     The key always reaches the model, which applies each dropout whose rate is above 0 (the
     model's `dropout`, and LoRA's `lora_dropout` on the adapters' inputs) and ignores it otherwise.
     """
-    grad_fn = jax.value_and_grad(make_loss_fn(graphdef))
+    grad_fn = jax.value_and_grad(make_loss_fn(graphdef, cfg.remat))
     schedule = lr_schedule(cfg)
 
     def train_step(state: TrainState, batch, key):

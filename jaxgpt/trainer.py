@@ -27,6 +27,7 @@ from jaxgpt.benchmark import device_peak, flops_per_token
 from jaxgpt.checkpoint import Checkpointer
 from jaxgpt.config import Config, format_config, save_config
 from jaxgpt.errors import UserError
+from jaxgpt.memory import checked_train_step
 from jaxgpt.model import num_params
 from jaxgpt.optim import lr_schedule
 from jaxgpt.rundir import RunLock, writing
@@ -192,9 +193,17 @@ def build(run: Run, log=print) -> Training:
     describe(run, state, n_params, n_trainable, peak_src, log)
     repl = parallel.replicated(run.mesh)
     start = int(state.step)
+    train_step = make_train_step(graphdef, optimizer, cfg, state_sh, parallel.batch_sharding(run.mesh, 3), repl)
+    if cfg.memory_check and create and start < cfg.max_iters:
+        try:  # the step compiled as it will run, once it is known to fit (jaxgpt.memory)
+            train_step = checked_train_step(train_step, graphdef, optimizer, cfg, state, state_sh, run.mesh,
+                                            keys["dropout"], checkpoint_copy=True, log=log)
+        except BaseException:  # refused (or interrupted while compiling): nothing was written
+            latest.close()
+            best.close()
+            raise
     return Training(
-        state=state, best_val=best_val, keys=keys, latest=latest, best=best,
-        train_step=make_train_step(graphdef, optimizer, cfg, state_sh, parallel.batch_sharding(run.mesh, 3), repl),
+        state=state, best_val=best_val, keys=keys, latest=latest, best=best, train_step=train_step,
         eval_step=make_eval_step(graphdef, state_sh.params, parallel.batch_sharding(run.mesh, 2), repl,
                                  state_sh.frozen),
         metrics_path=os.path.join(cfg.out_dir, "metrics.jsonl"), start=start, last_saved=start,

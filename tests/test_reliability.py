@@ -147,7 +147,7 @@ def test_batch_that_devices_cannot_split():
 
 def nan_loss(monkeypatch):
     real = step_lib.model_loss
-    monkeypatch.setattr(step_lib, "model_loss", lambda model, x, targets, key: real(model, x, targets, key) * jnp.nan)
+    monkeypatch.setattr(step_lib, "model_loss", lambda model, x, targets, key, remat="": real(model, x, targets, key, remat) * jnp.nan)
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(trained, monkeypatch):

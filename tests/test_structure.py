@@ -17,7 +17,7 @@ STACK = [
     ("tokenizer", "layers", "parallel", "launch", "head"),
     ("lora", "optim", "data"),
     ("model", "prepare"),
-    ("step", "pretrained", "sampling", "benchmark", "checkpoint"),
+    ("step", "pretrained", "sampling", "benchmark", "checkpoint", "memory"),
     ("loading",),
     ("start", "lowering"),
     ("trainer",),
