@@ -51,7 +51,7 @@ class BenchConfig(Config):
 
 def bench_main(argv):
     cfg = parse_args(argv, BenchConfig).validate(paths=False)  # bench writes nothing: paths are not checked
-    opts = {k: getattr(cfg, k) for k in ("sample_tokens", "num_samples", "prompt_tokens", "window_keep")}
+    opts = {k: getattr(cfg, k) for k in ("vocab_size", "sample_tokens", "num_samples", "prompt_tokens", "window_keep")}
     if not cfg.sample_tokens:
         parallel.set_cpu_devices(cfg.cpu_devices)
         parallel.maybe_initialize_distributed()  # under a launcher: one job over all processes

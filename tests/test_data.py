@@ -105,7 +105,7 @@ def test_prepare_cli_writes_the_requested_val_fraction(tmp_path, corpus_file, ca
     np.testing.assert_array_equal(data.load_split(str(out), "val", meta), ids[n:])
     with pytest.raises(SystemExit) as e:
         prepare.main(["--input", corpus_file, "--data_dir", str(tmp_path / "e"), "--val_fraction", "1.5"])
-    assert e.value.code == 2 and "val_fraction must be between 0 and 1" in capsys.readouterr().err
+    assert e.value.code == 2 and "val_fraction must be in (0, 1), got 1.5" in capsys.readouterr().err
 
 
 @pytest.mark.filterwarnings("ignore:'jaxgpt.data' found in sys.modules:RuntimeWarning")  # runpy, as `python -m` would

@@ -90,7 +90,7 @@ def test_sigterm_reaches_every_process(tmp_path):
 
 def test_bad_launcher_arguments_get_one_line():
     env = subprocess_env(PYTHONPATH=ROOT)
-    for args, msg in [(["--nproc=0", "train.py"], "--nproc must be >= 1"),
+    for args, msg in [(["--nproc=0", "train.py"], "nproc must be in [1, 4096], got 0"),
                       (["--nproc=2", "nope.py"], "give the script to run")]:
         r = subprocess.run([sys.executable, "-m", "jaxgpt.launch", *args], cwd=ROOT, env=env, capture_output=True,
                            text=True, timeout=60)

@@ -180,19 +180,19 @@ def test_a_second_sigterm_during_the_save_it_started_waits_for_the_save(run, mon
     """SIGTERM, then SIGTERM again while the checkpoint the first one asked for is being written
     (the write held 0.5 s after the second): the write completes, 'checkpoint saved' is printed only
     once it is on disk, and it is: listed and whole."""
-    real_step, sent = trainer_lib.Loop.log_step, []
+    real_step, sent = trainer_lib.show_progress, []
 
-    def first(self, p_it, p_metrics):  # on the main thread, between two steps
-        if p_it == 5:
+    def first(*a):  # on the main thread, between two steps: (t, cfg, bar, log, clock, it, metrics)
+        if a[-2] == 5:
             os.kill(os.getpid(), signal.SIGTERM)
-        return real_step(self, p_it, p_metrics)
+        return real_step(*a)
 
     def second():  # on Orbax's thread, inside the write of the stop's checkpoint
         os.kill(os.getpid(), signal.SIGTERM)
         sent.append(time.time())
         time.sleep(0.5)
 
-    monkeypatch.setattr(trainer_lib.Loop, "log_step", first)
+    monkeypatch.setattr(trainer_lib, "show_progress", first)
     hold_json_write(monkeypatch, "latest/*", second)
     assert train_script.main(args(run, init_from="resume", max_iters=50, eval_interval=1000)) == 0
     out = capfd.readouterr()  # the signal handler writes to file descriptor 2 directly
@@ -206,14 +206,14 @@ def test_a_second_interrupt_while_a_save_is_in_flight(run, monkeypatch, capsys):
     """Ctrl-C twice (the second one lands while training, checkpoint 6 still being written): the
     write completes first, then one line says where training stopped and what is on disk."""
     hold_json_write(monkeypatch, "latest/6", lambda: time.sleep(1.0))
-    real_step = trainer_lib.Loop.log_step
+    real_step = trainer_lib.show_progress
 
-    def log_step(self, p_it, p_metrics):
-        if p_it == 6:
+    def log_step(*a):  # (t, cfg, bar, log, clock, it, metrics)
+        if a[-2] == 6:
             raise KeyboardInterrupt
-        return real_step(self, p_it, p_metrics)
+        return real_step(*a)
 
-    monkeypatch.setattr(trainer_lib.Loop, "log_step", log_step)
+    monkeypatch.setattr(trainer_lib, "show_progress", log_step)
     rc = train_script.main(args(run, init_from="resume", max_iters=20, eval_interval=6))
     err = one_line(capsys, rc, 130)
     out = str(run / "out")
