@@ -19,7 +19,7 @@ STACK = [
     ("model", "prepare"),
     ("step", "pretrained", "serving", "sampling", "benchmark", "checkpoint"),
     ("loading",),
-    ("start",),
+    ("start", "server"),
     ("trainer",),
 ]
 ROOT = os.path.join(os.path.dirname(__file__), "..", "jaxgpt")
