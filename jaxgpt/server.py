@@ -592,7 +592,7 @@ def run(server: Server, host: str, port: int, log: Callable[[str], None] = print
 
 
 PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>jaxgpt</title>
+<html lang="en"><head><meta charset="utf-8"><title>jaxgpt</title><link rel="icon" href="data:,">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <style>
 body { font-family: system-ui, sans-serif; max-width: 52rem; margin: 2rem auto; padding: 0 1rem; }
