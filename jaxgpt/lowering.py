@@ -88,10 +88,11 @@ def programs(model_cfg: ModelConfig, cfg: Config, *, num_samples: int = 2, train
     pre_args = (params, tokens(N, L), i32(T), i32(0))
     carry = jax.eval_shape(prefill, *pre_args)
     keys = jax.random.split(jax.random.key(0), N)
-    sampling = (N, 0.8, 200, 0.95)  # temperature, top_k, top_p: every branch of sample_token
+    # per-row temperature, top_k, top_p (every branch of the sampler, as arrays: one program for all settings)
+    settings = (jnp.full(N, 0.8, jnp.float32), jnp.full(N, 200, jnp.int32), jnp.full(N, 0.95, jnp.float32))
     out["prefill"] = (jax.jit(prefill), pre_args)
-    out["extend"] = (jax.jit(engine._loop_fn("extend", *sampling, 0)), (params, carry, keys, i32(0), i32(1)))
-    out["refill"] = (jax.jit(engine._loop_fn("refill", *sampling, T)), (params, carry, keys, i32(0), i32(1)))
+    out["extend"] = (jax.jit(engine._loop_fn("extend", N, 0)), (params, carry, keys, settings, i32(0), i32(1)))
+    out["refill"] = (jax.jit(engine._loop_fn("refill", N, T)), (params, carry, keys, settings, i32(0), i32(1)))
     return out
 
 

@@ -5,6 +5,11 @@
                              top_k=200, top_p=0.95, key=jax.random.key(1337))
     result.tokens  # (num_samples, max_new_tokens) numpy array
 
+Two paths. A request whose prompt and new tokens fit in block_size runs in the slots of a
+serving.SlotEngine (one slot per sample), the continuous-batching engine the server
+(jaxgpt.server) runs: sample.py and the server draw the same tokens for the same seed.
+Longer requests, and requests for the logits, take the windowed path described next.
+
 How it runs. The prompt is padded to a power-of-two bucket and prefilled in one pass, so
 prompts of similar length share one compilation. Decoding runs in jit-compiled chunks of
 `chunk` tokens (a lax.fori_loop), all samples of a batch at once; the host only dispatches
@@ -38,6 +43,7 @@ from flax import nnx
 
 from jaxgpt.config import rng
 from jaxgpt.errors import UserError
+from jaxgpt.serving import SlotEngine, bucket, sample_rows  # noqa: F401  (bucket: this module's before)
 
 F32 = jnp.float32
 # the rules of the sampling arguments (jaxgpt.config's mechanism; sample.py's flags share them)
@@ -95,29 +101,12 @@ def check_fits(need: int, num_samples: int, max_new_tokens: int, memory: tuple[i
 
 
 def sample_token(key, logits, temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0):
-    """Draws one token from logits (V,) in float32. temperature 0 is greedy argmax; top_k keeps
-    the k most likely tokens; top_p keeps the smallest set whose probability reaches top_p."""
-    logits = logits.astype(jnp.float32)
-    if temperature == 0:
-        return jnp.argmax(logits, axis=-1)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p < 1.0:
-        order = jnp.argsort(-logits, axis=-1)
-        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more likely tokens
-        keep_sorted = before < top_p  # always keeps the most likely token
-        keep = jnp.zeros_like(keep_sorted).at[..., order].set(keep_sorted)
-        logits = jnp.where(keep, logits, -jnp.inf)
-    return jax.random.categorical(key, logits, axis=-1)
-
-
-def bucket(n: int, cap: int) -> int:
-    """The power of two >= n, at most cap (prompt lengths share compilations)."""
-    return min(cap, 1 << max(0, n - 1).bit_length())
+    """Draws one token from logits (V,) in float32: serving.sample_rows for one row. temperature 0
+    is greedy argmax; top_k keeps the k most likely tokens; top_p keeps the smallest set whose
+    probability reaches top_p."""
+    row = lambda v, dt: jnp.full((1,), v, dt)  # noqa: E731
+    return sample_rows(key[None], logits[None], row(temperature, F32), row(top_k or 0, jnp.int32),
+                       row(top_p, F32))[0]
 
 
 @dataclass
@@ -151,6 +140,7 @@ class Engine:
         self.graphdef, self.params, self.block_size, self.chunk = graphdef, params, block_size, chunk
         self.vocab_size = vocab_size
         self._compiled: dict = {}
+        self._slots: dict[int, SlotEngine] = {}  # a serving engine per num_samples (requests within the block)
         self.compile_seconds = 0.0
 
     # -- the three compiled pieces -----------------------------------------------------------
@@ -170,21 +160,21 @@ class Engine:
 
         return prefill
 
-    def _loop_fn(self, kind: str, N: int, temperature: float, top_k, top_p: float, keep: int):
+    def _loop_fn(self, kind: str, N: int, keep: int):
         """`steps` decoding steps of one kind. Each samples the token at buffer index n from the
         carried logits (key fold_in(key_i, n)), writes it, then computes the logits for n + 1:
         'extend' by one cached step at cache slot n - start; 'refill' by a fresh prefill of the
         last `keep` tokens (the window moved, so every position changed)."""
         graphdef, V = self.graphdef, self.vocab_size
 
-        def run(params, carry, keys, start, steps):
+        def run(params, carry, keys, settings, start, steps):  # settings: temperature, top_k, top_p (N,)
             model = nnx.merge(graphdef, params)
 
             def step(_, c):
                 n = c["n"]
                 logits = c["logits"] if V is None else c["logits"][:, :V]  # (N, V)
                 step_keys = jax.vmap(lambda k: jax.random.fold_in(k, n))(keys)
-                tok = jax.vmap(lambda k, l: sample_token(k, l, temperature, top_k, top_p))(step_keys, logits)
+                tok = sample_rows(step_keys, logits, *settings)
                 c = {**c, "buf": jax.lax.dynamic_update_slice(c["buf"], tok[:, None].astype(jnp.int32), (0, n))}
                 if "out" in c:
                     c["out"] = jax.lax.dynamic_update_slice(c["out"], c["logits"][:, None].astype(F32), (0, n, 0))
@@ -235,6 +225,10 @@ class Engine:
             raise UserError("generate needs a PRNG key: pass key= (or keys=, one per sample)")
         N, P, chunk = num_samples if keys is None else keys.shape[0], len(prompt), self.chunk
         rng(1)("num_samples", N)
+        if not logits and P + max_new_tokens <= block:  # fits in the block: the serving engine's slots
+            if keys is None:
+                keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(N))
+            return self._in_slots(prompt, max_new_tokens, keys, (temperature, top_k, top_p), stop, on_chunk)
         # The buffer holds prompt + new tokens; its length is bucketed, so that similar requests
         # share compilations. The cache needs no more slots than the buffer has tokens.
         L = bucket(P, 1 << 30) + -(-max_new_tokens // chunk) * chunk
@@ -255,14 +249,15 @@ class Engine:
         buf = jnp.zeros((N, L), jnp.int32).at[:, :P].set(jnp.asarray(prompt, jnp.int32))
         self.compile_seconds = 0.0
         prefill = self._compile("prefill", (N, Tb, S, logits), prefill_fn, self.params, buf, i32(P), i32(start))
-        static = (N, float(temperature), top_k, float(top_p))
+        static = (N,)  # the settings are arrays: a new one compiles nothing
+        settings = (jnp.full(N, temperature, F32), jnp.full(N, top_k or 0, i32), jnp.full(N, top_p, F32))
         loops = {}
 
         def loop(kind):
             if kind not in loops:
                 k = keep if kind == "refill" else 0  # extend steps do not depend on window_keep
                 loops[kind] = self._compile(kind, static + (k,), self._loop_fn(kind, *static, k), self.params, carry,
-                                            keys, i32(0), i32(0), donate=(1,))
+                                            keys, settings, i32(0), i32(0), donate=(1,))
             return loops[kind]
 
         # compile what this request will use before the clock starts
@@ -279,10 +274,10 @@ class Engine:
                 # (the last token needs no logits after it: its step may find the cache full,
                 # its forward then writes into the clamped last slot, and nothing reads either)
                 steps = min(max(room, 1), max_new_tokens - done, chunk - done % chunk)
-                carry = loop("extend")(self.params, carry, keys, i32(start), i32(steps))
+                carry = loop("extend")(self.params, carry, keys, settings, i32(start), i32(steps))
             else:  # full: each step re-prefills; with keep < block only one is needed per fill
                 steps = min(max_new_tokens - done, chunk - done % chunk) if keep == block else 1
-                carry = loop("refill")(self.params, carry, keys, i32(start), i32(steps))
+                carry = loop("refill")(self.params, carry, keys, settings, i32(start), i32(steps))
                 start = n + steps - keep
             n, done = n + steps, done + steps
             if (on_chunk is not None or stop) and (done % chunk == 0 or done == max_new_tokens):
@@ -299,6 +294,43 @@ class Engine:
         if stop:
             lengths = np.array([at if (at := find_stop(row[:done], stop)) >= 0 else done for row in tokens])
         return Result(tokens, lengths, done, seconds, self.compile_seconds, out)
+
+
+    def _in_slots(self, prompt, max_new_tokens, keys, settings, stop, on_chunk) -> Result:
+        """A request that fits in block_size, one sample per slot of a serving.SlotEngine (the
+        server's engine: sample.py and the server draw the same tokens for the same keys)."""
+        N, P, chunk = keys.shape[0], len(prompt), self.chunk
+        cache = jax.eval_shape(lambda: nnx.merge(self.graphdef, self.params).init_cache(N, self.block_size))
+        check_fits(2 * nbytes(cache) + N * max_new_tokens * 4, N, max_new_tokens)
+        engine = self._slots.get(N)
+        if engine is None:
+            engine = self._slots[N] = SlotEngine(self.graphdef, self.params, self.block_size, slots=N, chunk=chunk,
+                                                 vocab_size=self.vocab_size)
+        temperature, top_k, top_p = settings
+        c0, t0 = engine.compile_seconds, time.perf_counter()
+        key_data = np.asarray(jax.random.key_data(keys))
+        slots = [engine.join(prompt, key_data[i], temperature=temperature, top_k=top_k, top_p=top_p)[0]
+                 for i in range(N)]
+        tokens = np.zeros((N, max_new_tokens), np.int32)
+        done = 0
+        try:
+            while done < max_new_tokens:
+                out = engine.step()
+                take = min(chunk, max_new_tokens - done)
+                tokens[:, done:done + take] = out.tokens[slots, :take]
+                done += take
+                if on_chunk is not None:
+                    on_chunk(tokens[:, :done])
+                if stop and all(find_stop(row[:done], stop) >= 0 for row in tokens):
+                    break
+        finally:
+            for s in slots:
+                engine.leave(s)
+        compile_seconds = self.compile_seconds = engine.compile_seconds - c0
+        lengths = np.full(N, done)
+        if stop:
+            lengths = np.array([at if (at := find_stop(row[:done], stop)) >= 0 else done for row in tokens])
+        return Result(tokens, lengths, done, time.perf_counter() - t0 - compile_seconds, compile_seconds)
 
 
 def find_stop(row: np.ndarray, stop: list[int]) -> int:

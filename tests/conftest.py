@@ -94,13 +94,15 @@ def entry_points() -> dict:
     import bench
     import export
     import sample
+    import serve
 
     from jaxgpt.config import Config
     from jaxgpt.launch import LaunchConfig
     from jaxgpt.prepare import PrepareConfig
 
     return {"train.py": Config, "sample.py": sample.SampleConfig, "export.py": export.ExportConfig,
-            "bench.py": bench.BenchConfig, "-m jaxgpt.prepare": PrepareConfig, "-m jaxgpt.launch": LaunchConfig}
+            "bench.py": bench.BenchConfig,
+            "serve.py": serve.ServeConfig, "-m jaxgpt.prepare": PrepareConfig, "-m jaxgpt.launch": LaunchConfig}
 
 
 # the files whose module fixtures take longest (an 8-device worker, jobs of several processes) run

@@ -154,13 +154,15 @@ def test_seeds_and_parallel_equals_one_at_a_time(model):
     assert len({tuple(r) for r in batch}) > 1 and batch.min() >= 0 and batch.max() < CFG.vocab_size
 
 
-def test_prompts_in_one_bucket_share_a_compilation(model):
+@pytest.mark.parametrize("n_new", [20, 4])  # past the block (the windowed path); within it (the slots)
+def test_prompts_in_one_bucket_share_a_compilation(model, n_new):
     engine = Engine(*model, CFG.block_size)
-    engine.generate([1, 2, 3], max_new_tokens=5, key=jax.random.key(0))
-    n = len(engine._compiled)
+    engine.generate([1, 2, 3], max_new_tokens=n_new, key=jax.random.key(0))
+    n = len(engine._compiled) + sum(e.compiles for e in engine._slots.values())
     assert engine.compile_seconds > 0
-    engine.generate([4, 5, 6, 7], max_new_tokens=5, key=jax.random.key(0))  # 3 and 4 share bucket 4
-    assert len(engine._compiled) == n and engine.compile_seconds == 0.0
+    engine.generate([4, 5, 6, 7], max_new_tokens=n_new, key=jax.random.key(0), temperature=0.5, top_p=0.9)
+    assert len(engine._compiled) + sum(e.compiles for e in engine._slots.values()) == n
+    assert engine.compile_seconds == 0.0
 
 
 def test_top_k_and_top_p_restrict_choices():

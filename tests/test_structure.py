@@ -17,9 +17,9 @@ STACK = [
     ("tokenizer", "layers", "parallel", "launch", "head"),
     ("lora", "optim", "data"),
     ("model", "prepare"),
-    ("step", "pretrained", "sampling", "benchmark", "checkpoint", "memory"),
+    ("step", "pretrained", "serving", "sampling", "benchmark", "checkpoint", "memory"),
     ("loading",),
-    ("start", "lowering"),
+    ("start", "lowering", "server"),
     ("trainer",),
 ]
 ROOT = os.path.join(os.path.dirname(__file__), "..", "jaxgpt")

@@ -1,0 +1,322 @@
+"""Continuous batching: a fixed number of decoding slots that requests join and leave between chunks.
+
+    engine = SlotEngine(graphdef, params, block_size, slots=16, chunk=8, vocab_size=tok.vocab_size)
+    engine.warm_up()                     # compiles every program it will run: none compiles after this
+    slot = engine.join(prompt_ids, key, temperature=0.8, top_k=200, top_p=0.95)
+    out = engine.step()                  # one chunk of every slot: out.tokens (slots, chunk), ...
+    engine.leave(slot)                   # between chunks; the slot is free for the next request
+
+What a slot holds. Every slot has its own rows of the KV cache, its position (the index of the
+token it samples next), the logits that token is drawn from, its PRNG key and its sampling
+settings (temperature, top_k, top_p): all arrays of the engine's state, so a request with new
+settings or another prompt length compiles nothing. What compiles, all of it in warm_up():
+one prefill per prompt-length bucket (powers of two up to block_size; with and without the
+prompt's logprobs, for echo), one decode chunk per cache-length bucket (a chunk attends over
+the first `bucket(longest active position + chunk)` cache slots, so short requests do not pay
+for the whole block), and the per-request key.
+
+One request, any batch. A slot draws the token at index n with fold_in(key, n) (the Engine's
+rule), through sampling.sample_rows, whose rows do not depend on each other; the decode step
+is the model's cached forward vmapped over slots, each at its own position. So a request gives
+the same tokens whatever else shares the batch: tests/test_serving.py checks it token for token.
+Engine.generate runs a request that fits in block_size through this engine (one slot per
+sample), so sample.py and the server (jaxgpt.server) sample with the same code.
+
+Limits. A request's prompt plus its new tokens must fit in block_size (a slot's cache does not
+slide; the Engine's windowed path serves longer requests to sample.py). Slots that are free
+or finished compute along with the rest (their output is dropped): the cost of a chunk is that
+of all slots.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxgpt.errors import UserError
+
+F32, I32 = jnp.float32, jnp.int32
+TOP_N = 5  # alternatives reported per token with logprobs (OpenAI's API allows at most 5)
+
+
+def sample_rows(keys, logits, temperature, top_k, top_p):
+    """One token per row of logits (B, V), each row with its own settings, all arrays (B,):
+    temperature (0 = greedy argmax), top_k (0 or >= V = no limit), top_p (1 = off). What
+    sample_token does for one row with constant settings, as data: a new setting compiles
+    nothing. Rows do not depend on each other (a row without filters is left exactly as it
+    is when another row filters), so a request draws the same tokens in any batch."""
+    logits = logits.astype(F32)
+    V = logits.shape[-1]
+    t = jnp.where(temperature > 0, temperature, 1.0).astype(F32)
+    scaled = logits / t[:, None]
+    k = jnp.where((top_k > 0) & (top_k < V), top_k, V)  # (B,)
+    p = jnp.asarray(top_p, F32)
+
+    def filtered(x):
+        srt = -jnp.sort(-x, axis=-1)  # (B, V) descending
+        kth = jnp.take_along_axis(srt, (k - 1)[:, None], axis=-1)  # (B, 1)
+        x = jnp.where(x < kth, -jnp.inf, x)
+        srt = jnp.where(jnp.arange(V)[None, :] < k[:, None], srt, -jnp.inf)
+        probs = jax.nn.softmax(srt, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more likely tokens
+        keep = (before < p[:, None]) | (p[:, None] >= 1.0)  # always keeps the most likely token
+        lowest = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)  # (B, 1)
+        return jnp.where(x < lowest, -jnp.inf, x)
+
+    needed = jnp.any((k < V) | (p < 1.0))
+    scaled = jax.lax.cond(needed, filtered, lambda x: x, scaled)
+    drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, scaled)
+    return jnp.where(temperature > 0, drawn, jnp.argmax(logits, axis=-1))
+
+
+def bucket(n: int, cap: int) -> int:
+    """The power of two >= n, at most cap (prompt lengths share compilations)."""
+    return min(cap, 1 << max(0, n - 1).bit_length())
+
+
+@dataclass
+class Chunk:
+    """What one decode chunk drew for every slot (rows of free slots are meaningless)."""
+    tokens: np.ndarray  # (N, chunk) int32
+    logprobs: np.ndarray | None  # (N, chunk) float32: log p(token) under the model (temperature 1, no filter)
+    top_ids: np.ndarray | None  # (N, chunk, TOP_N) the most likely tokens at each step
+    top_logprobs: np.ndarray | None  # (N, chunk, TOP_N)
+
+
+@dataclass
+class Prefill:
+    """A prompt's logprobs (echo): entry t is about prompt token t + 1 (P - 1 entries)."""
+    logprobs: np.ndarray  # (P - 1,)
+    top_ids: np.ndarray  # (P - 1, TOP_N)
+    top_logprobs: np.ndarray  # (P - 1, TOP_N)
+
+
+def _row(tree):
+    return jax.tree.map(lambda x: x[None], tree)
+
+
+def _unrow(tree):
+    return jax.tree.map(lambda x: x[0], tree)
+
+
+def _top(logits, V):
+    """log-softmax over the real vocabulary and its TOP_N best entries: logits (..., Vp)."""
+    lp = jax.nn.log_softmax(logits[..., :V].astype(F32), axis=-1)
+    vals, ids = jax.lax.top_k(lp, TOP_N)
+    return lp, ids.astype(I32), vals
+
+
+class SlotEngine:
+    """Decoding slots for a model (GPT or Bigram). See the module docstring."""
+
+    def __init__(self, graphdef, params, block_size: int, *, slots: int = 16, chunk: int = 8,
+                 vocab_size: int | None = None, min_bucket: int = 16):
+        if slots < 1 or chunk < 1:
+            raise UserError(f"slots and chunk must be >= 1, got slots={slots}, chunk={chunk}")
+        self.graphdef, self.params, self.S, self.N, self.chunk = graphdef, params, block_size, slots, chunk
+        model = nnx.merge(graphdef, params)
+        self.Vp = int(model.wte.embedding.shape[0]) if hasattr(model, "wte") else None
+        self.V = vocab_size or self.Vp
+        self.top_n = min(TOP_N, self.V)
+        lo = min(block_size, max(1, min_bucket))
+        self.buckets = sorted({bucket(n, block_size) for n in range(lo, block_size + 1)} | {lo})
+        self._compiled: dict = {}
+        self.compile_seconds = 0.0
+        self.compiles = 0
+        self.state = self._run("init", (), self._init_fn())
+        self.free = list(range(slots))[::-1]  # pop() gives slot 0 first
+        self.pos = np.zeros(slots, np.int64)  # host mirror: the index of the token each slot samples next
+        self.active = np.zeros(slots, bool)
+        self.want_logprobs = np.zeros(slots, bool)
+
+    # -- compiled pieces -------------------------------------------------------------------------
+
+    def _init_fn(self):
+        N, S, graphdef = self.N, self.S, self.graphdef
+        Vp = self.Vp
+
+        def init(params):
+            model = nnx.merge(graphdef, params)
+            logits_width = Vp if Vp is not None else 1
+            return {"cache": model.init_cache(N, S), "n": jnp.zeros(N, I32),
+                    "logits": jnp.zeros((N, logits_width), F32),
+                    "keys": jax.random.key_data(jax.vmap(jax.random.key)(jnp.zeros(N, jnp.uint32))),
+                    "temperature": jnp.ones(N, F32), "top_k": jnp.zeros(N, I32), "top_p": jnp.ones(N, F32)}
+
+        return init
+
+    def _prefill_fn(self, Tb: int, echo: bool):
+        """Prefills one slot from a prompt padded to Tb tokens; with echo also the prompt's logprobs."""
+        graphdef, V = self.graphdef, self.V
+
+        def prefill(params, state, slot, tokens, P, key_data, temperature, top_k, top_p):
+            model = nnx.merge(graphdef, params)
+            cache = model.init_cache(1, Tb)
+            if echo:
+                logits, cache = model.decode(tokens[None], cache, 0)  # (1, Tb, Vp)
+                logits = logits[0]
+                last = jax.lax.dynamic_index_in_dim(logits, P - 1, 0, keepdims=False)  # (Vp,)
+            else:
+                last, cache = model.decode(tokens[None], cache, 0, last=P - 1)
+                last = last[0]
+            new = dict(state)
+            new["cache"] = jax.tree.map(lambda big, row: jax.lax.dynamic_update_slice(
+                big, row.astype(big.dtype), (slot,) + (0,) * (big.ndim - 1)), state["cache"], cache)
+            at = lambda name, v: jax.lax.dynamic_update_index_in_dim(state[name], v, slot, 0)  # noqa: E731
+            new["n"], new["logits"] = at("n", P), at("logits", last.astype(F32))
+            new["keys"] = at("keys", key_data)
+            new["temperature"], new["top_k"], new["top_p"] = at("temperature", temperature), at("top_k", top_k), \
+                at("top_p", top_p)
+            if not echo:
+                return new
+            lp, ids, vals = _top(logits[:-1], V)  # (Tb - 1, V): entry t predicts token t + 1
+            tok_lp = jnp.take_along_axis(lp, tokens[1:, None], axis=-1)[:, 0]
+            return new, tok_lp, ids, vals
+
+        return prefill
+
+    def _chunk_fn(self, Sb: int):
+        """`chunk` decoding steps of every slot, attending over the first Sb cache slots."""
+        graphdef, V, chunk = self.graphdef, self.V, self.chunk
+
+        def run(params, state, active, want):
+            model = nnx.merge(graphdef, params)
+            Vp = state["logits"].shape[-1]
+
+            def one(tok, cache, pos):  # one slot: token () at position pos, cache rows (H, Sb, hs)
+                logits, cache = model.decode(tok[None, None], _row(cache), pos, last=0)
+                return logits[0], _unrow(cache)
+
+            def step(i, c):
+                n, logits = c["n"], c["logits"][:, :V]  # (N,), (N, V)
+                keys = jax.random.wrap_key_data(state["keys"])
+                step_keys = jax.vmap(jax.random.fold_in)(keys, n)
+                tok = sample_rows(step_keys, logits, state["temperature"], state["top_k"], state["top_p"])
+
+                def lps(_):
+                    lp, ids, vals = _top(logits, V)
+                    return jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0], ids, vals
+
+                def none(_):
+                    z = jnp.zeros((tok.shape[0], TOP_N), F32)
+                    return jnp.zeros(tok.shape, F32), z.astype(I32), z
+
+                tok_lp, ids, vals = jax.lax.cond(jnp.any(want), lps, none, None)
+                pos = jnp.minimum(n, Sb - 1)  # free or finished slots may run past: clamp, nobody reads them
+                new_logits, cache = jax.vmap(one)(tok.astype(I32), c["cache"], pos)
+                if new_logits.shape[-1] != Vp:  # the Bigram's logits are (V,) too; keep the carry's width
+                    new_logits = new_logits[:, :Vp]
+                return {"cache": cache, "n": jnp.where(active, n + 1, n), "logits": new_logits.astype(F32),
+                        "tokens": c["tokens"].at[:, i].set(tok.astype(I32)),
+                        "lp": c["lp"].at[:, i].set(tok_lp), "ids": c["ids"].at[:, i].set(ids),
+                        "vals": c["vals"].at[:, i].set(vals)}
+
+            N = state["n"].shape[0]
+            view = jax.tree.map(lambda x: x[:, :, :Sb], state["cache"])  # (N, H, Sb, hs) per layer
+            carry = {"cache": view, "n": state["n"], "logits": state["logits"],
+                     "tokens": jnp.zeros((N, chunk), I32), "lp": jnp.zeros((N, chunk), F32),
+                     "ids": jnp.zeros((N, chunk, TOP_N), I32), "vals": jnp.zeros((N, chunk, TOP_N), F32)}
+            c = jax.lax.fori_loop(0, chunk, step, carry)
+            new = dict(state)
+            new["cache"] = jax.tree.map(lambda big, v: jax.lax.dynamic_update_slice(big, v, (0,) * big.ndim),
+                                        state["cache"], c["cache"])
+            new["n"], new["logits"] = c["n"], c["logits"]
+            return new, c["tokens"], c["lp"], c["ids"], c["vals"]
+
+        return run
+
+    def _run(self, name, static, fn, *args, donate=()):
+        """Runs fn, AOT-compiled once per (name, static): compile time and count are kept."""
+        sig = (name, static)
+        if sig not in self._compiled:
+            t0 = time.perf_counter()
+            full = (self.params,) + args
+            self._compiled[sig] = jax.jit(fn, donate_argnums=donate).lower(*full).compile()
+            self.compile_seconds += time.perf_counter() - t0
+            self.compiles += 1
+        return self._compiled[sig](self.params, *args)
+
+    # -- the public calls ------------------------------------------------------------------------
+
+    def prompt_bucket(self, P: int) -> int:
+        return next(b for b in self.buckets if b >= P)
+
+    def cache_bucket(self) -> int:
+        """The cache slots the next chunk attends over: enough for every active slot's chunk."""
+        need = int(self.pos[self.active].max()) + self.chunk if self.active.any() else 1
+        return next((b for b in self.buckets if b >= need), self.S)
+
+    def warm_up(self, echo: bool = True) -> float:
+        """Compiles every program requests can use; returns the seconds it took."""
+        t0 = time.perf_counter()
+        key = self.key(0, 0)
+        for Tb in self.buckets:
+            for e in (False, True) if echo else (False,):
+                slot = self.join([0] * Tb, key, echo=e)[0]
+                self.leave(slot)
+        self.active[:] = False
+        for Sb in self.buckets:
+            self._chunk(Sb)
+        return time.perf_counter() - t0
+
+    def key(self, seed: int, index: int) -> np.ndarray:
+        """The key data of sample `index` of a request with this seed: fold_in(key(seed), index),
+        as Engine.generate(key=key(seed)) gives its sample `index`."""
+        k = self._run("key", (), lambda params, s, i: jax.random.key_data(jax.random.fold_in(jax.random.key(s), i)),
+                      np.uint32(seed), np.int32(index))
+        return np.asarray(k)
+
+    def join(self, prompt: list[int], key_data, *, temperature: float = 1.0, top_k: int | None = 0,
+             top_p: float = 1.0, echo: bool = False, logprobs: bool = False) -> tuple[int, Prefill | None]:
+        """Prefills a free slot with `prompt` and these settings; returns (slot, the prompt's
+        logprobs when echo). The caller checks that prompt + new tokens fit in block_size."""
+        if not self.free:
+            raise RuntimeError("no free slot")  # the scheduler checks first
+        P = len(prompt)
+        if not 1 <= P <= self.S:
+            raise UserError(f"a prompt must have 1..{self.S} tokens, got {P}")
+        Tb = self.prompt_bucket(P)
+        tokens = np.zeros(Tb, np.int32)
+        tokens[:P] = prompt
+        slot = self.free.pop()
+        args = (np.int32(slot), tokens, np.int32(P), np.asarray(key_data, np.uint32), np.float32(temperature),
+                np.int32(top_k or 0), np.float32(top_p))
+        out = self._run("prefill", (Tb, echo), self._prefill_fn(Tb, echo), self.state, *args, donate=(1,))
+        pre = None
+        if echo:
+            self.state, lp, ids, vals = out
+            pre = Prefill(np.asarray(lp)[:P - 1], np.asarray(ids)[:P - 1, :self.top_n],
+                          np.asarray(vals)[:P - 1, :self.top_n])
+        else:
+            self.state = out
+        self.pos[slot], self.active[slot], self.want_logprobs[slot] = P, True, logprobs
+        return slot, pre
+
+    def leave(self, slot: int) -> None:
+        if self.active[slot]:
+            self.active[slot] = False
+            self.free.append(slot)
+
+    def _chunk(self, Sb: int):
+        out = self._run("chunk", (Sb,), self._chunk_fn(Sb), self.state, self.active.copy(),
+                        self.want_logprobs & self.active, donate=(1,))
+        self.state = out[0]
+        return out[1:]
+
+    def step(self) -> Chunk:
+        """One decode chunk for every slot; each active slot advances `chunk` tokens."""
+        tokens, lp, ids, vals = self._chunk(self.cache_bucket())
+        self.pos[self.active] += self.chunk
+        want = bool((self.want_logprobs & self.active).any())
+        return Chunk(np.asarray(tokens), np.asarray(lp) if want else None,
+                     np.asarray(ids)[..., :self.top_n] if want else None,
+                     np.asarray(vals)[..., :self.top_n] if want else None)
+
+    @property
+    def busy(self) -> int:
+        return int(self.active.sum())

@@ -1,0 +1,122 @@
+"""The continuous-batching engine (jaxgpt.serving.SlotEngine): a request draws the same tokens
+alone or beside any others, as Engine.generate (sample.py's path) draws them, greedy equals the
+plain uncached model, echo's prompt logprobs are the model's, and after warm_up no request
+(any temperature, top_k, top_p, prompt length) compiles anything."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxgpt.model import ModelConfig, build_model
+from jaxgpt.sampling import Engine
+from jaxgpt.serving import SlotEngine
+
+CFG = ModelConfig(vocab_size=29, block_size=32, n_layer=2, n_head=2, n_embd=32)
+GRAPHDEF, PARAMS = nnx.split(build_model(CFG, 0), nnx.Param)
+VOCAB = 27  # the tokenizer's: ids 27, 28 are padding and never drawn
+TOL = dict(atol=1e-5, rtol=1e-5)  # float32 logprobs of the prefill against the plain forward
+pytestmark = pytest.mark.usefixtures("exact_f32")
+
+COMPILES = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, secs, **kw: COMPILES.append(kw.get("fun_name")) if event.endswith("backend_compile_duration") else None)
+
+# (prompt, settings, seed, new tokens): mixed lengths (three prompt buckets), temperatures, filters
+REQUESTS = [
+    ([1, 2, 3], dict(temperature=0.8, top_k=5), 1, 20),
+    ([4] * 17, dict(temperature=1.0, top_p=0.9), 2, 9),
+    ([7, 8], dict(temperature=0.0), 3, 25),
+    (list(range(20)), dict(temperature=1.3), 4, 12),
+    ([5, 6, 7, 8, 9], dict(temperature=0.7, top_k=3, top_p=0.5), 5, 16),
+]
+
+
+def engine(slots=4, chunk=4):
+    e = SlotEngine(GRAPHDEF, PARAMS, CFG.block_size, slots=slots, chunk=chunk, vocab_size=VOCAB, min_bucket=8)
+    e.warm_up()
+    return e
+
+
+def serve(e, requests, arrive=None):
+    """Runs requests through e, request i joining before chunk arrive[i] (when a slot is free),
+    leaving when it has its tokens; returns each one's tokens."""
+    arrive = arrive or [0] * len(requests)
+    out, slot_of, waiting, step = {}, {}, list(range(len(requests))), 0
+    while waiting or slot_of:
+        for i in list(waiting):
+            if arrive[i] <= step and e.free:
+                prompt, kw, seed, _ = requests[i]
+                slot_of[i] = e.join(prompt, e.key(seed, 0), **kw)[0]
+                out[i] = []
+                waiting.remove(i)
+        if slot_of:
+            chunk = e.step()
+            for i, s in list(slot_of.items()):
+                out[i] += chunk.tokens[s].tolist()
+                if len(out[i]) >= requests[i][3]:
+                    out[i] = out[i][:requests[i][3]]
+                    e.leave(slot_of.pop(i))
+        step += 1
+    return [out[i] for i in range(len(requests))]
+
+
+@pytest.fixture(scope="module")
+def solo():
+    e = engine()
+    return [serve(e, [r])[0] for r in REQUESTS]
+
+
+def test_a_request_draws_the_same_tokens_in_any_batch(solo):
+    """Alone, all together, joining at different chunks (more requests than slots: some wait for a
+    free slot), with another number of slots and another chunk: the same tokens."""
+    assert serve(engine(), REQUESTS) == solo
+    assert serve(engine(), REQUESTS, arrive=[0, 2, 1, 5, 3]) == solo
+    assert serve(engine(slots=7, chunk=3), REQUESTS[::-1])[::-1] == solo
+    for toks in solo:
+        assert max(toks) < VOCAB
+    assert len({tuple(t) for t in solo}) == len(solo)
+
+
+def test_engine_generate_is_the_same_draw(solo):
+    """Engine.generate (what sample.py calls) with key(seed): its sample 0 is the request's tokens."""
+    for (prompt, kw, seed, n), toks in zip(REQUESTS, solo):
+        res = Engine(GRAPHDEF, PARAMS, CFG.block_size, vocab_size=VOCAB, chunk=8).generate(
+            prompt, max_new_tokens=n, num_samples=2, key=jax.random.key(seed), **kw)
+        assert res.tokens[0].tolist() == toks
+
+
+def test_greedy_equals_the_uncached_model(solo):
+    prompt, _, _, n = REQUESTS[2]
+    ids = list(prompt)
+    model = nnx.merge(GRAPHDEF, PARAMS)
+    for _ in range(n):
+        ids.append(int(jnp.argmax(model(jnp.asarray([ids]))[0, -1, :VOCAB])))
+    assert solo[2] == ids[len(prompt):]
+
+
+def test_echo_logprobs_are_the_models():
+    e = engine()
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]
+    slot, pre = e.join(prompt, e.key(0, 0), echo=True, logprobs=True)
+    lp = jax.nn.log_softmax(nnx.merge(GRAPHDEF, PARAMS)(jnp.asarray([prompt]))[0, :, :VOCAB], axis=-1)
+    np.testing.assert_allclose(pre.logprobs, [lp[t, prompt[t + 1]] for t in range(len(prompt) - 1)], **TOL)
+    np.testing.assert_allclose(pre.top_logprobs, np.sort(np.asarray(lp[:-1]), axis=-1)[:, ::-1][:, :5], **TOL)
+    chunk = e.step()  # the drawn tokens' logprobs: of the logits they were drawn from
+    first = chunk.tokens[slot, 0]
+    np.testing.assert_allclose(chunk.logprobs[slot, 0], lp[-1, first], **TOL)
+    e.leave(slot)
+
+
+def test_no_compilation_after_warm_up():
+    e = engine()
+    before = len(COMPILES)
+    rng = np.random.default_rng(0)
+    requests = [([int(t) for t in rng.integers(0, VOCAB, int(rng.integers(1, 25)))],
+                 dict(temperature=float(rng.choice([0.0, 0.3, 1.0, 1.7])), top_k=int(rng.choice([0, 1, 5, 40])),
+                      top_p=float(rng.choice([1.0, 0.9, 0.2])), echo=bool(rng.integers(2)),
+                      logprobs=bool(rng.integers(2))), int(rng.integers(1 << 31)), 4) for _ in range(12)]
+    serve(e, requests, arrive=list(range(12)))
+    assert COMPILES[before:] == [], f"compiled after warm-up: {COMPILES[before:]}"
+    assert e.compiles == len(e.buckets) * 3 + 2  # prefill with and without echo and a chunk per bucket, init, key
