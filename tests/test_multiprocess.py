@@ -5,7 +5,6 @@ process counts, and a job that ends whole when a process dies or the machine is 
 Tiny models: several processes on 2 cores run far slower than one, so each scenario starts as few
 jobs as it can; single-process references run in this process."""
 
-import json
 import os
 import shutil
 import signal
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, subprocess_env, tiny_args
+from helpers import evaluations
 from jaxgpt.config import parse_args
 from jaxgpt.trainer import train
 
@@ -66,9 +66,7 @@ def in_process(argv):
 
 
 def losses(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    return {r["iter"]: (r["train_loss"], r["val_loss"]) for r in rows}
+    return {r["iter"]: (r["train_loss"], r["val_loss"]) for r in evaluations(out_dir)}
 
 
 def assert_same(a, b, iters):

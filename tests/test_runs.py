@@ -24,6 +24,7 @@ import export as export_script
 import sample as sample_script
 import train as train_script
 from conftest import ROOT, make_corpus, subprocess_env, tiny_args
+from helpers import evaluations
 from jaxgpt import rundir
 from jaxgpt import trainer as trainer_lib
 from jaxgpt.checkpoint import KINDS, Checkpointer, readable
@@ -105,7 +106,7 @@ def test_a_fresh_run_never_deletes_a_run(run, capsys):
     # told to: the old run is deleted and a new one starts
     assert train_script.main(args(run, overwrite=True, max_iters=3, eval_interval=3)) == 0
     assert Checkpointer(out, "latest").all_steps() == [3, 0]
-    assert [json.loads(line)["iter"] for line in open(os.path.join(out, "metrics.jsonl"))] == [0, 3]
+    assert [r["iter"] for r in evaluations(out)] == [0, 3]
     assert not os.path.exists(os.path.join(out, rundir.LOCK_NAME))
     # a run that fails before writing anything leaves no out_dir behind (the lock made it)
     one_line(capsys, train_script.main(args(run, init_from="resume", out_dir=str(run / "none"))))

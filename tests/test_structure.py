@@ -17,7 +17,7 @@ STACK = [
     ("tokenizer", "layers", "parallel", "launch"),
     ("lora", "optim", "data"),
     ("model", "prepare"),
-    ("step", "pretrained", "sampling", "benchmark", "checkpoint"),
+    ("step", "pretrained", "sampling", "benchmark", "checkpoint", "monitor"),
     ("loading",),
     ("start",),
     ("trainer",),
