@@ -41,10 +41,18 @@ PLOT = "loss.png"
 
 
 def read_rows(path: str) -> list[dict[str, Any]]:
-    """metrics.jsonl's rows (a row from before the "kind" field is an evaluation's)."""
-    with open(path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return [{"kind": "eval", **r} if "kind" not in r else r for r in rows]
+    """metrics.jsonl's rows (a row from before the "kind" field is an evaluation's). A line that is
+    not a whole row (the last one of a run killed while writing it) is left out."""
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("iter"), int):
+                rows.append({"kind": "eval", **row} if "kind" not in row else row)
+    return rows
 
 
 def eval_rows(path: str) -> list[dict[str, Any]]:
@@ -98,9 +106,10 @@ class Monitor:
                     elif os.path.lexists(path):
                         os.remove(path)
             elif os.path.exists(self.metrics_path):
-                rows = read_rows(self.metrics_path)
-                kept = [r for r in rows if kept_on_resume(r, start)]
-                if len(kept) < len(rows):  # rewritten whole, then put in place
+                with open(self.metrics_path, "rb") as f:
+                    lines = sum(1 for _ in f)
+                kept = [r for r in read_rows(self.metrics_path) if kept_on_resume(r, start)]
+                if len(kept) < lines:  # rewritten whole (without a torn last line too), then put in place
                     tmp = self.metrics_path + ".tmp"
                     with open(tmp, "w", encoding="utf-8") as f:
                         f.writelines(json.dumps(r) + "\n" for r in kept)
@@ -125,9 +134,18 @@ class Monitor:
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
         if self.tb is not None:
-            self.tb.write(row)
+            self._guard("tb", "TensorBoard events", lambda: self.tb.write(row))
         if self.wandb is not None:
-            self.wandb.log(scalars(row), step=row["iter"])
+            self._guard("wandb", "wandb", lambda: self.wandb.log(scalars(row), step=row["iter"]))
+
+    def _guard(self, name: str, what: str, fn) -> None:
+        """fn(), or, if it fails, one line and no more of `what` (metrics.jsonl has everything)."""
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 -- a view of the run must not end it
+            self.log(f"warning: stopped writing {what} ({type(e).__name__}: {e}); training goes on, "
+                     f"metrics.jsonl has the figures")
+            setattr(self, name, None)
 
     def plot(self) -> None:
         """loss.png from the evaluations so far. Never stops the run: a failure is said once."""
@@ -239,7 +257,7 @@ def plot_losses(metrics_path: str, png_path: str) -> None:
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.13, top=0.96)  # fixed margins: cheaper than tight_layout
     tmp = png_path + ".tmp.png"
     with writing("the loss plot", png_path):
         fig.savefig(tmp, dpi=100)

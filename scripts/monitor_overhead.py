@@ -3,6 +3,7 @@ offline, a profile) against all of it off, interleaved, on the laptop recipe.
 
     python scripts/monitor_overhead.py [--reps=3] [--max_iters=500] [--before=DIR] [--input_file=PATH]
     python scripts/monitor_overhead.py --writers     # the TensorBoard writers (and wandb.log) alone
+    python scripts/monitor_overhead.py --calls       # one run, the monitor's own calls timed
 
 Each repetition runs every variant once, one after the other (so a busy machine slows them alike):
 `off` (metrics.jsonl and loss.png only: they are always written), `on` (--tensorboard=True
@@ -13,7 +14,9 @@ and the wall time of the whole command, then the median, min and max per variant
 difference from `off`. --writers instead times, each in a fresh process, importing and opening a
 TensorBoard writer (tensorboardX's SummaryWriter, tensorboard's own EventFileWriter) and writing
 rows of 8 scalars (tensorboardX: one add_scalar each; EventFileWriter: one Event per row, as
-jaxgpt.monitor writes them), and wandb.log of such a row (offline).
+jaxgpt.monitor writes them), and wandb.log of such a row (offline). --calls runs train() once in
+this process with everything on and times each call of jaxgpt.monitor.Monitor: the rows' share of a
+step bounds what watching adds to ms/iter, however busy the machine.
 """
 
 import argparse
@@ -88,6 +91,47 @@ def writers(reps: int) -> int:
     return 0
 
 
+def calls(a, common: list[str]) -> int:
+    """One run in this process with everything on, timing the monitor's own calls: an upper bound
+    on what it adds (its work may overlap the device's, never more than all of it)."""
+    import jaxgpt.monitor as monitor
+    from jaxgpt.config import parse_args
+    from jaxgpt.trainer import train
+
+    spent: dict[str, list[float]] = {}
+
+    def timed(name, fn):
+        def wrapper(*args, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                spent.setdefault(name, []).append(time.perf_counter() - t0)
+        return wrapper
+
+    for name in ("__init__", "train", "eval", "profile", "close"):
+        setattr(monitor.Monitor, name, timed(name, getattr(monitor.Monitor, name)))
+    half = a.max_iters // 2
+    out = tempfile.mkdtemp(prefix="monitor-calls-")
+    os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=out)
+    cfg = parse_args(common + [f"--out_dir={out}/run", "--tensorboard=True", "--wandb_log=True",
+                               f"--profile={half + 10}:{half + 15}"])
+    from jaxgpt.parallel import set_cpu_devices
+    set_cpu_devices(cfg.validate().cpu_devices)  # as train.py does, before JAX starts
+    train(cfg, log=lambda s: None)
+    with open(os.path.join(out, "run", "metrics.jsonl"), encoding="utf-8") as f:
+        evals = [r for r in map(json.loads, f) if r["kind"] == "eval" and r["ms_per_iter"] == r["ms_per_iter"]]
+    step_ms = statistics.mean(r["ms_per_iter"] for r in evals)
+    print(f"one run, everything on: {a.max_iters} steps at {step_ms:.2f} ms/iter (training time)")
+    for name, ts in spent.items():
+        where = "in the training time" if name == "train" else "outside it"
+        print(f"  Monitor.{name:<8} {len(ts):5d} calls, {1000 * sum(ts):8.1f} ms in all, {1000 * max(ts):7.1f} ms the "
+              f"longest; {1000 * sum(ts) / a.max_iters:6.3f} ms per step ({where})")
+    per_step = 1000 * sum(spent.get("train", [])) / a.max_iters
+    print(f"the rows' share of a step: {100 * per_step / step_ms:.2f}%")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=3)
@@ -95,6 +139,7 @@ def main() -> int:
     ap.add_argument("--before", default="", help="another checkout to run the same command in")
     ap.add_argument("--input_file", default=os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare.txt"))
     ap.add_argument("--writers", action="store_true", help="time the writers alone")
+    ap.add_argument("--calls", action="store_true", help="time the monitor's calls in one run with everything on")
     a = ap.parse_args()
     if a.writers:
         return writers(a.reps)
@@ -102,13 +147,17 @@ def main() -> int:
     half = a.max_iters // 2
     common = ["--config", os.path.join(ROOT, "configs", "shakespeare_char_cpu.py"), f"--max_iters={a.max_iters}",
               f"--eval_interval={half}", f"--input_file={os.path.abspath(a.input_file)}",
-              f"--data_dir={os.path.join(tmp, 'data')}", "--compile_cache=off"]
+              f"--data_dir={os.path.join(tmp, 'data')}"]
+    if a.calls:
+        sys.path.insert(0, ROOT)
+        return calls(a, common)
+    common.append("--compile_cache=off")
     variants = {"off": (ROOT, []),
                 "on": (ROOT, ["--tensorboard=True", "--wandb_log=True", f"--profile={half + 10}:{half + 15}"])}
     if a.before:
         variants = {"before": (os.path.abspath(a.before), []), **variants}
     res = {v: [] for v in variants}
-    print(f"train.py {' '.join(common[:4])} --eval_interval={half}; {a.reps} repetitions, interleaved")
+    print(f"train.py {' '.join(common[:4])}; {a.reps} repetitions, interleaved")
     for rep in range(a.reps):
         for name, (root, flags) in variants.items():
             ms, wall = run(root, flags, os.path.join(tmp, f"{name}-{rep}"), common)

@@ -90,9 +90,12 @@ def test_log_rows_tensorboard_and_a_resumed_run_continue_the_same_curves(tmp_pat
         assert r["mfu"] > 0
     assert_tensorboard_equals_metrics(out)
 
-    # killed after iter 5's checkpoint was written (its step 8 one never was): resumed to 10
+    # killed after iter 5's checkpoint was written (its step 8 one never was) while writing a row:
+    # resumed to 10
     shutil.rmtree(os.path.join(out, "checkpoints", "latest", "8"))
     before = {r["iter"]: r for r in log_rows(out)}
+    with open(os.path.join(out, "metrics.jsonl"), "a", encoding="utf-8") as f:
+        f.write('{"kind": "train", "iter": 8, "lo')
     train(parse_args(tiny_args(tmp_path, corpus_file, **{**kw, "max_iters": 10, "init_from": "resume"})),
           log=lambda s: None)
     train_rows, evals = log_rows(out), evaluations(out)
