@@ -170,8 +170,7 @@ wandb_run_name = 'mini-gpt'
 @pytest.mark.slow  # wandb starts a service process of its own
 def test_a_nanogpt_config_with_wandb_log_trains_offline(tmp_path, corpus_file, monkeypatch):
     """wandb_log = True in a nanoGPT config: with WANDB_MODE=offline the run is logged with no
-    network (wandb's run file holds every figure of metrics.jsonl at its step); without wandb
-    installed, one line says how to install it and training goes on."""
+    network (wandb's run file holds every figure of metrics.jsonl at its step)."""
     wandb = pytest.importorskip("wandb")  # in the test extra
     (tmp_path / "nano.py").write_text(NANOGPT_CONFIG, encoding="utf-8")
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -191,13 +190,19 @@ def test_a_nanogpt_config_with_wandb_log_trains_offline(tmp_path, corpus_file, m
     assert {step: {k: v for k, v in h.items() if not k.startswith("_")} for step, h in history.items()} == want
     assert wandb.run is None  # finished
 
-    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed: import wandb fails
+
+def test_a_nanogpt_config_with_wandb_log_trains_without_wandb(tmp_path, corpus_file, monkeypatch):
+    """wandb not installed: one line says how to install it, and training goes on."""
+    (tmp_path / "nano.py").write_text(NANOGPT_CONFIG, encoding="utf-8")
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb fails
     lines = []
-    train(parse_args(argv + ["--out_dir=" + str(tmp_path / "no-wandb")]), log=lines.append)
+    train(parse_args(["--config", str(tmp_path / "nano.py"),
+                      *tiny_args(tmp_path, corpus_file, max_iters=2, eval_interval=2)]), log=lines.append)
     assert [s for s in lines if "wandb" in s and "warning" in s] == [
         "warning: wandb_log=True needs the wandb package: pip install wandb (or pip install -e '.[monitor]'); "
         "training goes on without wandb"]
-    assert [r["iter"] for r in evaluations(tmp_path / "no-wandb")] == [0, 4]
+    assert [r["iter"] for r in evaluations(tmp_path / "out")] == [0, 2]
+    assert not os.path.exists(tmp_path / "out" / "wandb")
 
 
 def test_without_tensorboard_installed_one_line_and_training_goes_on(tmp_path, corpus_file, monkeypatch):
