@@ -4,9 +4,12 @@ or, with --sample_tokens=N, sampling: tokens/s of the decoding engine for N new 
     python bench.py --config configs/shakespeare_char_cpu.py [--key=value ...] [--steps=50] [--vocab_size=65]
     python bench.py --config configs/shakespeare_char_cpu.py --block_size=256 --sample_tokens=200 \
         [--num_samples=5] [--prompt_tokens=1] [--window_keep=0]
+    python bench.py --config configs/shakespeare_char_cpu.py --profile=5:10   # a trace in out_dir/profile
 
 Uses synthetic batches and random weights (no data needed: speed does not depend on the
-values); the model and optimizer are the config's. For GPT-2 124M: --n_layer=12 --n_head=12
+values); the model and optimizer are the config's. Steps are counted as the training loop counts
+them: step 0 compiles, step 1 warms up, steps 2 to steps + 1 are timed; --profile=START:STOP traces
+steps START to STOP - 1 (their times include the profiler's overhead). For GPT-2 124M: --n_layer=12 --n_head=12
 --n_embd=768 --block_size=1024 --vocab_size=50304 (dtype=auto computes in bfloat16 on GPUs and TPUs).
 """
 
@@ -21,10 +24,11 @@ from flax import nnx
 
 from jaxgpt import parallel
 from jaxgpt.benchmark import device_peak, flops_per_token, peak_memory_bytes, sampling_speed, summarize, time_steps
-from jaxgpt.config import INT32_MAX, Config, group, parse_args, rng
+from jaxgpt.config import INT32_MAX, Config, directory_to_write, group, parse_args, rng
 from jaxgpt.cli import run_cli
 from jaxgpt.memory import checked_train_step
 from jaxgpt.model import build_model, model_config, num_params
+from jaxgpt.monitor import Profiler
 from jaxgpt.runtime import matmul_precision, resolve_dtype
 from jaxgpt.sampling import Engine
 from jaxgpt.step import abstract_state, init_state, make_train_step
@@ -50,7 +54,9 @@ class BenchConfig(Config):
 
 
 def bench_main(argv):
-    cfg = parse_args(argv, BenchConfig).validate(paths=False)  # bench writes nothing: paths are not checked
+    cfg = parse_args(argv, BenchConfig).validate(paths=False)  # bench writes nothing: paths are not checked...
+    if cfg.profile:
+        directory_to_write("out_dir", cfg.out_dir)  # ...but a profile, to out_dir/profile
     opts = {k: getattr(cfg, k) for k in ("vocab_size", "sample_tokens", "num_samples", "prompt_tokens", "window_keep")}
     if not cfg.sample_tokens:
         parallel.set_cpu_devices(cfg.cpu_devices)
@@ -85,7 +91,9 @@ def bench(cfg, steps: int, vocab: int, warmup: int = 2) -> int:
                                   log=print if jax.process_index() == 0 else (lambda s: None))
         compile_s = time.perf_counter() - t0
     peak, peak_src = device_peak("float32" if jax.devices()[0].platform == "cpu" else cfg.dtype, mesh.devices.flat)
-    state, times, first_s = time_steps(step, state, make_batch, key, steps, warmup)
+    profiler = Profiler(cfg.profile if jax.process_index() == 0 else "", cfg.out_dir)
+    state, times, first_s = time_steps(step, state, make_batch, key, steps, warmup, each=profiler.at)
+    profiler.close()
     res = summarize(times, A * B * T, flops_per_token(mcfg, n), peak)
     # compile_s: lower + compile (the memory check's); without the check, the first step's time
     res.update(compile_s=first_s if compile_s is None else compile_s, first_step_s=first_s, remat=cfg.remat,

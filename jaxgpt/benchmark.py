@@ -80,23 +80,31 @@ def peak_memory_bytes() -> int | None:
     return stats.get("peak_bytes_in_use")
 
 
-def time_steps(step_fn, state, make_batch, key, n_steps: int, warmup: int = 2) -> tuple[Any, list[float], float]:
-    """Runs warmup + n_steps steps, each timed to completion; returns (state, seconds, compile s)."""
+def time_steps(step_fn, state, make_batch, key, n_steps: int, warmup: int = 2,
+               each=lambda i, state: None) -> tuple[Any, list[float], float]:
+    """Runs warmup + n_steps steps, each timed to completion; returns (state, seconds, compile s).
+    Step 0 compiles, steps 1 to warmup - 1 warm up, the rest are timed; each(i, state) is called
+    before step i and once after the last (i = warmup + n_steps), outside the timed part (the
+    profiler: monitor.Profiler.at)."""
+    each(0, state)
     t0 = time.perf_counter()
     state, m = step_fn(state, make_batch(0), key)
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t0
     for i in range(1, warmup):
+        each(i, state)
         state, m = step_fn(state, make_batch(i), key)
     jax.block_until_ready(m)
     times = []
     for i in range(n_steps):
+        each(warmup + i, state)
         batch = make_batch(warmup + i)
         jax.block_until_ready(batch)
         t0 = time.perf_counter()
         state, m = step_fn(state, batch, key)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
+    each(warmup + n_steps, state)
     return state, times, compile_s
 
 

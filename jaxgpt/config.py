@@ -143,6 +143,25 @@ def lora_targets_rule(key: str, value: str) -> None:
         check_choice(f"each of {key}", t, LORA_TARGETS)
 
 
+def profile_range(text: str) -> tuple[int, int] | None:
+    """--profile=START:STOP as (START, STOP): the steps START to STOP - 1 are traced; '' is None."""
+    m = re.fullmatch(r"\s*([0-9]{1,10})\s*:\s*([0-9]{1,10})\s*", text)
+    if not text.strip():
+        return None
+    if not m or int(m.group(1)) >= int(m.group(2)) or int(m.group(2)) > INT32_MAX:
+        raise ValueError(text)
+    return int(m.group(1)), int(m.group(2))
+
+
+@allows("START:STOP (steps, START < STOP), e.g. 10:15; '' = off")
+def profile_rule(key: str, value: str) -> None:
+    try:
+        profile_range(value)
+    except ValueError:
+        raise UserError(f"{key} must be START:STOP, the steps to trace with START < STOP (e.g. --{key}=10:15 traces "
+                        f"steps 10 to 14), or '' for none; got {show(value)}") from None
+
+
 # ----------------------------------------------------------------------------- declarations
 # Every key is declared once: its type (the annotation), default, rule and a one-line help, under
 # a group heading; the rules table, --help, the printed config and docs/config.md all read these.
@@ -220,6 +239,7 @@ class ModelKeys:
 
 
 _io = group("I/O")
+_watch = group("watching a run (see docs/monitoring.md)")
 _init = group("start and finetuning")
 _data = group("data")
 _optim = group("optimizer")
@@ -238,11 +258,19 @@ class Config(ModelKeys):
 
     out_dir: str = _io("out", directory_to_write, "where checkpoints, metrics.jsonl, config.json and loss.png go")
     eval_interval: int = _io(2000, rng(1, INT32_MAX), "evaluate and checkpoint every this many iterations")
-    log_interval: int = _io(1, rng(1, INT32_MAX), "report the loss every this many iterations")
+    log_interval: int = _io(1, rng(1, INT32_MAX), "report the loss (and a metrics.jsonl row) every this many iterations")
     eval_iters: int = _io(200, rng(1, INT32_MAX), "batches per split in an evaluation")
     eval_only: bool = _io(False, None, "evaluate once and exit (writes nothing)")
     always_save_checkpoint: bool = _io(True, None, "nanoGPT's key, accepted and ignored: jaxgpt always keeps "
                                                    "the latest checkpoint (resume) and the best one (sampling)")
+    tensorboard: bool = _watch(False, None, "write metrics.jsonl's figures as TensorBoard events to out_dir/tensorboard "
+                                            "(needs pip install tensorboard)")
+    profile: str = _watch("", profile_rule, "write a JAX profiler trace of steps START to STOP - 1 to out_dir/profile "
+                                           "(TensorBoard's profile plugin or Perfetto)")
+    wandb_log: bool = _watch(False, None, "log metrics.jsonl's figures to Weights & Biases (needs pip install wandb; "
+                                          "WANDB_MODE=offline logs without a network)")
+    wandb_project: str = _watch("owt", nonempty("name a wandb project, e.g. --wandb_project=owt"), "wandb's project")
+    wandb_run_name: str = _watch("gpt2", ANY, "wandb's name for the run")
     init_from: str = _init("scratch", nonempty("use scratch, resume, a GPT-2 name or a path to weights"),
                            "scratch | resume | auto (resume if out_dir holds a run) | gpt2* | a Hugging Face "
                            "directory | a nanoGPT ckpt.pt | a jaxgpt out_dir")

@@ -41,6 +41,11 @@ def lr_schedule(cfg: Config, peak: float | None = None):
     return schedule
 
 
+def lr_schedules(cfg: Config) -> dict:
+    """Each optimizer's schedule by the name metrics use: lr (AdamW's), and lr_muon with optimizer=muon."""
+    return {"lr": lr_schedule(cfg), **({"lr_muon": lr_schedule(cfg, cfg.muon_lr)} if cfg.optimizer == "muon" else {})}
+
+
 def decay_mask(params):
     """Weight decay on matrices and embeddings (>= 2-D), not on biases and LayerNorm gains."""
     return jax.tree.map(lambda p: p.ndim >= 2, params)

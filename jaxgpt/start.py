@@ -80,11 +80,12 @@ def check_fresh_run(cfg: Config) -> None:
                         f"with --init_from=resume, or pass --overwrite=True to start over and delete it")
 
 
-RUN_FILES = ("checkpoints", "metrics.jsonl", "loss.png")
+RUN_FILES = ("checkpoints", "metrics.jsonl", "loss.png", "tensorboard", "profile")
 
 
 def clear_run(out_dir: str, log=print) -> None:
-    """overwrite=True on an out_dir that holds a run: deletes its checkpoints, metrics and plot."""
+    """overwrite=True on an out_dir that holds a run: deletes its checkpoints, metrics, plot, TensorBoard
+    events and profiles (never a wandb directory: offline runs there may not be synced yet)."""
     gone = [n for n in RUN_FILES if os.path.lexists(os.path.join(out_dir, n))]
     for name in gone:
         path = os.path.join(out_dir, name)

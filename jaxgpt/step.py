@@ -20,7 +20,7 @@ from flax import nnx
 from jaxgpt import lora
 from jaxgpt.config import Config
 from jaxgpt.model import ModelConfig, build_model
-from jaxgpt.optim import lr_schedule, make_optimizer
+from jaxgpt.optim import lr_schedules, make_optimizer
 from jaxgpt.quant import quantize
 
 
@@ -110,9 +110,11 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Conf
     and one more fold_in per micro-batch. Gradients are averaged over the micro-batches.
     The key always reaches the model, which applies each dropout whose rate is above 0 (the
     model's `dropout`, and LoRA's `lora_dropout` on the adapters' inputs) and ignores it otherwise.
+    metrics: the step's loss, each optimizer's learning rate (lr; lr_muon with optimizer=muon), the
+    gradient's global norm (before clipping), first_nonfinite, and skipped (steps skipped so far).
     """
     grad_fn = jax.value_and_grad(make_loss_fn(graphdef, cfg.remat))
-    schedule = lr_schedule(cfg)
+    schedules = lr_schedules(cfg)
 
     def train_step(state: TrainState, batch, key):
         xs, ys = batch  # (A, B, T) each
@@ -143,10 +145,11 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Conf
         params, opt_state = jax.lax.cond(finite, update, lambda _: (state.params, advance_schedule(state.opt_state)),
                                          None)
         first_bad = jnp.where((state.first_nonfinite < 0) & ~finite, state.step, state.first_nonfinite)
-        metrics = {"loss": loss, "lr": schedule(state.step), "grad_norm": grad_norm,
-                   "first_nonfinite": first_bad}
+        skipped = state.skipped + (~finite).astype(jnp.int32)
+        metrics = {"loss": loss, **{name: s(state.step) for name, s in schedules.items()}, "grad_norm": grad_norm,
+                   "first_nonfinite": first_bad, "skipped": skipped}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state, first_nonfinite=first_bad,
-                             skipped=state.skipped + (~finite).astype(jnp.int32)), metrics
+                             skipped=skipped), metrics
 
     if state_sharding is None:
         return jax.jit(train_step, donate_argnums=0)

@@ -2,15 +2,16 @@
 
 What the loop starts from (data, model, state, mesh, resume) comes ready from jaxgpt.start; `build`
 turns that into the parts the loop uses (the state, the compiled steps, the checkpointers); the loop
-in `train` reads top to bottom, its periodic work (evaluate, checkpoint, log) in its body. It never
-waits on the device except at log and eval points: a log step's metrics are read one step later,
-after the next step has been dispatched.
+in `train` reads top to bottom, its periodic work (evaluate, checkpoint, log, profile) in its body.
+It never waits on the device except at log and eval points: a log step's metrics are read one step
+later, after the next step has been dispatched. What it logs goes to a jaxgpt.monitor.Monitor
+(metrics.jsonl, TensorBoard, wandb, loss.png, the profiler); the rows are built here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import math
 import os
 import sys
 import time
@@ -29,7 +30,8 @@ from jaxgpt.config import Config, format_config, save_config
 from jaxgpt.errors import UserError
 from jaxgpt.memory import checked_train_step
 from jaxgpt.model import num_params
-from jaxgpt.optim import lr_schedule
+from jaxgpt.monitor import Monitor
+from jaxgpt.optim import lr_schedules
 from jaxgpt.rundir import RunLock, writing
 from jaxgpt.runtime import matmul_precision
 from jaxgpt.signals import StopFlag, finishing
@@ -68,18 +70,14 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
             os.makedirs(cfg.out_dir, exist_ok=True)
             if main:
                 save_config(cfg, config_path)
-        if cfg.init_from != "resume" and main and os.path.exists(t.metrics_path):
-            os.remove(t.metrics_path)  # a fresh run starts a fresh log
-        summary = loop(t, run, main, log)
-        if main:
-            png = os.path.join(cfg.out_dir, "loss.png")
-            with writing("the loss plot", png, "The checkpoints are saved"):
-                plot_losses(t.metrics_path, png)
-        return summary
+        # metrics.jsonl (a fresh run's emptied, a resumed run's cut to its checkpoint), TensorBoard,
+        # wandb, loss.png and --profile; all on process 0 only
+        with Monitor(cfg, t.start, main, log) as mon:
+            return loop(t, run, main, log, mon)
 
 
-def loop(t: "Training", run: Run, main: bool, log) -> dict[str, Any]:
-    """The loop: evaluate and checkpoint when due, stop when asked, step, log."""
+def loop(t: "Training", run: Run, main: bool, log, mon: Monitor) -> dict[str, Any]:
+    """The loop: profile, evaluate and checkpoint when due, stop when asked, step, log."""
     cfg, start = run.cfg, t.start
     bar = tqdm(total=cfg.max_iters, initial=start, dynamic_ncols=True, disable=None if main else True,
                file=sys.stderr)
@@ -92,8 +90,13 @@ def loop(t: "Training", run: Run, main: bool, log) -> dict[str, Any]:
     try:
         with signals as stop, finishing(signals, t.latest, t.best, bar):
             while True:
+                if mon.profile(it, t.state):  # --profile=START:STOP: the trace started (at START) or stopped (STOP)
+                    clock.mark(it - 1)  # starting and stopping it is not training time
                 if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and not (cfg.init_from == "resume" and it == start):
                     jax.block_until_ready(t.state)  # a resumed run's first step was evaluated before it stopped
+                    if pending is not None:  # the last log step's row first (its step is done)
+                        log_step(t, cfg, bar, log, clock, mon, *pending)
+                        pending = None
                     ms = clock.ms_per_iter()
                     check_finite(t, cfg)
                     losses = evaluate(t, run, it)
@@ -103,19 +106,19 @@ def loop(t: "Training", run: Run, main: bool, log) -> dict[str, Any]:
                     save(t, run, t.latest, it, signals)
                     t.last_saved = it
                     row = eval_row(t, run, it, losses, ms)
-                    if main:
-                        with writing("metrics", t.metrics_path), open(t.metrics_path, "a", encoding="utf-8") as f:
-                            f.write(json.dumps(row) + "\n")
+                    mon.eval(row)  # a metrics.jsonl row (TensorBoard, wandb) and loss.png redrawn
                     say(f"iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
                         + (f", {ms:.1f} ms/iter, MFU {100 * row['mfu']:.1f}%" if ms == ms else ""))
-                    summary.update(row)
-                    clock.mark()
+                    summary.update({k: v for k, v in row.items() if k != "kind"})
+                    clock.mark(it - 1)  # training time starts again: steps to it - 1 are done
                 if it >= cfg.max_iters:
                     break
                 # every process must stop at the same step: with several, they agree every STOP_CHECK
                 # steps (a one-bool host collective), since signals arrive at different moments
                 if stop.stop if jax.process_count() == 1 else it % STOP_CHECK == 0 and parallel.any_process(stop.stop):
                     jax.block_until_ready(t.state)
+                    if pending is not None:
+                        log_step(t, cfg, bar, log, clock, mon, *pending)
                     check_finite(t, cfg)
                     with signals.deferred(honour=False):  # stopping anyway: a second signal changes nothing
                         save(t, run, t.latest, it, signals)
@@ -129,14 +132,14 @@ def loop(t: "Training", run: Run, main: bool, log) -> dict[str, Any]:
                 t.state, metrics = t.train_step(t.state, batch, t.keys["dropout"])
                 if t.sync_steps:
                     jax.block_until_ready(metrics)
-                if pending is not None:  # the previous log step's metrics, now that this step is queued
-                    show_progress(t, cfg, bar, log, clock, *pending)
+                if pending is not None:  # the previous log step's row, now that this step is queued
+                    log_step(t, cfg, bar, log, clock, mon, *pending)
                     pending = None
                 if it % cfg.log_interval == 0:
                     pending = (it, metrics)
                 if it == start:  # compilation is not timed
                     jax.block_until_ready(t.state)
-                    clock.mark(-1)
+                    clock.mark(it, steps=-1)
                 it += 1
                 clock.steps += 1
                 bar.update(1)
@@ -164,7 +167,6 @@ class Training:
     keys: dict
     latest: Checkpointer
     best: Checkpointer
-    metrics_path: str
     start: int
     last_saved: int
     sync_steps: bool
@@ -173,7 +175,7 @@ class Training:
     fpt: float  # FLOPs per token
     peak: float  # the devices' peak FLOP/s
     tokens_per_iter: int
-    schedule: Callable
+    schedules: dict  # each optimizer's lr schedule by its metrics name (lr, lr_muon)
 
 
 def build(run: Run, log=print) -> Training:
@@ -206,10 +208,11 @@ def build(run: Run, log=print) -> Training:
         state=state, best_val=best_val, keys=keys, latest=latest, best=best, train_step=train_step,
         eval_step=make_eval_step(graphdef, state_sh.params, parallel.batch_sharding(run.mesh, 2), repl,
                                  state_sh.frozen),
-        metrics_path=os.path.join(cfg.out_dir, "metrics.jsonl"), start=start, last_saved=start,
+        start=start, last_saved=start,
         sync_steps=parallel.needs_step_sync(run.mesh), n_params=n_params, n_trainable=n_trainable,
         fpt=flops_per_token(run.model_cfg, n_params, n_trainable), peak=peak,
-        tokens_per_iter=cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size, schedule=lr_schedule(cfg))
+        tokens_per_iter=cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size,
+        schedules=lr_schedules(cfg))
 
 
 def describe(run: Run, state, n_params: int, n_trainable: int, peak_src: str, log) -> None:
@@ -264,61 +267,61 @@ def check_finite(t: Training, cfg: Config, first_bad=None) -> None:
 
 
 def eval_row(t: Training, run: Run, it: int, losses: dict[str, float], ms: float) -> dict[str, Any]:
-    """metrics.jsonl's row for an evaluation."""
-    timed = ms == ms
-    return {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"], "lr": float(t.schedule(it)),
-            "ms_per_iter": ms, "tokens_per_s": t.tokens_per_iter / ms * 1000 if timed else float("nan"),
-            "mfu": t.fpt * t.tokens_per_iter / (ms / 1000) / t.peak if timed else float("nan"),
+    """metrics.jsonl's row for an evaluation (docs/monitoring.md has the schema)."""
+    return {"kind": "eval", "iter": it, "train_loss": losses["train"], "val_loss": losses["val"],
+            **{name: float(s(it)) for name, s in t.schedules.items()}, **speed(t, ms),
             "best_val_loss": t.best_val, "skipped_steps": int(parallel.host_value(t.state.skipped))}
 
 
+def train_row(t: Training, it: int, m: dict[str, float], ms: float) -> dict[str, Any]:
+    """metrics.jsonl's row for log step `it` (docs/monitoring.md has the schema)."""
+    return {"kind": "train", "iter": it, "loss": m["loss"], **{name: m[name] for name in t.schedules},
+            "grad_norm": m["grad_norm"], **speed(t, ms), "skipped_steps": int(m["skipped"])}
+
+
+def speed(t: Training, ms: float) -> dict[str, float]:
+    """ms/iter, tokens/s and MFU from ms per iteration (NaN where not measured: compiling)."""
+    timed = ms == ms
+    return {"ms_per_iter": ms, "tokens_per_s": t.tokens_per_iter / ms * 1000 if timed else math.nan,
+            "mfu": t.fpt * t.tokens_per_iter / (ms / 1000) / t.peak if timed else math.nan}
+
+
 class Clock:
-    """Training time between evaluations (steps, not compilation or evaluation) and between log lines."""
+    """Training time (steps; not compilation, evaluation or checkpointing): since the last
+    evaluation, for its row, and since the last log row, for that one."""
 
     def __init__(self):
         self.t, self.steps = time.perf_counter(), 0
-        self.log_mark, self.recent_ms = None, None  # (time, iter) of the last log line; ms/iter since then
+        self.log_mark = None  # (time, iter): step iter had finished at that time
 
-    def mark(self, steps: int = 0) -> None:
+    def mark(self, done: int, steps: int = 0) -> None:
+        """Steps up to `done` have finished now; what follows is training time."""
         self.t, self.steps = time.perf_counter(), steps
+        self.log_mark = (self.t, done)
 
     def ms_per_iter(self) -> float:
-        return 1000 * (time.perf_counter() - self.t) / self.steps if self.steps else float("nan")
+        return 1000 * (time.perf_counter() - self.t) / self.steps if self.steps else math.nan
+
+    def since_log(self, it: int) -> float:
+        """ms per step since the last mark, now that step `it` has finished (NaN: nothing timed)."""
+        now = time.perf_counter()
+        ms = 1000 * (now - self.log_mark[0]) / (it - self.log_mark[1]) \
+            if self.log_mark is not None and it > self.log_mark[1] else math.nan
+        self.log_mark = (now, it)
+        return ms
 
 
-def show_progress(t: Training, cfg: Config, bar, log, clock: Clock, it: int, metrics) -> None:
-    """The loss and lr of log step `it`, read one step later (the device is already busy)."""
-    check_finite(t, cfg, metrics["first_nonfinite"])
-    loss, lr = float(parallel.host_value(metrics["loss"])), float(parallel.host_value(metrics["lr"]))
-    now = time.perf_counter()
-    if clock.log_mark is not None and it > clock.log_mark[1]:
-        clock.recent_ms = 1000 * (now - clock.log_mark[0]) / (it - clock.log_mark[1])
-    clock.log_mark = (now, it)
-    speed = (f"{clock.recent_ms:.1f} ms/iter, {t.tokens_per_iter / clock.recent_ms * 1000:,.0f} tok/s"
-             if clock.recent_ms else "compiling")
+def log_step(t: Training, cfg: Config, bar, log, clock: Clock, mon: Monitor, it: int, metrics) -> None:
+    """Log step `it`'s row, read one step later (the device is already busy with the next):
+    metrics.jsonl (TensorBoard, wandb) and the progress bar."""
+    m = {k: float(v) for k, v in jax.device_get({k: v.addressable_data(0) for k, v in metrics.items()}).items()}
+    check_finite(t, cfg, m["first_nonfinite"])
+    row = train_row(t, it, m, clock.since_log(it))
+    mon.train(row)
+    ms = row["ms_per_iter"]
+    speed = f"{ms:.1f} ms/iter, {row['tokens_per_s']:,.0f} tok/s" if ms == ms else "compiling"
     if bar.disable:
-        log(f"iter {it}: loss {loss:.4f}, lr {lr:.2e}, {speed}")
+        log(f"iter {it}: loss {m['loss']:.4f}, lr {m['lr']:.2e}, {speed}")
     else:
-        bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {speed}")
+        bar.set_postfix_str(f"loss {m['loss']:.4f} lr {m['lr']:.2e} {speed}")
 
-
-def plot_losses(metrics_path: str, png_path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(metrics_path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    if not rows:
-        return
-    it = [r["iter"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(it, [r["train_loss"] for r in rows], label="train")
-    ax.plot(it, [r["val_loss"] for r in rows], label="val")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)

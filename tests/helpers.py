@@ -2,6 +2,8 @@
 a run's checkpoint read back directly, what sample.py must print, parameter trees compared, and
 GPT-2 weights in nanoGPT's ckpt.pt layout. Fixtures and the corpus are in conftest.py."""
 
+import json
+import os
 import subprocess
 import sys
 
@@ -16,6 +18,18 @@ from jaxgpt.model import ModelConfig
 from jaxgpt.sampling import Engine
 from jaxgpt.step import abstract_state
 from jaxgpt.tokenizer import tokenizer_from_meta
+
+
+def evaluations(out_dir):
+    """metrics.jsonl's evaluation rows (kind "eval"), in order; the log steps' rows are left out."""
+    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [r for r in map(json.loads, f) if r["kind"] == "eval"]
+
+
+def log_rows(out_dir):
+    """metrics.jsonl's log-step rows (kind "train"), in order."""
+    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [r for r in map(json.loads, f) if r["kind"] == "train"]
 
 
 def run_script(*args, cwd=ROOT, env=None):

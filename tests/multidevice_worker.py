@@ -61,7 +61,7 @@ def step_losses(sharding: str, mesh_shape: str, steps: int = 10, lora_rank: int 
 
 def val_losses(out_dir: str) -> list:
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line)["val_loss"] for line in f]
+        return [r["val_loss"] for r in map(json.loads, f) if r["kind"] == "eval"]
 
 
 def main():

@@ -189,6 +189,11 @@ ROWS = [
     flag("lr_decay_iters", -1, "lr_decay_iters must be in [0, 2147483647], got -1"),
     flag("eval_interval", 0, "eval_interval must be in [1, 2147483647], got 0"),
     flag("log_interval", 0, "log_interval must be in [1, 2147483647], got 0"),
+    flag("profile", "10", "profile must be START:STOP, the steps to trace with START < STOP (e.g. --profile=10:15 "
+                          "traces steps 10 to 14), or '' for none; got '10'"),
+    flag("profile", "15:10", "profile must be START:STOP, the steps to trace with START < STOP (e.g. "
+                             "--profile=10:15 traces steps 10 to 14), or '' for none; got '15:10'"),
+    flag("wandb_project", " ", "wandb_project is empty; name a wandb project, e.g. --wandb_project=owt"),
     flag("eval_iters", 0, "eval_iters must be in [1, 2147483647], got 0"),
     flag("batch_size", 0, "batch_size must be in [1, 1048576], got 0"),
     flag("block_size", 10**9, "block_size must be in [1, 1048576], got 1000000000"),
@@ -291,6 +296,8 @@ ROWS = [
         early=False),
     # --- bench.py
     flag("steps", 0, "steps must be in [1, 1000000], got 0", "bench", TINY),
+    flag("profile", "a:b", "profile must be START:STOP, the steps to trace with START < STOP (e.g. --profile=10:15 "
+                           "traces steps 10 to 14), or '' for none; got 'a:b'", "bench", TINY),
     flag("steps", "abc", "steps expects an integer, got 'abc'", "bench", TINY),
     flag("vocab_size", 0, "vocab_size must be in [1, 4194304], got 0", "bench", TINY),
     flag("sample_tokens", -1, "sample_tokens must be in [0, 2147483647], got -1", "bench", TINY),

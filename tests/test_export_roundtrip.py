@@ -12,6 +12,7 @@ from flax import nnx
 import export as export_script
 import sample as sample_script
 from conftest import make_corpus, tiny_args
+from helpers import evaluations
 from jaxgpt import pretrained
 from jaxgpt.config import parse_args
 from jaxgpt.errors import UserError
@@ -99,5 +100,5 @@ def test_init_from_the_exported_directory(exported, tmp_path, method):
         np.testing.assert_allclose(start, run_logits, atol=ATOL, rtol=0)
     train(parse_args(tiny_args(tmp_path / "more", str(corpus), max_iters=8, eval_interval=8, **kw)),
           log=lambda s: None)
-    rows = [json.loads(line) for line in open(tmp_path / "more" / "out" / "metrics.jsonl")]
+    rows = evaluations(tmp_path / "more" / "out")
     assert [r["iter"] for r in rows] == [0, 8] and rows[-1]["val_loss"] < rows[0]["val_loss"]

@@ -21,7 +21,7 @@ from jaxgpt.loading import load as load_model
 from jaxgpt.config import parse_args
 from jaxgpt.start import padded_vocab
 from jaxgpt.trainer import train
-from helpers import SEP, engine_texts, nanogpt_ckpt
+from helpers import SEP, engine_texts, evaluations, nanogpt_ckpt
 
 FINETUNE = os.path.join(ROOT, "configs", "finetune_shakespeare.py")
 # logits and losses are compared with transformers' float32 ones at 1e-4: float32 compute, exact matmuls
@@ -33,9 +33,7 @@ def hf_dir(tiny_gpt2_dir):
     return tiny_gpt2_dir
 
 
-def read_metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+read_metrics = evaluations  # the evaluations' rows
 
 
 @pytest.mark.slow  # over 10 s: a finetuning run, sampled, exported

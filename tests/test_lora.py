@@ -16,7 +16,7 @@ import torch
 import transformers
 
 from conftest import tiny_args
-from helpers import BASE, SEP, leaves_equal, pure, restore_params
+from helpers import BASE, SEP, evaluations, leaves_equal, pure, restore_params
 from jaxgpt import lora
 from jaxgpt.benchmark import device_peak
 from jaxgpt.loading import load as load_model
@@ -173,7 +173,7 @@ def test_lora_run_learns_saves_little_resumes_and_samples(tmp_path, base_run, ca
     assert full["n_trainable"] < 0.2 * full["n_params"]
     base_params = load_model(base.out_dir)[1]  # the frozen part is exactly the base (no bias added)
     assert full["n_params"] - full["n_trainable"] == lora.count(base_params)
-    rows = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
+    rows = evaluations(tmp_path / "full")
     assert rows[-1]["val_loss"] < rows[0]["val_loss"]  # the adapters learned the new corpus
     assert dir_bytes(tmp_path / "full" / "checkpoints") < 0.5 * dir_bytes(os.path.join(base.out_dir, "checkpoints"))
     # MFU counts LoRA's FLOPs: 4 per weight and token (forward, activation gradient), 2 more per adapter
@@ -187,7 +187,7 @@ def test_lora_run_learns_saves_little_resumes_and_samples(tmp_path, base_run, ca
     # interrupted at 6 and resumed: the same run
     train(lora_args(tmp_path, base_run, "half", max_iters=6), log=lambda s: None)
     train(lora_args(tmp_path, base_run, "half", init_from="resume"), log=lambda s: None)
-    half = [json.loads(line) for line in open(tmp_path / "half" / "metrics.jsonl")]
+    half = evaluations(tmp_path / "half")
     assert [(r["iter"], r["val_loss"]) for r in half] == [(r["iter"], r["val_loss"]) for r in rows]
 
     # sampling loads base + adapters, merged into plain weights

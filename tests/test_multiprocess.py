@@ -5,7 +5,7 @@ process counts, and a job that ends whole when a process dies or the machine is 
 Tiny models: several processes on 2 cores run far slower than one, so each scenario starts as few
 jobs as it can; single-process references run in this process."""
 
-import json
+import glob
 import os
 import shutil
 import signal
@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, subprocess_env, tiny_args
+from helpers import evaluations, log_rows
 from jaxgpt.config import parse_args
 from jaxgpt.trainer import train
 
@@ -66,9 +67,7 @@ def in_process(argv):
 
 
 def losses(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    return {r["iter"]: (r["train_loss"], r["val_loss"]) for r in rows}
+    return {r["iter"]: (r["train_loss"], r["val_loss"]) for r in evaluations(out_dir)}
 
 
 def assert_same(a, b, iters):
@@ -84,8 +83,12 @@ def test_processes_match_one_process_and_checkpoints_move_between_counts(tmp_pat
     # 2 processes x 2 devices, a 2x2 mesh: batch split across the processes (data), parameters and
     # optimizer state split over each process's two devices (fsdp): the same losses as one process
     hybrid = dict(sharding="fsdp", mesh_shape="2x2")
-    out, _ = run_job(2, args(tmp_path, corpus_file, "job", cpu_devices=2, **hybrid))
+    out, _ = run_job(2, args(tmp_path, corpus_file, "job", cpu_devices=2, tensorboard=True, profile="2:4", **hybrid))
     assert out.count("done: iter 10") == 1  # process 0 alone reports
+    # ...and alone writes: each row once, one TensorBoard event file, one trace
+    assert [r["iter"] for r in log_rows(tmp_path / "job")] == list(range(10))
+    assert len(glob.glob(str(tmp_path / "job" / "tensorboard" / "events.*"))) == 1
+    assert len(glob.glob(str(tmp_path / "job" / "profile" / "plugins" / "profile" / "*"))) == 1
     assert_same(losses(tmp_path / "job"), losses(ref), [0, 5, 10])
     # its checkpoint resumes in 1 process, and in 4 x 1, where the fsdp pairs now span processes:
     # the same as 1 -> 2 (which ran plain dp over 2 processes)

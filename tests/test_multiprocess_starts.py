@@ -3,7 +3,6 @@ devices, gloo): starting from another run (full, LoRA, QLoRA; 1 device per proce
 mesh), eval_only from a run, sample.py and export.py. Each must give what one process gives, and a
 user's mistake is said in one line, once. (Resume and init_from=auto: tests/test_multiprocess.py.)"""
 
-import json
 import os
 import signal
 import subprocess
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, subprocess_env, tiny_args
+from helpers import evaluations
 from jaxgpt.config import parse_args
 from jaxgpt.trainer import train
 
@@ -44,8 +44,7 @@ def script(name, argv):
 
 
 def losses(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return {r["iter"]: (r["train_loss"], r["val_loss"]) for r in map(json.loads, f)}
+    return {r["iter"]: (r["train_loss"], r["val_loss"]) for r in evaluations(out_dir)}
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from flax import nnx
 import export as export_script
 import sample as sample_script
 from conftest import make_corpus, on_gpu, tiny_args
+from helpers import evaluations
 from nanogpt_reference import write_meta_pkl, write_nanogpt_run
 from jaxgpt import pretrained
 from jaxgpt.config import parse_args
@@ -165,9 +166,7 @@ def test_export_to_hugging_face_and_back(tmp_path, capsys):
     assert "--max_iters=0 writes its first checkpoint" in capsys.readouterr().err
 
 
-def metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+metrics = evaluations  # the evaluations' rows
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ import torch
 import transformers
 
 from conftest import tiny_args
-from helpers import BASE, SEP, leaves_equal, pure, restore_params
+from helpers import BASE, SEP, evaluations, leaves_equal, pure, restore_params
 from jaxgpt import lora, parallel, pretrained
 from jaxgpt.config import parse_args
 from jaxgpt.errors import UserError
@@ -136,13 +136,13 @@ def qlora_args(tmp_path, hf_dir, corpus_file, **overrides):
 def test_qlora_run_resumes_exactly_samples_and_exports(tmp_path, tiny_gpt2_dir, corpus_file, capsys):
     full = train(qlora_args(tmp_path, tiny_gpt2_dir, corpus_file, out_dir=str(tmp_path / "full")), log=lambda s: None)
     assert full["n_trainable"] < 0.2 * full["n_params"]
-    rows = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
+    rows = evaluations(tmp_path / "full")
     assert rows[-1]["val_loss"] < rows[0]["val_loss"]
     # interrupted at 2 and resumed (the base quantized again from its source): the same run, bit for bit
     half = str(tmp_path / "half")
     train(qlora_args(tmp_path, tiny_gpt2_dir, corpus_file, out_dir=half, max_iters=2), log=lambda s: None)
     train(qlora_args(tmp_path, tiny_gpt2_dir, corpus_file, out_dir=half, init_from="resume"), log=lambda s: None)
-    resumed = [json.loads(line) for line in open(tmp_path / "half" / "metrics.jsonl")]
+    resumed = evaluations(tmp_path / "half")
     assert [(r["iter"], r["train_loss"], r["val_loss"]) for r in resumed] == \
         [(r["iter"], r["train_loss"], r["val_loss"]) for r in rows]
 

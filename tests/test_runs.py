@@ -24,6 +24,7 @@ import export as export_script
 import sample as sample_script
 import train as train_script
 from conftest import ROOT, make_corpus, subprocess_env, tiny_args
+from helpers import evaluations
 from jaxgpt import rundir
 from jaxgpt import trainer as trainer_lib
 from jaxgpt.checkpoint import KINDS, Checkpointer, readable
@@ -105,7 +106,7 @@ def test_a_fresh_run_never_deletes_a_run(run, capsys):
     # told to: the old run is deleted and a new one starts
     assert train_script.main(args(run, overwrite=True, max_iters=3, eval_interval=3)) == 0
     assert Checkpointer(out, "latest").all_steps() == [3, 0]
-    assert [json.loads(line)["iter"] for line in open(os.path.join(out, "metrics.jsonl"))] == [0, 3]
+    assert [r["iter"] for r in evaluations(out)] == [0, 3]
     assert not os.path.exists(os.path.join(out, rundir.LOCK_NAME))
     # a run that fails before writing anything leaves no out_dir behind (the lock made it)
     one_line(capsys, train_script.main(args(run, init_from="resume", out_dir=str(run / "none"))))
@@ -180,9 +181,9 @@ def test_a_second_sigterm_during_the_save_it_started_waits_for_the_save(run, mon
     """SIGTERM, then SIGTERM again while the checkpoint the first one asked for is being written
     (the write held 0.5 s after the second): the write completes, 'checkpoint saved' is printed only
     once it is on disk, and it is: listed and whole."""
-    real_step, sent = trainer_lib.show_progress, []
+    real_step, sent = trainer_lib.log_step, []
 
-    def first(*a):  # on the main thread, between two steps: (t, cfg, bar, log, clock, it, metrics)
+    def first(*a):  # on the main thread, between two steps: (t, cfg, bar, log, clock, mon, it, metrics)
         if a[-2] == 5:
             os.kill(os.getpid(), signal.SIGTERM)
         return real_step(*a)
@@ -192,7 +193,7 @@ def test_a_second_sigterm_during_the_save_it_started_waits_for_the_save(run, mon
         sent.append(time.time())
         time.sleep(0.5)
 
-    monkeypatch.setattr(trainer_lib, "show_progress", first)
+    monkeypatch.setattr(trainer_lib, "log_step", first)
     hold_json_write(monkeypatch, "latest/*", second)
     assert train_script.main(args(run, init_from="resume", max_iters=50, eval_interval=1000)) == 0
     out = capfd.readouterr()  # the signal handler writes to file descriptor 2 directly
@@ -206,14 +207,14 @@ def test_a_second_interrupt_while_a_save_is_in_flight(run, monkeypatch, capsys):
     """Ctrl-C twice (the second one lands while training, checkpoint 6 still being written): the
     write completes first, then one line says where training stopped and what is on disk."""
     hold_json_write(monkeypatch, "latest/6", lambda: time.sleep(1.0))
-    real_step = trainer_lib.show_progress
+    real_step = trainer_lib.log_step
 
-    def log_step(*a):  # (t, cfg, bar, log, clock, it, metrics)
+    def log_step(*a):  # (t, cfg, bar, log, clock, mon, it, metrics)
         if a[-2] == 6:
             raise KeyboardInterrupt
         return real_step(*a)
 
-    monkeypatch.setattr(trainer_lib, "show_progress", log_step)
+    monkeypatch.setattr(trainer_lib, "log_step", log_step)
     rc = train_script.main(args(run, init_from="resume", max_iters=20, eval_interval=6))
     err = one_line(capsys, rc, 130)
     out = str(run / "out")

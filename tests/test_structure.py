@@ -17,7 +17,7 @@ STACK = [
     ("tokenizer", "layers", "parallel", "launch", "head"),
     ("lora", "optim", "data"),
     ("model", "prepare"),
-    ("step", "pretrained", "serving", "sampling", "benchmark", "checkpoint", "memory"),
+    ("step", "pretrained", "serving", "sampling", "benchmark", "checkpoint", "memory", "monitor"),
     ("loading",),
     ("start", "lowering", "server"),
     ("trainer",),

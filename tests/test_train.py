@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_args
-from helpers import SEP, engine_texts, run_script
+from helpers import SEP, engine_texts, evaluations, run_script
 from jaxgpt.checkpoint import Checkpointer
 from jaxgpt.loading import load as load_model
 from jaxgpt.config import Config, parse_args
@@ -18,9 +18,7 @@ from jaxgpt.model import model_config
 from jaxgpt.trainer import train
 
 
-def read_metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+read_metrics = evaluations  # the evaluations' rows
 
 
 def test_train_writes_metrics_checkpoints_and_plot(tmp_path, corpus_file):
