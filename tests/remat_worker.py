@@ -20,7 +20,7 @@ from jaxgpt import memory, parallel  # noqa: E402
 from jaxgpt.config import parse_args  # noqa: E402
 from jaxgpt.errors import UserError  # noqa: E402
 from jaxgpt.model import model_config  # noqa: E402
-from jaxgpt.run import run_keys  # noqa: E402
+from jaxgpt.start import run_keys  # noqa: E402
 from jaxgpt.step import abstract_state, init_state, make_train_step  # noqa: E402
 
 
