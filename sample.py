@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
-from jaxgpt.config import ANY, allows, choice, group, nonempty, parse_args, rng, validate_fields
+from jaxgpt.config import ANY, ModelSource, allows, group, parse_args, rng, validate_fields
 from jaxgpt.cli import run_cli
 from jaxgpt.errors import UserError
 from jaxgpt.parallel import launched_index
@@ -37,22 +37,15 @@ from jaxgpt.tokenizer import decode_text
 SEPARATOR = "---------------"
 
 
-_what = group("what to sample from")
 _prompt = group("the prompt and the samples")
 _how = group("sampling")
 
 
 @dataclass(frozen=True)
-class SampleConfig:
+class SampleConfig(ModelSource):
     """Samples text from a trained jaxgpt run (its out_dir alone), or from GPT-2 weights, a Hugging Face GPT-2
     directory or a nanoGPT ckpt.pt."""
 
-    init_from: str = _what("resume", nonempty("use resume (the out_dir's checkpoint), a GPT-2 name or a path to weights"),
-                           "resume = out_dir's checkpoint; or a GPT-2 name, a Hugging Face directory, a nanoGPT ckpt.pt")
-    out_dir: str = _what("out", ANY, "the run to sample from (with init_from=resume)")
-    meta_pkl: str = _what("", ANY, "a nanoGPT character ckpt.pt's meta.pkl (default: beside it, else "
-                                   "data/<its dataset>/meta.pkl)")
-    which: str = _what("best", choice("best", "latest"), "the run's best checkpoint (lowest val loss) or its latest")
     start: str = _prompt("\n", ANY, "the prompt, or FILE:path to read it from a file")
     num_samples: int = _prompt(10, rng(1, 1 << 20), "samples, decoded together as one batch")
     max_new_tokens: int = _prompt(500, SAMPLING_RULES["max_new_tokens"], "tokens generated per sample")

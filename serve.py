@@ -15,24 +15,18 @@ import time
 from dataclasses import dataclass
 
 from jaxgpt.cli import run_cli
-from jaxgpt.config import ANY, choice, group, nonempty, parse_args, rng, validate_fields
+from jaxgpt.config import ANY, ModelSource, choice, group, nonempty, parse_args, rng, validate_fields
 
-_what = group("what to serve")
+_what = group("the model")  # beside ModelSource's keys
 _where = group("where to listen")
 _how = group("batching and limits")
 
 
 @dataclass(frozen=True)
-class ServeConfig:
+class ServeConfig(ModelSource):
     """Serves a trained jaxgpt run (its out_dir alone), GPT-2 weights, a Hugging Face GPT-2 directory or a nanoGPT
     ckpt.pt over OpenAI's completions API, with a page to try it at /."""
 
-    init_from: str = _what("resume", nonempty("use resume (the out_dir's checkpoint), a GPT-2 name or a path to weights"),
-                           "resume = out_dir's checkpoint; or a GPT-2 name, a Hugging Face directory, a nanoGPT ckpt.pt")
-    out_dir: str = _what("out", ANY, "the run to serve (with init_from=resume)")
-    meta_pkl: str = _what("", ANY, "a nanoGPT character ckpt.pt's meta.pkl (default: beside it, else "
-                                   "data/<its dataset>/meta.pkl)")
-    which: str = _what("best", choice("best", "latest"), "the run's best checkpoint (lowest val loss) or its latest")
     model_name: str = _what("", ANY, "the model's id in /v1/models and responses ('' = the out_dir or source name)")
     host: str = _where("127.0.0.1", nonempty("give an address, e.g. 127.0.0.1 or 0.0.0.0"),
                        "the address to listen on (0.0.0.0: every interface)")

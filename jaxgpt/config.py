@@ -238,6 +238,21 @@ class ModelKeys:
                                     "LoRA: which Linear layers get adapters")
 
 
+_source = group("the model")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """The keys that name a model to load (jaxgpt.loading.load), shared by sample.py and serve.py."""
+
+    init_from: str = _source("resume", nonempty("use resume (the out_dir's checkpoint), a GPT-2 name or a path to weights"),
+                             "resume = out_dir's checkpoint; or a GPT-2 name, a Hugging Face directory, a nanoGPT ckpt.pt")
+    out_dir: str = _source("out", ANY, "the run to use (with init_from=resume)")
+    meta_pkl: str = _source("", ANY, "a nanoGPT character ckpt.pt's meta.pkl (default: beside it, else "
+                                     "data/<its dataset>/meta.pkl)")
+    which: str = _source("best", choice("best", "latest"), "the run's best checkpoint (lowest val loss) or its latest")
+
+
 _io = group("I/O")
 _watch = group("watching a run (see docs/monitoring.md)")
 _init = group("start and finetuning")
