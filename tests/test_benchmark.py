@@ -49,6 +49,7 @@ def check_figures(res, tokens_per_iter, V, T, L, H, C, peak):
     assert abs(res["mfu"] / (fpt * res["tokens_per_s"] / peak) - 1) < 1e-9 and 0 < res["mfu"] < 1
 
 
+@pytest.mark.slow
 def test_bench_honours_vocab_size_and_gradient_accumulation(capsys):
     args = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=8", "--batch_size=2", "--steps=3",
             "--vocab_size=50", "--gradient_accumulation_steps=3"]

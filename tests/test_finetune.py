@@ -126,6 +126,7 @@ def test_from_scratch_pads_a_bpe_vocab():
     assert padded_vocab({"tokenizer": "char", "vocab_size": 65}) == 65
 
 
+@pytest.mark.slow
 def test_scratch_bpe_run_pads_the_vocab_and_samples_only_real_tokens(tmp_path, hf_dir, corpus_file):
     from flax import nnx
 

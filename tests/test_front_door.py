@@ -16,6 +16,7 @@ from jaxgpt.errors import ShowHelp, UserError
 
 
 @pytest.mark.parametrize("command", list(entry_points()))
+@pytest.mark.slow
 def test_help_lists_every_key_with_its_default_and_exits_0(command):
     cls = entry_points()[command]
     p = subprocess.run([sys.executable, *command.split(), "--help"], cwd=ROOT, capture_output=True, text=True,
@@ -67,6 +68,7 @@ def test_prepare_takes_repeated_globs(tmp_path):
     assert a.include == "*.py,**/*.md"
 
 
+@pytest.mark.slow
 def test_a_resume_names_the_settings_it_keeps(tmp_path, corpus_file):
     """A resumed run keeps its checkpoint's finetuning settings: the printed config shows them,
     and a flag that asked otherwise is named in one line."""

@@ -50,6 +50,7 @@ def lora_state(steps=1, model_cfg=LORA, **cfg_overrides):
     return state, base, x[0]
 
 
+@pytest.mark.slow
 def test_adapters_start_as_an_exact_no_op():
     base = pure(build_model(BASE, seed=1))
     adapters, _ = lora.split(pure(build_model(LORA, seed=2)))
@@ -61,6 +62,7 @@ def test_adapters_start_as_an_exact_no_op():
 
 
 @pytest.mark.usefixtures("exact_f32")  # merged and unmerged float32 models agree to 2e-5 with exact matmuls
+@pytest.mark.slow
 def test_a_step_changes_only_the_adapters_and_merging_is_exact():
     state, base, x = lora_state(steps=2)
     for a, b in zip(jax.tree.leaves(state.frozen), jax.tree.leaves(base)):
@@ -95,6 +97,7 @@ def step_with_keys(model_cfg, keys):
     return out
 
 
+@pytest.mark.slow
 def test_lora_dropout_applies_when_the_models_dropout_is_zero():
     """configs/finetune_code_lora.py trains with lora_dropout=0.05 and dropout=0: the train step's
     key must reach the adapters, so different keys drop different inputs; the same key is the same step."""
@@ -104,11 +107,13 @@ def test_lora_dropout_applies_when_the_models_dropout_is_zero():
     assert l1 == l1_again and leaves_equal(p1, p1_again)
 
 
+@pytest.mark.slow
 def test_without_lora_dropout_the_key_changes_nothing():
     (l1, p1), (l2, p2) = step_with_keys(LORA, [jax.random.key(10), jax.random.key(11)])
     assert l1 == l2 and leaves_equal(p1, p2)
 
 
+@pytest.mark.slow
 def test_evaluation_ignores_lora_dropout():
     """The same weights evaluate to the same loss, every time, whether the model has lora_dropout 0.5 or 0."""
     state, _, x = lora_state(steps=1, model_cfg=LORA_DROPOUT)
@@ -119,6 +124,7 @@ def test_evaluation_ignores_lora_dropout():
 
 
 @pytest.mark.parametrize("rank", [2, 8])
+@pytest.mark.slow
 def test_optimizer_state_is_proportional_to_the_adapters(rank):
     cfg = dataclasses.replace(LORA, lora_rank=rank)
     _, state, _ = init_state(cfg, parse_args([]), jax.random.key(0))

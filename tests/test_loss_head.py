@@ -34,6 +34,7 @@ def loss_and_grads(model, x, y, chunk):
 # chunk 8 divides T=24; 5 pads it to 25 (the last chunk part padding); 1 is one position a chunk
 @pytest.mark.parametrize("options, chunk", [({}, 8), ({}, 5), ({"untied_head": True}, 1), ({"logit_softcap": 3.0}, 5),
                                             ({"untied_head": True, "logit_softcap": 3.0, "bias": True}, 8)])
+@pytest.mark.slow
 def test_chunked_head_gives_the_full_heads_loss_and_gradients(options, chunk, exact_f32):
     model = build_model(dataclasses.replace(CFG, **options), 0)
     idx = jax.random.randint(jax.random.key(1), (3, 25), 0, CFG.vocab_size)
@@ -50,6 +51,7 @@ def test_chunked_head_gives_the_full_heads_loss_and_gradients(options, chunk, ex
                                rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_chunked_head_in_bfloat16_matches_within_bfloat16_rounding():
     model = build_model(dataclasses.replace(CFG, dtype="bfloat16"), 0)
     idx = jax.random.randint(jax.random.key(2), (3, 25), 0, CFG.vocab_size)
@@ -68,6 +70,7 @@ def test_the_rule_chunks_large_logits_only():
     assert head_lib.chunk_len(12, 1024, 50304) == 16  # 27 fit; 16 divides 1024 (no padding)
 
 
+@pytest.mark.slow
 def test_bigram_loss_is_the_cross_entropy_of_its_table():
     model = build_model(ModelConfig(model_type="bigram", vocab_size=11), 0)
     idx = jax.random.randint(jax.random.key(3), (2, 9), 0, 11)
@@ -75,6 +78,7 @@ def test_bigram_loss_is_the_cross_entropy_of_its_table():
                                rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_train_step_with_lora_and_dropout_is_the_same_with_a_chunked_head(monkeypatch, exact_f32):
     """A whole train step (LoRA adapters, dropout, two micro-batches) with the head chunked (a tiny
     CHUNK_BYTES) gives the state of the step with the full logits."""

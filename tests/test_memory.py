@@ -63,6 +63,7 @@ def loss_and_grads(variant: str, remat: str):
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("remat", POLICIES)
+@pytest.mark.slow
 def test_remat_gives_the_plain_loss_and_gradients(variant, remat, exact_f32):
     loss0, grads0 = loss_and_grads(variant, "")
     loss, grads = loss_and_grads(variant, remat)
@@ -82,6 +83,7 @@ def compiled_step_memory(remat: str, batch_size: int = 8) -> StepMemory:
     return StepMemory.of(make_train_step(graphdef, opt, cfg).lower(state, (batch, batch), jax.random.key(1)).compile())
 
 
+@pytest.mark.slow
 def test_remat_keeps_fewer_activations():
     plain, block, dots = (compiled_step_memory(r) for r in ("", "block", "dots"))
     # 4 blocks whose attention scores (B, H, T, T) dominate: keeping only the blocks' inputs must
@@ -91,6 +93,7 @@ def test_remat_keeps_fewer_activations():
     assert block.arguments == plain.arguments  # the same state and batch
 
 
+@pytest.mark.slow
 def test_the_need_grows_with_the_batch():
     small, large = compiled_step_memory("", 2), compiled_step_memory("", 8)
     assert large.temporaries > 2 * small.temporaries and large.arguments > small.arguments
@@ -167,6 +170,7 @@ def need_bytes(msg: str) -> float:
     return memory.parse_bytes(re.search(r"needs about ([0-9.]+ [KMGT]iB)", msg).group(1).replace(" ", ""))
 
 
+@pytest.mark.slow
 def test_a_step_over_the_limit_is_refused_naming_a_batch_that_fits_which_then_runs(tmp_path, corpus_file,
                                                                                       monkeypatch):
     # nothing fits in 1 KiB: the line says so, before any step (no checkpoint, no metrics written)

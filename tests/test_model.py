@@ -15,6 +15,7 @@ TINY = ModelConfig(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=32)
 pytestmark = pytest.mark.usefixtures("exact_f32")
 
 
+@pytest.mark.slow
 def test_four_forms_of_causal_averaging_agree():
     """The lecture's build-up: each position averages itself and the positions before it."""
     B, T, C = 2, 8, 4
@@ -37,6 +38,7 @@ def test_four_forms_of_causal_averaging_agree():
 
 
 @pytest.mark.parametrize("model_type", ["gpt", "bigram"])
+@pytest.mark.slow
 def test_causality(model_type):
     cfg = ModelConfig(**{**TINY.to_dict(), "model_type": model_type})
     model = build_model(cfg, 0)
@@ -50,6 +52,7 @@ def test_causality(model_type):
 
 
 @pytest.mark.parametrize("model_type", ["gpt", "bigram"])
+@pytest.mark.slow
 def test_initial_loss_is_log_vocab(model_type):
     cfg = ModelConfig(**{**TINY.to_dict(), "model_type": model_type, "vocab_size": 65})
     model = build_model(cfg, 0)
@@ -58,6 +61,7 @@ def test_initial_loss_is_log_vocab(model_type):
     assert abs(loss - math.log(65)) < 0.05, loss
 
 
+@pytest.mark.slow
 def test_gpt2_names_and_init_recipe():
     model = GPT(ModelConfig(vocab_size=50, block_size=16, n_layer=4, n_head=2, n_embd=64, bias=True),
                 rngs=nnx.Rngs(0))
@@ -78,6 +82,7 @@ def test_gpt2_names_and_init_recipe():
 
 
 @pytest.mark.parametrize("model_type, steps, target", [("gpt", 150, 0.1), ("bigram", 300, None)])
+@pytest.mark.slow
 def test_overfits_one_batch(model_type, steps, target):
     cfg = ModelConfig(**{**TINY.to_dict(), "model_type": model_type})
     model = build_model(cfg, 0)
@@ -106,6 +111,7 @@ def test_overfits_one_batch(model_type, steps, target):
     assert float(loss) < target < first, (first, float(loss), target)
 
 
+@pytest.mark.slow
 def test_dropout_key_changes_output_and_none_is_deterministic():
     cfg = ModelConfig(**{**TINY.to_dict(), "dropout": 0.5})
     model = build_model(cfg, 0)
@@ -116,6 +122,7 @@ def test_dropout_key_changes_output_and_none_is_deterministic():
     np.testing.assert_array_equal(a, model(idx, jax.random.key(1)))
 
 
+@pytest.mark.slow
 def test_attention_implementations_agree_with_the_explicit_reference():
     from jaxgpt.model import attention, pick_attention
     q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 16, 4, 8))

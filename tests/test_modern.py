@@ -31,6 +31,7 @@ pytestmark = pytest.mark.usefixtures("exact_f32")
 
 
 @pytest.mark.parametrize("name", [*OPTIONS, "all"])
+@pytest.mark.slow
 def test_option_keeps_shapes_causality_and_cached_decoding(name):
     cfg = dataclasses.replace(BASE, **(ALL if name == "all" else OPTIONS[name]))
     model = build_model(cfg, 0)

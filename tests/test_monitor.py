@@ -205,6 +205,7 @@ def test_a_nanogpt_config_with_wandb_log_trains_without_wandb(tmp_path, corpus_f
     assert not os.path.exists(tmp_path / "out" / "wandb")
 
 
+@pytest.mark.slow
 def test_without_tensorboard_installed_one_line_and_training_goes_on(tmp_path, corpus_file, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorboard", None)
     lines = []
@@ -217,6 +218,7 @@ def test_without_tensorboard_installed_one_line_and_training_goes_on(tmp_path, c
     assert not os.path.exists(tmp_path / "out" / "tensorboard")
 
 
+@pytest.mark.slow
 def test_loss_png_is_drawn_at_every_evaluation_and_a_failed_plot_is_said_once(tmp_path, corpus_file, monkeypatch):
     """loss.png exists after the first evaluation (not only at the end); when drawing fails the
     run goes on, says so once, and its metrics are whole."""

@@ -43,6 +43,7 @@ def our_logits(source, ids, **kw):
 
 
 @pytest.mark.parametrize("compiled,bias,mask_buffer", [(True, False, False), (False, True, True)])
+@pytest.mark.slow
 def test_logits_and_tokenizer_are_nanogpts(tmp_path, compiled, bias, mask_buffer):
     """The shakespeare_char layout (no biases, a torch.compile'd run's names) and the other one
     (biases, the causal-mask buffers of PyTorch < 2): logits within 1e-5, nanoGPT's stoi / itos."""
@@ -61,6 +62,7 @@ def greedy_reference(model, meta, n):
 
 
 @pytest.mark.parametrize("where", ["beside", "data", "flag"])
+@pytest.mark.slow
 def test_sample_py_finds_meta_pkl_and_decodes_greedily_as_nanogpt(tmp_path, monkeypatch, capsys, where):
     """meta.pkl beside ckpt.pt, at data/<config['dataset']>/meta.pkl from the current directory
     (where nanoGPT's sample.py reads it), or given with --meta_pkl; greedy text past block_size
@@ -146,6 +148,7 @@ def test_weights_alone_load_without_meta_pkl(tmp_path):
                                 "chars": [meta["itos"][i] for i in range(meta["vocab_size"])]}
 
 
+@pytest.mark.slow
 def test_export_to_hugging_face_and_back(tmp_path, capsys):
     """export.py --init_from=ckpt.pt --hf_dir: transformers reads nanoGPT's function, jaxgpt reads it
     back with nanoGPT's characters (jaxgpt_tokenizer.json)."""

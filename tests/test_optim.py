@@ -67,6 +67,7 @@ def test_the_optimizer_applies_the_schedule():
                                [lr for it, lr in expected.items() if it < len(applied)], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_weight_decay_applies_to_matrices_and_embeddings_only():
     """One AdamW step with a zero gradient moves only the weight decay: p -> p (1 - lr wd) for the
     embeddings and Linear kernels, nothing for biases and LayerNorm parameters."""
@@ -95,6 +96,7 @@ def adam_mu(opt_state):
 
 
 @pytest.mark.parametrize("clip, norm, scale", [(1.0, 10.0, 0.1), (1.0, 0.5, 1.0), (0.0, 10.0, 1.0)])
+@pytest.mark.slow
 def test_grad_clip_scales_the_global_norm_down_to_grad_clip(clip, norm, scale):
     """Adam's first step is sign(g) whatever |g|, so clipping shows in its first moment: the gradient
     of global norm `norm` enters Adam scaled to grad_clip when larger, unchanged otherwise or with
@@ -107,6 +109,7 @@ def test_grad_clip_scales_the_global_norm_down_to_grad_clip(clip, norm, scale):
         np.testing.assert_allclose(adam_mu(state)[name], 0.1 * np.asarray(g[name]) * scale, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_logged_lr_is_the_applied_lr_after_skipped_steps(monkeypatch):
     """Steps 2 and 3 have a NaN loss and are skipped; step i still logs and applies lr_schedule(i) (nanoGPT's
     get_lr(iter)). The applied rate is measured from the weights: with no weight decay a step moves p by

@@ -49,6 +49,7 @@ def hf_model():
     return random_hf_model()
 
 
+@pytest.mark.slow
 def test_hf_safetensors_dir_gives_the_same_logits(tmp_path, hf_model):
     hf_model.save_pretrained(tmp_path)
     model, cfg = pretrained.load_pretrained(str(tmp_path), dtype="float32")
@@ -57,6 +58,7 @@ def test_hf_safetensors_dir_gives_the_same_logits(tmp_path, hf_model):
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(x))), hf_logits(hf_model, x), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_hf_pytorch_model_bin_gives_the_same_logits(tmp_path, hf_model):
     hf_model.config.save_pretrained(tmp_path)
     torch.save(hf_model.state_dict(), tmp_path / "pytorch_model.bin")
@@ -76,6 +78,7 @@ def test_nanogpt_ckpt_gives_the_same_logits(tmp_path):
 
 
 @pytest.mark.parametrize("bias,gelu", [(False, "exact"), (True, "tanh")])
+@pytest.mark.slow
 def test_export_loads_in_transformers_with_the_same_logits(tmp_path, bias, gelu):
     cfg = ModelConfig(vocab_size=V, block_size=T_CTX, n_layer=2, n_head=4, n_embd=32, bias=bias, gelu=gelu)
     model = build_model(cfg, seed=5)

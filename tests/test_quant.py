@@ -108,6 +108,7 @@ def predicted_nf4_relative_rms(block: int = 64) -> float:
     return math.sqrt(mse)
 
 
+@pytest.mark.slow
 def test_nf4_error_within_the_derived_bounds():
     """Per element: |w - w_hat| <= absmax * (largest gap between neighbouring entries) / 2, the
     gap between -1 and -0.696 (0.152 * absmax), and each code is that of a nearest entry (by
@@ -261,6 +262,7 @@ def tiny_lora(kind):
 
 
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
+@pytest.mark.slow
 def test_gradients_reach_the_adapters_and_not_the_codes(kind):
     adapters, base, x = tiny_lora(kind)
     loss = lambda ad, base: lora_mlp(ad, base, x, qdense)

@@ -81,6 +81,7 @@ def test_train_bad_inputs(tmp_path, corpus_file, capsys):
         assert_one_line(*run_main(train_script.main, argv, capsys), message)
 
 
+@pytest.mark.slow
 def test_other_tokenizer_and_larger_block_size(trained, tmp_path, corpus_file, capsys):
     meta_path = os.path.join(trained.data_dir, "meta.json")
     meta = json.load(open(meta_path))
@@ -97,6 +98,7 @@ def test_other_tokenizer_and_larger_block_size(trained, tmp_path, corpus_file, c
                     "block_size: checkpoint 16, config 32")
 
 
+@pytest.mark.slow
 def test_sample_bad_inputs(trained, tmp_path, capsys):
     out = f"--out_dir={trained.out_dir}"
     cases = [
@@ -114,6 +116,7 @@ def test_sample_bad_inputs(trained, tmp_path, capsys):
         assert_one_line(*run_main(sample_script.main, argv, capsys), message)
 
 
+@pytest.mark.slow
 def test_export_bad_inputs(trained, tmp_path, capsys):
     out = f"--out_dir={trained.out_dir}"
     cases = [
@@ -150,6 +153,7 @@ def nan_loss(monkeypatch):
     monkeypatch.setattr(step_lib, "model_loss", lambda model, x, targets, key, remat="": real(model, x, targets, key, remat) * jnp.nan)
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(trained, monkeypatch):
     nan_loss(monkeypatch)
     cfg = parse_args(tiny_args_from(trained, init_from="resume", max_iters=8))
@@ -159,6 +163,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(trained, monkey
     assert Checkpointer(trained.out_dir, "latest").all_steps() == [4, 2]
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_can_be_skipped(trained, monkeypatch):
     _, before, *_ = load_model(trained.out_dir, "latest")
     nan_loss(monkeypatch)
@@ -184,6 +189,7 @@ def tiny_args_from(cfg, **kw):
     return [f"--{k}={v}" for k, v in base.items()]
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(trained, capsys):
     break_state(trained.out_dir, 4)
     logs = []
@@ -204,6 +210,7 @@ def break_state(out_dir, step, kind="latest"):
     assert broken
 
 
+@pytest.mark.slow
 def test_corrupt_metadata_falls_back_to_the_previous_checkpoint(trained):
     with open(os.path.join(trained.out_dir, "checkpoints", "latest", "4", "meta", "metadata"), "w") as f:
         f.write('{"step": 4, "best_val')  # a write cut short

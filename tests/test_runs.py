@@ -93,6 +93,7 @@ def jax_leaves(tree):
 
 # ----------------------------------------------------------------------------- runs and directories
 
+@pytest.mark.slow
 def test_a_fresh_run_never_deletes_a_run(run, capsys):
     out = str(run / "out")
     before = snapshot(out)
@@ -203,6 +204,7 @@ def test_a_second_sigterm_during_the_save_it_started_waits_for_the_save(run, mon
     assert stopped in (6, 7) and all_restore(str(run / "out"))["latest"] == [stopped, 4]
 
 
+@pytest.mark.slow
 def test_a_second_interrupt_while_a_save_is_in_flight(run, monkeypatch, capsys):
     """Ctrl-C twice (the second one lands while training, checkpoint 6 still being written): the
     write completes first, then one line says where training stopped and what is on disk."""
@@ -225,6 +227,7 @@ def test_a_second_interrupt_while_a_save_is_in_flight(run, monkeypatch, capsys):
 
 # ----------------------------------------------------------------------------- disks
 
+@pytest.mark.slow
 def test_a_disk_that_fills_during_a_save(run, monkeypatch, capsys):
     """The metadata write of checkpoint 6 fails with ENOSPC after its state is written: one line,
     the temporary directory is gone, the earlier checkpoints stay listed and whole, resume works."""
@@ -313,6 +316,7 @@ def test_readers_skip_a_damaged_checkpoint_and_say_which_they_used(run, how):
     assert snapshot(out) == before  # readers move and delete nothing
 
 
+@pytest.mark.slow
 def test_sample_export_and_resume_with_damaged_checkpoints(run, capsys):
     out = str(run / "out")
     best = Checkpointer(out, "best").all_steps()[0]

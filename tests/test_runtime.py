@@ -77,6 +77,7 @@ def test_a_named_implementation_is_kept_or_refused_in_one_line():
             pick_attention("splash", "bfloat16", 128, platform=platform, probe=never)
 
 
+@pytest.mark.slow
 def test_the_resolved_dtype_is_what_the_run_records(tmp_path, corpus_file):
     cfg = parse_args(tiny_args(tmp_path, corpus_file, max_iters=2, eval_interval=2))
     train(cfg, log=lambda s: None)

@@ -60,6 +60,7 @@ def expected(source, prompt, n, samples, seed, **kw):
 
 @pytest.mark.parametrize("prompt, n, keep", [("to be", 1, 0), ("to be", 40, 0), ("to be or not " * 4, 30, 0),
                                              ("to be or not " * 4, 30, 5)])
+@pytest.mark.slow
 def test_printed_samples_are_the_engines_for_any_length(char_run, capsys, prompt, n, keep):
     """Prompts shorter and longer (52 chars) than block_size 16, 1 to 40 new tokens, both window modes."""
     out, err = run(capsys, f"--out_dir={char_run}", f"--start={prompt}", "--num_samples=3",
@@ -71,6 +72,7 @@ def test_printed_samples_are_the_engines_for_any_length(char_run, capsys, prompt
                      r"compilation [0-9.]+ s \(not counted\); wall time from start [0-9.]+ s", err), err
 
 
+@pytest.mark.slow
 def test_prompt_from_a_file(char_run, capsys, tmp_path):
     path = tmp_path / "prompt.txt"
     path.write_text("ROMEO,\nto be", encoding="utf-8")
@@ -86,6 +88,7 @@ def stop_string(texts):
 
 
 @pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.slow
 def test_stop_cuts_every_sample_streamed_or_not(char_run, capsys, stream):
     texts, _ = expected(char_run, "to", 60, 2, 1337, temperature=0.8, top_k=200)
     stop = stop_string(texts)
@@ -106,6 +109,7 @@ def test_text_stream_holds_back_a_possible_stop_and_ends_exactly():
     assert t.update(np.array([ord("x"), 0xFFFD])) == "x" and t.update(np.array([ord("x"), 0xFFFD]), final=True) == "\ufffd"
 
 
+@pytest.mark.slow
 def test_bpe_model_from_a_directory(bpe_dir, capsys):
     """--init_from=PATH (a Hugging Face GPT-2 dir with its BPE), a prompt past its 32-token window."""
     prompt = "to be or not to be that is the question " * 4
@@ -117,6 +121,7 @@ def test_bpe_model_from_a_directory(bpe_dir, capsys):
     assert "generated 40 tokens" in err
 
 
+@pytest.mark.slow
 def test_stream_prints_the_same_text_as_a_plain_run(bpe_dir, capsys):
     args = (f"--init_from={bpe_dir}", "--start=to be", "--num_samples=2", "--max_new_tokens=70")
     plain, _ = run(capsys, *args)

@@ -71,6 +71,7 @@ GRID += [("bigram", 1, 19, 0), ("bigram", 9, 5, 5), ("bigram", 21, 2, 1), ("bigr
 
 
 @pytest.mark.parametrize("kind, P, n_new, keep", GRID)
+@pytest.mark.slow
 def test_every_request_length_matches_uncached_greedy(kind, P, n_new, keep):
     graphdef, params = MODELS[kind]
     block = CFG.block_size
@@ -87,6 +88,7 @@ def test_every_request_length_matches_uncached_greedy(kind, P, n_new, keep):
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 32])
+@pytest.mark.slow
 def test_chunk_size_changes_nothing(model, chunk):
     """Sampled (not greedy) tokens past the window, for any chunking of the same request."""
     graphdef, params = model
@@ -96,6 +98,7 @@ def test_chunk_size_changes_nothing(model, chunk):
                                   ref)
 
 
+@pytest.mark.slow
 def test_sampled_tokens_follow_the_documented_keys(model):
     """Token n of sample i is categorical(fold_in(key_i, n), logits / temperature), the logits
     being the model's over the token's window: checked by redrawing every token by hand."""
@@ -121,6 +124,7 @@ def test_greedy_forms_agree_past_block_size(model):
         np.testing.assert_array_equal(got[0], ref, err_msg=str(kw))
 
 
+@pytest.mark.slow
 def test_top_p_below_one_filters_and_one_does_not(model):
     """top_p=1.0 draws the same tokens as plain sampling; a top_p that keeps only the most
     likely token is greedy; one in between changes some draws but stays inside top_p's set."""
@@ -155,6 +159,7 @@ def test_seeds_and_parallel_equals_one_at_a_time(model):
 
 
 @pytest.mark.parametrize("n_new", [20, 4])  # past the block (the windowed path); within it (the slots)
+@pytest.mark.slow
 def test_prompts_in_one_bucket_share_a_compilation(model, n_new):
     engine = Engine(*model, CFG.block_size)
     engine.generate([1, 2, 3], max_new_tokens=n_new, key=jax.random.key(0))
@@ -175,6 +180,7 @@ def test_top_k_and_top_p_restrict_choices():
     assert draw() == {0, 1, 2, 3, 4}
 
 
+@pytest.mark.slow
 def test_padded_vocabulary_ids_are_never_drawn(model):
     graphdef, params = model
     out = Engine(graphdef, params, CFG.block_size, vocab_size=4).generate(
@@ -189,6 +195,7 @@ def test_find_stop(row, stop, at):
     assert find_stop(np.asarray(row, np.int32), stop) == at
 
 
+@pytest.mark.slow
 def test_stop_ends_each_sample_and_generation_early(model):
     """Greedy decoding of this model repeats itself: stop at a token it is known to produce."""
     graphdef, params = model
@@ -207,6 +214,7 @@ def test_stop_ends_each_sample_and_generation_early(model):
     assert never.lengths.tolist() == [12, 12] and never.decoded == 12
 
 
+@pytest.mark.slow
 def test_streaming_sees_every_chunk_in_order(model):
     graphdef, params = model
     seen = []

@@ -68,6 +68,7 @@ def solo():
     return [serve(e, [r])[0] for r in REQUESTS]
 
 
+@pytest.mark.slow
 def test_a_request_draws_the_same_tokens_in_any_batch(solo):
     """Alone, all together, joining at different chunks (more requests than slots: some wait for a
     free slot), with another number of slots and another chunk: the same tokens."""
@@ -79,6 +80,7 @@ def test_a_request_draws_the_same_tokens_in_any_batch(solo):
     assert len({tuple(t) for t in solo}) == len(solo)
 
 
+@pytest.mark.slow
 def test_engine_generate_is_the_same_draw(solo):
     """Engine.generate (what sample.py calls) with key(seed): its sample 0 is the request's tokens."""
     for (prompt, kw, seed, n), toks in zip(REQUESTS, solo):
@@ -87,6 +89,7 @@ def test_engine_generate_is_the_same_draw(solo):
         assert res.tokens[0].tolist() == toks
 
 
+@pytest.mark.slow
 def test_greedy_equals_the_uncached_model(solo):
     prompt, _, _, n = REQUESTS[2]
     ids = list(prompt)
@@ -96,6 +99,7 @@ def test_greedy_equals_the_uncached_model(solo):
     assert solo[2] == ids[len(prompt):]
 
 
+@pytest.mark.slow
 def test_echo_logprobs_are_the_models():
     e = engine()
     prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]

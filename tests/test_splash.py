@@ -26,6 +26,7 @@ def loss_and_grads(impl, q, k, v, w):
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(q, k, v)
 
 
+@pytest.mark.slow
 def test_splash_matches_explicit_attention_forward_and_backward(interpret):
     q, k, v, w = jax.random.normal(jax.random.key(0), (4, 2, 384, 3, 32))  # 3 x 3 tiles of 128: the causal
     # mask within the diagonal tiles and the skip of the tiles above them
@@ -39,6 +40,7 @@ def test_splash_matches_explicit_attention_forward_and_backward(interpret):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_splash_is_causal(interpret):
     """A change at token t changes no output before t."""
     q, k, v = jax.random.normal(jax.random.key(1), (3, 1, 256, 2, 32))
@@ -50,6 +52,7 @@ def test_splash_is_causal(interpret):
     assert not np.allclose(out1[:, t:], out2[:, t:])
 
 
+@pytest.mark.slow
 def test_splash_in_bfloat16_matches_within_bfloat16_rounding(interpret):
     q, k, v = jax.random.normal(jax.random.key(2), (3, 2, 256, 2, 64))
     ref = causal_attention(q, k, v)
@@ -59,6 +62,7 @@ def test_splash_in_bfloat16_matches_within_bfloat16_rounding(interpret):
     np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=3e-2)  # bf16 inputs: 8-bit mantissa
 
 
+@pytest.mark.slow
 def test_a_length_splash_does_not_tile_falls_back_to_xla(interpret):
     q, k, v = jax.random.normal(jax.random.key(3), (3, 2, 40, 2, 16))
     assert not model_lib.splash_fits(40) and model_lib.splash_fits(128)

@@ -46,6 +46,7 @@ def check(got, want, what):
 
 
 @pytest.mark.parametrize("lora_rank", [0, 4])
+@pytest.mark.slow
 def test_golden_first_step(lora_rank):
     with jax.default_device(jax.devices("cpu")[0]), jax.default_matmul_precision("highest"):
         state, m = first_step(lora_rank)

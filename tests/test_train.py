@@ -21,6 +21,7 @@ from jaxgpt.trainer import train
 read_metrics = evaluations  # the evaluations' rows
 
 
+@pytest.mark.slow
 def test_train_writes_metrics_checkpoints_and_plot(tmp_path, corpus_file):
     cfg = parse_args(tiny_args(tmp_path, corpus_file))
     summary = train(cfg, log=lambda s: None)
@@ -36,6 +37,7 @@ def test_train_writes_metrics_checkpoints_and_plot(tmp_path, corpus_file):
     assert Checkpointer(out, "latest").latest_step() == 10
 
 
+@pytest.mark.slow
 def test_checkpoint_save_restore_is_exact(tmp_path, corpus_file):
     cfg = parse_args(tiny_args(tmp_path, corpus_file, max_iters=3, eval_interval=3))
     train(cfg, log=lambda s: None)
@@ -76,6 +78,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, corpus_file, extra):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_resume_errors(tmp_path, corpus_file):
     with pytest.raises(UserError, match="no checkpoint"):
         train(parse_args(tiny_args(tmp_path, corpus_file, init_from="resume")), log=lambda s: None)
