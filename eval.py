@@ -78,7 +78,7 @@ def eval_main(argv):
         print(f"bpb {r.bpb:.4f}  perplexity {r.perplexity:.4f}  loss {r.loss:.4f} nats/token")
         print(f"{r.tokens:,} tokens ({r.bytes:,} bytes, {r.documents} document{'s' * (r.documents != 1)}) in "
               f"{r.seconds:.2f} s: {r.tokens / max(r.seconds, 1e-9):,.0f} tokens/s; compilation "
-              f"{r.compile_seconds:.2f} s ({r.programs} programs, not counted)", file=sys.stderr)
+              f"{r.compile_seconds:.2f} s ({r.programs} program{'s' * (r.programs != 1)}, not counted)", file=sys.stderr)
         summary = {"task": "bpb", "bpb": r.bpb, "perplexity": r.perplexity, "loss": r.loss, "tokens": r.tokens,
                    "bytes": r.bytes}
     else:
@@ -88,7 +88,7 @@ def eval_main(argv):
               f"{m['acc_chars']:.4f}; acc_bytes {m['acc_bytes']:.4f})  on {r.examples} examples")
         cut = f"; {r.cut} endings had their context cut to fit block_size" if r.cut else ""
         print(f"{r.examples} examples in {r.seconds:.2f} s: {r.examples_per_second:,.1f} examples/s; compilation "
-              f"{r.compile_seconds:.2f} s ({r.programs} programs, not counted){cut}", file=sys.stderr)
+              f"{r.compile_seconds:.2f} s ({r.programs} program{'s' * (r.programs != 1)}, not counted){cut}", file=sys.stderr)
         summary = {"task": ec.task, **m, "examples": r.examples, "examples_per_second": r.examples_per_second}
     print(json.dumps(summary))
     return 0
