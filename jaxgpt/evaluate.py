@@ -274,7 +274,8 @@ def score_choices(scorer: Scorer, questions: list[Question], tok) -> ChoiceResul
 
 def read_texts(path: str) -> list[tuple[str, str]]:
     """(name, text) of a text file, or of every file under a directory (sorted, dot-files skipped);
-    UTF-8, or UTF-16/32 with a byte-order mark (jaxgpt.tokenizer.decode_text)."""
+    UTF-8, or UTF-16/32 with a byte-order mark (jaxgpt.tokenizer.decode_text), newlines read as
+    training reads a corpus (\r\n and \r as \n)."""
     if os.path.isdir(path):
         files = []
         for d, subdirs, names in os.walk(path):
@@ -292,7 +293,8 @@ def read_texts(path: str) -> list[tuple[str, str]]:
                 data = fh.read()
         except OSError as e:
             raise UserError(f"cannot read data {f}: {e.strerror}") from None
-        out.append((f, decode_text(data, f)))
+        # newlines as training reads them (Python's universal newlines: \r\n and \r become \n)
+        out.append((f, decode_text(data, f).replace("\r\n", "\n").replace("\r", "\n")))
     return out
 
 

@@ -207,8 +207,8 @@ def inputs(tmp_path_factory):
         (d / "repo" / "pkg" / f"m{i}.py").write_text(make_corpus(2000, seed=i) + string.printable[:94] + "\n",
                                                     encoding="utf-8")
     rng = np.random.default_rng(0)
-    words = lambda n: " ".join(rng.choice(WORDS, size=n))  # noqa: E731
-    (d / "hellaswag.jsonl").write_text("".join(json.dumps({"ctx": words(12), "endings": [words(4) for _ in range(4)],
+    words = lambda n: " ".join(rng.choice(WORDS, size=n))  # noqa: E731  (one-word endings: the 16-token model)
+    (d / "hellaswag.jsonl").write_text("".join(json.dumps({"ctx": words(12), "endings": [words(1) for _ in range(4)],
                                                            "label": i % 4}) + "\n" for i in range(8)))
     return d
 
