@@ -149,3 +149,26 @@ def _chunked_loss_bwd(tc, tied, softcap, res, g):
 
 
 _chunked_loss.defvjp(_chunked_loss_fwd, _chunked_loss_bwd)
+
+
+def target_logprobs(x, w, targets, *, tied: bool, softcap: float = 0.0, vocab: int | None = None,
+                    tc: int | None = None):
+    """log p(target) at every position of hidden states x (B, T, C): (B, T) float32, for evaluation
+    (no gradient). The log-softmax is float32 and runs over the first `vocab` entries of the head
+    (the tokenizer's: a padded vocabulary's extra rows are left out), in chunks of tc positions
+    (default: chunk_len's rule), so the (B, T, V) logits are never held whole."""
+    B, T, _ = x.shape
+    if vocab is not None:
+        w = w[:vocab] if tied else w[:, :vocab]
+    V = w.shape[0] if tied else w.shape[1]
+    tc = chunk_len(B, T, V) if tc is None else min(tc, T)
+    xp, tp, n = _padded(x, targets, tc)
+    wc = w.astype(x.dtype)  # once, not per chunk
+
+    def body(carry, i):
+        xc, tcs, _ = _chunk(xp, tp, i, tc, T)
+        losses, _ = _row_losses(logits_of(xc, wc, tied, softcap), tcs)  # (B*tc,)
+        return carry, -losses.reshape(B, tc)
+
+    _, lp = jax.lax.scan(body, None, jnp.arange(n))  # (n, B, tc)
+    return lp.transpose(1, 0, 2).reshape(B, n * tc)[:, :T]

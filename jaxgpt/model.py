@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxgpt.config import Config, ModelKeys
 from jaxgpt.errors import UserError
-from jaxgpt.head import head_loss, logits_of
+from jaxgpt.head import head_loss, logits_of, target_logprobs
 from jaxgpt.layers import Linear, dropout
 from jaxgpt.lora import LoRALinear, count
 from jaxgpt.runtime import resolve_dtype
@@ -495,6 +495,13 @@ class GPT(nnx.Module):
         return head_loss(self.hidden(idx, dropout_key, remat), w, targets, tied=tied,
                          softcap=self.config.logit_softcap, tc=chunk)
 
+    def token_logprobs(self, idx, targets, vocab: int | None = None):
+        """Evaluation: log p(targets) (B, T) float32 given token ids idx (B, T), the log-softmax over
+        the first `vocab` logits (the tokenizer's vocabulary; None = all), computed in chunks of the
+        sequence as the loss is (jaxgpt.head.target_logprobs)."""
+        w, tied = self._head_weight()
+        return target_logprobs(self.hidden(idx), w, targets, tied=tied, softcap=self.config.logit_softcap, vocab=vocab)
+
     def _head_weight(self):
         """(the output head's float32 weight, tied): wte's (V, C), or lm_head's kernel (C, V)."""
         if self.config.untied_head:
@@ -544,6 +551,11 @@ class Bigram(nnx.Module):
     def loss(self, idx, targets, dropout_key=None, chunk: int | None = None, remat: str = ""):
         """Mean next-token cross-entropy, float32 (the table is the logits: nothing to chunk)."""
         return optax.softmax_cross_entropy_with_integer_labels(self(idx), targets).mean()
+
+    def token_logprobs(self, idx, targets, vocab: int | None = None):
+        """log p(targets) (B, T) float32, over the first `vocab` logits (None = all)."""
+        lp = jax.nn.log_softmax(self(idx)[..., :vocab], axis=-1)  # (B, T, V)
+        return jnp.take_along_axis(lp, targets[..., None], axis=-1)[..., 0]
 
     def init_cache(self, batch_size: int, length: int):
         return ()  # the next token depends on the current one only

@@ -92,6 +92,7 @@ def tiny_gpt2_dir(tmp_path_factory):
 def entry_points() -> dict:
     """Every entry point's command -> the dataclass its flags fill (one declaration per key)."""
     import bench
+    import eval as eval_script
     import export
     import sample
     import serve
@@ -101,7 +102,7 @@ def entry_points() -> dict:
     from jaxgpt.prepare import PrepareConfig
 
     return {"train.py": Config, "sample.py": sample.SampleConfig, "export.py": export.ExportConfig,
-            "bench.py": bench.BenchConfig,
+            "bench.py": bench.BenchConfig, "eval.py": eval_script.EvalConfig,
             "serve.py": serve.ServeConfig, "-m jaxgpt.prepare": PrepareConfig, "-m jaxgpt.launch": LaunchConfig}
 
 

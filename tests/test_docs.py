@@ -16,11 +16,13 @@ name (configs/*.py, scripts) and, for train.py, for keys that exist.
 
 Placeholders are given something real: the corpus (`../shared/data/tinyshakespeare.txt`,
 `input.txt`) is a small synthetic one, a repository (`path/to/your/repo`, ...) a directory of .py
-files, `path/to/hf-gpt2-dir` a tiny GPT-2 directory written by transformers, `prompt.txt` a prompt.
+files, `path/to/hf-gpt2-dir` a tiny GPT-2 directory written by transformers, `prompt.txt` a prompt,
+`path/to/hellaswag_val.jsonl` a few examples in HellaSwag's format.
 """
 
 import dataclasses
 import glob
+import json
 import os
 import re
 import shlex
@@ -29,12 +31,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
-from conftest import ROOT, make_corpus, subprocess_env
+from conftest import ROOT, WORDS, make_corpus, subprocess_env
 
 DOCS = ["README.md"] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
-SCRIPTS = ("train.py", "sample.py", "export.py", "bench.py")
+SCRIPTS = ("train.py", "sample.py", "export.py", "bench.py", "eval.py")
 # a 1-layer, 32-channel model for two steps, evaluated on one batch: what each training command gets
 MODEL = ["--model_size=", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
          "--gradient_accumulation_steps=1"]
@@ -203,13 +206,18 @@ def inputs(tmp_path_factory):
     for i in range(3):
         (d / "repo" / "pkg" / f"m{i}.py").write_text(make_corpus(2000, seed=i) + string.printable[:94] + "\n",
                                                     encoding="utf-8")
+    rng = np.random.default_rng(0)
+    words = lambda n: " ".join(rng.choice(WORDS, size=n))  # noqa: E731  (one-word endings: the 16-token model)
+    (d / "hellaswag.jsonl").write_text("".join(json.dumps({"ctx": words(12), "endings": [words(1) for _ in range(4)],
+                                                           "label": i % 4}) + "\n" for i in range(8)))
     return d
 
 
 def substituted(argv: list[str], inputs, hf_dir) -> list[str]:
     places = {"../shared/data/tinyshakespeare.txt": inputs / "corpus.txt", "input.txt": inputs / "corpus.txt",
               "path/to/your/repo": inputs / "repo", "path/to/repo": inputs / "repo",
-              "path/to/a/python/tree": inputs / "repo", "path/to/hf-gpt2-dir": hf_dir}
+              "path/to/a/python/tree": inputs / "repo", "path/to/hf-gpt2-dir": hf_dir,
+              "path/to/hellaswag_val.jsonl": inputs / "hellaswag.jsonl"}
     out = []
     for w in argv:
         for ph, real in places.items():
@@ -231,7 +239,7 @@ def runnable(c: Command, inputs, hf_dir) -> list[str]:
         train.append(f"--input_file={inputs / 'corpus.txt'}")  # offline: never the download
     extra = {"train.py": train, "jaxgpt.launch": train, "sample.py": ["--max_new_tokens=8"],
              "bench.py": MODEL + ["--steps=2"] + (["--sample_tokens=8"] if any("sample_tokens" in a for a in args) else []),
-             "export.py": [], "jaxgpt.prepare": []}[prog]
+             "export.py": [], "eval.py": [], "jaxgpt.prepare": []}[prog]
     head = [sys.executable, "-m", prog] if prog.startswith("jaxgpt.") else [sys.executable, os.path.join(ROOT, prog)]
     return head + args + extra
 

@@ -17,7 +17,7 @@ STACK = [
     ("tokenizer", "layers", "parallel", "launch", "head"),
     ("lora", "optim", "data"),
     ("model", "prepare"),
-    ("step", "pretrained", "serving", "sampling", "benchmark", "checkpoint", "memory", "monitor"),
+    ("step", "pretrained", "serving", "sampling", "evaluate", "benchmark", "checkpoint", "memory", "monitor"),
     ("loading",),
     ("start", "lowering", "server"),
     ("trainer",),
