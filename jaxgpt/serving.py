@@ -44,12 +44,56 @@ F32, I32 = jnp.float32, jnp.int32
 TOP_N = 5  # alternatives reported per token with logprobs (OpenAI's API allows at most 5)
 
 
+def _order_keys(x):
+    """uint32 keys in the order of the float32 values x (-inf lowest): bisecting over keys is
+    bisecting over values, exactly, in 32 halvings."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+
+
+def _bisect(lo, hi, ok, largest: bool):
+    """Per row, the largest (largest=True) or smallest key t in [lo, hi] with ok(t), where ok is
+    monotone (true below / above a point); lo, hi (B,) uint32. 32 halvings cover every key."""
+    def halve(_, b):
+        lo, hi = b
+        gap = hi - lo
+        mid = lo + gap // 2 + (gap & 1 if largest else 0)  # no overflow: gap fits in uint32
+        good = ok(mid)
+        if largest:
+            return jnp.where(good, mid, lo), jnp.where(good, hi, mid - 1)
+        return jnp.where(good, lo, mid + 1), jnp.where(good, mid, hi)
+    lo, hi = jax.lax.fori_loop(0, 32, halve, (lo, hi))
+    return lo
+
+
+def filter_rows(x, k, p):
+    """The rows of x (B, V) with -inf outside each row's top_k (k (B,), V = no limit) and then its
+    top_p (p (B,), 1 = off): thresholds found by bisection (see sample_rows)."""
+    V = x.shape[-1]
+    keys_x = _order_keys(x)  # (B, V)
+    lo, hi = jnp.min(keys_x, axis=-1), jnp.max(keys_x, axis=-1)  # (B,)
+    count = lambda t: jnp.sum(keys_x >= t[:, None], axis=-1)  # noqa: E731
+    kth = _bisect(lo, hi, lambda t: count(t) >= k, largest=True)  # the k-th largest value's key
+    keys_x = jnp.where((k < V)[:, None] & (keys_x < kth[:, None]), jnp.uint32(0), keys_x)  # 0: below -inf
+    x = jnp.where(keys_x == 0, -jnp.inf, x)
+    probs = jax.nn.softmax(x, axis=-1)
+    above = lambda t: jnp.sum(jnp.where(keys_x > t[:, None], probs, 0.0), axis=-1)  # noqa: E731
+    lowest = _bisect(kth, hi, lambda t: above(t) < p, largest=False)  # the least likely value kept
+    return jnp.where((p[:, None] < 1.0) & (keys_x < lowest[:, None]), -jnp.inf, x)
+
+
 def sample_rows(keys, logits, temperature, top_k, top_p):
     """One token per row of logits (B, V), each row with its own settings, all arrays (B,):
     temperature (0 = greedy argmax), top_k (0 or >= V = no limit), top_p (1 = off). What
     sample_token does for one row with constant settings, as data: a new setting compiles
     nothing. Rows do not depend on each other (a row without filters is left exactly as it
-    is when another row filters), so a request draws the same tokens in any batch."""
+    is when another row filters), so a request draws the same tokens in any batch.
+
+    The filters find their thresholds by bisection over the values' order (32 passes of a
+    count or a masked sum over V), not by sorting V: XLA's CPU sort of (16, 50257) takes about
+    130 ms, the bisections about a tenth of it. top_k keeps the values >= the k-th largest (ties
+    with it kept); top_p keeps the values whose more likely tokens hold less than top_p of the
+    probability (after top_k), so the smallest set that reaches top_p, ties at its edge kept."""
     logits = logits.astype(F32)
     V = logits.shape[-1]
     t = jnp.where(temperature > 0, temperature, 1.0).astype(F32)
@@ -57,19 +101,8 @@ def sample_rows(keys, logits, temperature, top_k, top_p):
     k = jnp.where((top_k > 0) & (top_k < V), top_k, V)  # (B,)
     p = jnp.asarray(top_p, F32)
 
-    def filtered(x):
-        srt = -jnp.sort(-x, axis=-1)  # (B, V) descending
-        kth = jnp.take_along_axis(srt, (k - 1)[:, None], axis=-1)  # (B, 1)
-        x = jnp.where(x < kth, -jnp.inf, x)
-        srt = jnp.where(jnp.arange(V)[None, :] < k[:, None], srt, -jnp.inf)
-        probs = jax.nn.softmax(srt, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more likely tokens
-        keep = (before < p[:, None]) | (p[:, None] >= 1.0)  # always keeps the most likely token
-        lowest = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)  # (B, 1)
-        return jnp.where(x < lowest, -jnp.inf, x)
-
     needed = jnp.any((k < V) | (p < 1.0))
-    scaled = jax.lax.cond(needed, filtered, lambda x: x, scaled)
+    scaled = jax.lax.cond(needed, lambda x: filter_rows(x, k, p), lambda x: x, scaled)
     drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, scaled)
     return jnp.where(temperature > 0, drawn, jnp.argmax(logits, axis=-1))
 

@@ -124,3 +124,38 @@ def test_no_compilation_after_warm_up():
     serve(e, requests, arrive=list(range(12)))
     assert COMPILES[before:] == [], f"compiled after warm-up: {COMPILES[before:]}"
     assert e.compiles == len(e.buckets) * 3 + 2  # prefill with and without echo and a chunk per bucket, init, key
+
+
+def kept_by_sorting(row: np.ndarray, k: int, p: float) -> np.ndarray:
+    """The reference filter, by sorting: the top k values (ties with the k-th kept), then the
+    smallest set of the most likely whose probability reaches p (ties at its edge kept)."""
+    V = row.size
+    keep = np.ones(V, bool)
+    if 0 < k < V:
+        keep &= row >= np.sort(row)[::-1][k - 1]
+    if p < 1.0:
+        probs = np.where(keep, np.exp(row - row[keep].max()), 0.0)
+        probs /= probs.sum()
+        above = np.array([probs[row > v].sum() for v in row])  # mass of the more likely tokens
+        keep &= row >= row[keep & (above < p)].min()
+    return keep
+
+
+@pytest.mark.parametrize("V", [29, 300])
+def test_the_bisection_filter_keeps_what_sorting_keeps(V):
+    """serving.filter_rows finds top_k's and top_p's thresholds by bisection over the values'
+    order instead of a sort: it keeps exactly the tokens a sort-based filter keeps, ties and
+    negative, -inf and repeated values included."""
+    from jaxgpt.serving import filter_rows
+
+    rng = np.random.default_rng(V)
+    rows = (rng.standard_normal((24, V)) * rng.choice([0.3, 3.0, 12.0], (24, 1))).astype(np.float32)
+    rows[3, :10] = rows[3, 10]  # a tie at the edge
+    rows[5] = np.round(rows[5])  # many ties
+    rows[7, ::3] = -np.inf
+    ks = rng.choice([0, 1, 2, 5, 17, V, V + 4], 24).astype(np.int32)
+    ps = rng.choice([1.0, 0.95, 0.5, 0.1, 1e-3], 24).astype(np.float32)
+    got = np.isfinite(np.asarray(filter_rows(jnp.asarray(rows), jnp.where(ks > 0, ks, V), jnp.asarray(ps))))
+    for i in range(24):
+        want = kept_by_sorting(rows[i], int(ks[i]), float(ps[i])) & np.isfinite(rows[i])
+        np.testing.assert_array_equal(got[i], want, err_msg=f"row {i}: k={ks[i]}, p={ps[i]}")
