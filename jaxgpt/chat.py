@@ -126,8 +126,8 @@ class Template:
         message that alone does not fit is a UserError."""
         system = [m for m in messages[:1] if m["role"] == "system"]
         rest = messages[len(system):]
-        for drop in range(len(rest)):
-            for head in (system, []):
+        for head in (system, []):
+            for drop in range(len(rest)):
                 ids = self.prompt(head + rest[drop:])
                 if len(ids) <= budget:
                     return ids, drop + len(system) - len(head)
