@@ -58,6 +58,15 @@ class Template:
         return max(self.base_vocab_size, max(self.ids.values()) + 1)
 
     @property
+    def eot(self) -> int:
+        """<|bos|>: where a model's text ends (jaxgpt.server stops every completion there)."""
+        return self.ids["bos"]
+
+    @property
+    def kind(self) -> str:
+        return self.tokenizer.kind
+
+    @property
     def stop(self) -> list[int]:
         """Tokens that end a reply: <|end|>, and <|bos|> (a model that skips <|end|> starts a new conversation)."""
         return [self.ids["end"], self.ids["bos"]]

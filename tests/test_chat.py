@@ -225,3 +225,141 @@ def test_grown_vocab_keeps_the_old_rows_and_is_the_same_every_time():
     np.testing.assert_array_equal(a["wte"]["embedding"], b["wte"]["embedding"])
     assert len({tuple(r) for r in a["wte"]["embedding"][10:]}) == 6  # distinct rows
     assert grow_vocab(params, 8) is params
+
+
+# ----------------------------------------------------------------------------- training (slow)
+
+
+def train_args(out_dir, data_dir, input_file, **kw):
+    base = dict(out_dir=out_dir, data_dir=data_dir, input_file=input_file, n_layer=2, n_head=2, n_embd=32,
+                block_size=32, batch_size=4, eval_iters=2, eval_interval=5, log_interval=5, max_iters=5,
+                warmup_iters=1, lr_decay_iters=5, learning_rate=1e-2, min_lr=1e-3, dropout=0.0)
+    return [f"--{k}={v}" for k, v in {**base, **kw}.items()]
+
+
+MODERN = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", untied_head=True, qk_norm=True)
+
+
+@pytest.mark.slow  # four short runs
+def test_full_lora_and_qlora_chat_finetunes_start_from_a_modern_run(tmp_path, corpus_file):
+    from jaxgpt.config import parse_args
+    from jaxgpt.loading import load
+    from jaxgpt.trainer import train
+
+    convs = write_jsonl(tmp_path / "c.jsonl", [reversal_conv(w) for w in reversal_set(60)])
+    train(parse_args(train_args(tmp_path / "base", tmp_path / "text", corpus_file, **MODERN)), log=lambda s: None)
+    _, _, base_cfg, base_tok, _ = load(str(tmp_path / "base"))
+    for method in ("full", "lora", "qlora"):
+        lines = []
+        out = train(parse_args(train_args(tmp_path / method, tmp_path / f"chat_{method}", convs, chat=True,
+                                          init_from=tmp_path / "base", finetune_method=method)), log=lines.append)
+        assert np.isfinite(out["val_loss"])
+        assert any("the base's embedding grows from" in line for line in lines)  # a char base: no room for the template
+        assert any("loss is over the assistant's tokens only" in line for line in lines)
+        _, params, cfg, _, meta = load(str(tmp_path / method))
+        assert cfg.non_gpt2_options() == base_cfg.non_gpt2_options() and cfg.lora_rank == 0
+        tmpl = chat.Template.from_meta(meta["tokenizer"])
+        assert cfg.vocab_size == tmpl.vocab_size == base_tok.vocab_size + 5
+        assert params["lm_head"]["kernel"].shape == (32, cfg.vocab_size)
+
+
+@pytest.fixture(scope="module")
+def reversal_run(tmp_path_factory):
+    """A small model chat-tuned from scratch to answer a word with its reversal (100 words held out)."""
+    from jaxgpt.config import parse_args
+    from jaxgpt.trainer import train
+
+    d = tmp_path_factory.mktemp("reversal")
+    words = reversal_set(6000)
+    held, seen = words[:100], words[100:]
+    convs = write_jsonl(d / "c.jsonl", [reversal_conv(w) for w in seen])
+    args = train_args(d / "out", d / "data", convs, chat=True, n_head=4, n_embd=64, block_size=64, batch_size=32,
+                      max_iters=800, eval_interval=800, log_interval=800, eval_iters=5, warmup_iters=50,
+                      lr_decay_iters=800, learning_rate=3e-3, min_lr=3e-4)
+    summary = train(parse_args(args), log=lambda s: None)
+    return str(d / "out"), held, summary
+
+
+@pytest.mark.slow  # trains for about a minute on two CPU cores
+def test_a_chat_tuned_model_reverses_held_out_words(reversal_run):
+    from jaxgpt.loading import load
+    from jaxgpt.sampling import ChatSession, Engine
+
+    out, held, summary = reversal_run
+    graphdef, params, cfg, _, meta = load(out)
+    tmpl = chat.Template.from_meta(meta["tokenizer"])
+    engine = Engine(graphdef, params, cfg.block_size, vocab_size=tmpl.vocab_size)
+    right = sum(ChatSession(engine, tmpl, cfg.block_size, max_new_tokens=12, top_k=1).reply(w) == w[::-1]
+                for w in held)
+    print(f"reversal: {right}/{len(held)} exact on held-out words, val loss {summary['val_loss']:.4f}")
+    assert right >= 90, f"only {right} of {len(held)} held-out words reversed exactly"
+
+
+@pytest.mark.slow  # a subprocess
+def test_sample_py_chat_answers_one_message_and_chats_until_eof(reversal_run):
+    out, held, _ = reversal_run
+    r = run_script("sample.py", f"--out_dir={out}", "--chat", f"--start={held[0]}", "--top_k=1")
+    assert r.returncode == 0 and r.stdout == held[0][::-1] + "\n", r.stderr
+    env_input = "\n".join(held[1:4]) + "\n"
+    import subprocess
+    import sys
+
+    from conftest import ROOT, subprocess_env
+    p = subprocess.run([sys.executable, "sample.py", f"--out_dir={out}", "--chat", "--top_k=1"], cwd=ROOT,
+                       input=env_input, capture_output=True, text=True, timeout=300, env=subprocess_env())
+    assert p.returncode == 0 and "Ctrl-D" in p.stderr, p.stderr
+    replies = [line.removeprefix("> ") for line in p.stdout.splitlines() if line.strip() not in ("", ">")]
+    assert sum(a == w[::-1] for a, w in zip(replies, held[1:4])) >= 2, p.stdout
+
+
+@pytest.mark.slow  # a live server
+def test_chat_completions_use_the_template_with_the_openai_client(reversal_run):
+    openai = pytest.importorskip("openai")
+    uvicorn = pytest.importorskip("uvicorn")
+    import socket
+    import threading
+    import time
+
+    from jaxgpt.loading import load
+    from jaxgpt.server import Server
+    from jaxgpt.serving import SlotEngine
+
+    out, held, _ = reversal_run
+    graphdef, params, cfg, tok, meta = load(out)
+    tmpl = chat.Template.from_meta(meta["tokenizer"])
+    engine = SlotEngine(graphdef, params, cfg.block_size, slots=4, chunk=4, vocab_size=tmpl.vocab_size)
+    server = Server(engine, tok, model_name="rev", log=lambda m: None, template=tmpl)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uv = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    try:
+        while not uv.started:
+            time.sleep(0.05)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        w = held[0]
+        r = client.chat.completions.create(model="rev", messages=[{"role": "user", "content": w}], top_p=1.0,
+                                           extra_body={"top_k": 1}, seed=0)
+        assert r.choices[0].message.content == w[::-1] and r.choices[0].finish_reason == "stop"
+        assert r.object == "chat.completion" and r.usage.prompt_tokens == len(tmpl.prompt([{"role": "user",
+                                                                                              "content": w}]))
+        parts = client.chat.completions.create(model="rev", messages=[{"role": "user", "content": w}], stream=True,
+                                               extra_body={"top_k": 1}, seed=0)
+        chunks = list(parts)
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == w[::-1]
+        assert chunks[-1].choices[0].finish_reason == "stop"
+        # a second turn sees the first through the same template
+        r2 = client.chat.completions.create(model="rev", extra_body={"top_k": 1}, messages=[
+            {"role": "user", "content": w}, {"role": "assistant", "content": w[::-1]},
+            {"role": "user", "content": held[1]}])
+        assert r2.choices[0].message.content == held[1][::-1]
+        with pytest.raises(openai.BadRequestError, match="role"):
+            client.chat.completions.create(model="rev", messages=[{"role": "robot", "content": "x"}])
+        with pytest.raises(openai.BadRequestError, match="more than this server's limit"):
+            client.chat.completions.create(model="rev", messages=[{"role": "user", "content": "ab" * 100}])
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=30)
