@@ -155,7 +155,11 @@ def chat_main(sc: SampleConfig, message: str, graphdef, params, model_cfg, meta)
             return 0
         if not line.strip():
             continue
-        session.reply(line, show)
+        try:
+            session.reply(line, show)
+        except UserError as e:  # a message the model cannot read (e.g. a character a char model lacks): say so, go on
+            print(f"error: {e}", file=sys.stderr)
+            continue
         print()
         if session.dropped:
             print(f"(the oldest {session.dropped} message(s) no longer fit the context and are left out)", file=sys.stderr)

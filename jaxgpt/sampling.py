@@ -397,8 +397,9 @@ class ChatSession:
 
     def reply(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
         """The model's answer to one user message (streamed to on_text as it comes); both join the history."""
-        self.messages.append({"role": "user", "content": text})
-        prompt, self.dropped = self.template.fit(self.messages, self.block_size - self.max_new)
+        asked = self.messages + [{"role": "user", "content": text}]
+        prompt, self.dropped = self.template.fit(asked, self.block_size - self.max_new)  # a UserError: history unchanged
+        self.messages = asked
         end = self.template.ids["end"]
         stream = TextStream(lambda t: self.template.decode(t[:at] if (at := find_stop(t, [end])) >= 0 else t))
         show = (lambda tokens: on_text(stream.update(tokens[0]))) if on_text else None  # noqa: E731
