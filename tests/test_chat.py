@@ -376,3 +376,28 @@ def test_chat_completions_use_the_template_with_the_openai_client(reversal_run):
     finally:
         uv.should_exit = True
         thread.join(timeout=30)
+
+
+@pytest.mark.slow  # a LoRA run
+def test_a_gpt2_base_grows_its_embedding_for_the_template_and_chats(tmp_path, tiny_gpt2_dir):
+    from jaxgpt.config import parse_args
+    from jaxgpt.loading import load
+    from jaxgpt.sampling import ChatSession, Engine
+    from jaxgpt.trainer import train
+
+    convs = write_jsonl(tmp_path / "c.jsonl", [reversal_conv(w) for w in reversal_set(60)])
+    lines = []
+    train(parse_args(train_args(tmp_path / "out", tmp_path / "data", convs, chat=True, tokenizer="gpt2",
+                                init_from=tiny_gpt2_dir, finetune_method="lora", learning_rate=1e-3)),
+          log=lines.append)
+    meta = json.load(open(tmp_path / "data" / "meta.json"))
+    tmpl = chat.Template.from_meta(meta)
+    base_vocab = meta["chat"]["base_vocab_size"]
+    assert tmpl.ids["bos"] == meta["eot"] and tmpl.ids["end"] == base_vocab + 3
+    grown = -(-(base_vocab + 4) // 64) * 64
+    assert any(f"grows from {base_vocab} to {grown} rows" in line for line in lines), lines
+    graphdef, params, cfg, _, ck = load(str(tmp_path / "out"))
+    assert cfg.vocab_size == grown and ck["tokenizer"]["chat"] == meta["chat"]
+    session = ChatSession(Engine(graphdef, params, cfg.block_size, vocab_size=tmpl.vocab_size), tmpl, cfg.block_size,
+                          max_new_tokens=8, key=jax.random.key(0))
+    assert isinstance(session.reply("abc"), str) and len(session.messages) == 2
