@@ -141,6 +141,8 @@ def chat_main(sc: SampleConfig, message: str, graphdef, params, model_cfg, meta)
     if "start" in getattr(sc, "_set", ()):  # one message, one answer: scriptable
         session.reply(message, show)
         print()
+        if session.dropped:
+            print(f"(the context leaves no room for the first {session.dropped} message(s): left out)", file=sys.stderr)
         r = session.last
         print(f"generated {r.tokens_generated} tokens in {r.seconds:.3f} s; compilation {r.compile_seconds:.2f} s; "
               f"wall time from start {time.perf_counter() - T_START:.2f} s", file=sys.stderr)

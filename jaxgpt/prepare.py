@@ -39,8 +39,9 @@ from jaxgpt.tokenizer import CharTokenizer
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 DOWNLOADS = {"shakespeare_char": SHAKESPEARE_URL, "shakespeare": SHAKESPEARE_URL}
 # meta.json keys that describe the corpus; the rest is the tokenizer's meta.
-CORPUS_KEYS = ("dtype", "source", "train_tokens", "val_tokens", "documents", "skipped_files", "conversations",
-               "skipped_lines", "train_assistant_tokens", "val_assistant_tokens")
+CORPUS_KEYS = ("dtype", "source", "train_tokens", "val_tokens", "documents", "skipped_files")
+# and those prepare_chat adds (the template itself, "chat", is the tokenizer's)
+CHAT_CORPUS_KEYS = ("conversations", "skipped_lines", "train_assistant_tokens", "val_assistant_tokens")
 # Always left out of a directory corpus: hidden files and directories (.git, .venv, ...), caches.
 DEFAULT_EXCLUDE = ("**/.*", "**/__pycache__")
 

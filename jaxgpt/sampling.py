@@ -382,15 +382,15 @@ class ChatSession:
         session = ChatSession(engine, Template.from_meta(meta), block_size, system="be brief")
         text = session.reply("reverse apple", on_text=lambda t: print(t, end=""))
 
-    A reply ends at <|end|> or after max_new_tokens (at most half the context, so a reply always
-    has room); the prompt is the newest messages that fit the rest (the system message kept while it
-    fits: jaxgpt.chat.Template.fit). Turn i samples with fold_in(key, i)."""
+    The prompt is the newest messages that fit the context less the reply's room, min(max_new_tokens,
+    block_size / 4) tokens (the system message kept while it fits: jaxgpt.chat.Template.fit); a reply
+    ends at <|end|>, after max_new_tokens, or at the end of the context. Turn i samples with fold_in(key, i)."""
 
     def __init__(self, engine: Engine, template, block_size: int, *, system: str = "", max_new_tokens: int = 256,
                  temperature: float = 0.8, top_k: int | None = 200, top_p: float = 1.0, key: jax.Array | None = None):
         self.engine, self.template, self.block_size = engine, template, block_size
         self.messages = [{"role": "system", "content": system}] if system.strip() else []
-        self.max_new = max(1, min(max_new_tokens, block_size // 2))
+        self.max_new, self.room = max_new_tokens, max(1, min(max_new_tokens, block_size // 4))
         self.settings = dict(temperature=temperature, top_k=top_k, top_p=top_p)
         self.key = jax.random.key(0) if key is None else key
         self.turn, self.dropped = 0, 0
@@ -398,7 +398,7 @@ class ChatSession:
     def reply(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
         """The model's answer to one user message (streamed to on_text as it comes); both join the history."""
         asked = self.messages + [{"role": "user", "content": text}]
-        prompt, self.dropped = self.template.fit(asked, self.block_size - self.max_new)  # a UserError: history unchanged
+        prompt, self.dropped = self.template.fit(asked, self.block_size - self.room)  # a UserError: history unchanged
         self.messages = asked
         end = self.template.ids["end"]
         stream = TextStream(lambda t: self.template.decode(t[:at] if (at := find_stop(t, [end])) >= 0 else t))

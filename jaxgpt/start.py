@@ -167,7 +167,7 @@ def setup(cfg: Config, log=print) -> Run:
     if meta.get("tokenizer") != cfg.tokenizer:
         raise UserError(f"{data_dir} was prepared with the {meta.get('tokenizer')!r} tokenizer, not {cfg.tokenizer!r}; "
                         f"pass --tokenizer={meta.get('tokenizer')} or a --data_dir prepared for {cfg.tokenizer!r}")
-    tok_meta = {k: v for k, v in meta.items() if k not in prepare.CORPUS_KEYS}
+    tok_meta = {k: v for k, v in meta.items() if k not in (*prepare.CORPUS_KEYS, *prepare.CHAT_CORPUS_KEYS)}
     runtime = dict(dropout=cfg.dropout, dtype=cfg.dtype)
     init_params, lora_base = None, None
     if ckpt_meta is not None:  # the architecture is the checkpoint's (checked against cfg above)
