@@ -6,7 +6,9 @@
 
 Routes: POST /v1/completions (OpenAI's completions API: prompt as a string, a list of strings, a
 list of token ids or a list of those; max_tokens, temperature, top_p, n, stop, seed, stream,
-logprobs, echo; top_k as an extension), GET /v1/models, GET /health, and a page at / to try it.
+logprobs, echo; top_k as an extension), POST /v1/chat/completions for a model finetuned on
+conversations (messages rendered with its jaxgpt.chat template, the same sampling fields, replies
+ending at <|end|>; docs/chat.md), GET /v1/models, GET /health, and a page at / to try it.
 
 How a request runs. It is checked whole before anything is queued (a bad one is a 400 in
 OpenAI's error shape naming the field), then split into one job per prompt and choice. Jobs wait
@@ -562,7 +564,7 @@ class Server:
 
         async def not_found(request, exc):
             code = getattr(exc, "status_code", 500)
-            msg = {404: f"no route {request.url.path}: try POST /v1/completions, GET /v1/models, GET /health or /",
+            msg = {404: f"no route {request.url.path}: try POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health or /",
                    405: f"{request.method} is not allowed on {request.url.path}"}.get(code, str(getattr(exc, "detail", "")))
             return JSONResponse(error_body(msg, None), status_code=code)
 

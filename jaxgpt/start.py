@@ -180,7 +180,8 @@ def setup(cfg: Config, log=print) -> Run:
     elif weights is not None:
         if cfg.model_type != "gpt":
             raise UserError(f"init_from={cfg.init_from} loads a GPT; drop --model_type={cfg.model_type}")
-        if base_tok is not None and chat_lib.plain_meta(base_tok) != chat_lib.plain_meta(tok_meta):
+        if base_tok is not None and (chat_lib.plain_meta(base_tok) != chat_lib.plain_meta(tok_meta) or (
+                chat_lib.has_chat(base_tok) and chat_lib.has_chat(tok_meta) and base_tok["chat"] != tok_meta["chat"])):
             raise UserError(f"{data_dir} was prepared with a different tokenizer than the base model in "
                             f"{cfg.init_from}; use a new --data_dir, which is then encoded with the base's tokenizer")
         lora_cfg = {}
@@ -227,7 +228,7 @@ def setup(cfg: Config, log=print) -> Run:
         eval_batches[split] = data_lib.make_batch_fn(tokens, cfg.batch_size, cfg.block_size, 0,
                                                      parallel.batch_sharding(mesh, 2), **extra)
     if masked:
-        log(f"chat data: the loss is over the assistant's tokens only ({meta.get('train_assistant_tokens', '?'):,} "
+        log(f"chat data: the loss is over the assistant's tokens only ({meta.get('train_assistant_tokens', 0):,} "
             f"of {meta['train_tokens']:,} train tokens)")
     origin = cfg.init_from if ckpt_meta is None else ckpt_meta.get("origin", ckpt_meta["train_config"]["init_from"])
     return Run(cfg, model_cfg, tok_meta, batches, eval_batches, mesh, init_params, lora_base, origin, masked)
