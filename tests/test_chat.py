@@ -216,6 +216,30 @@ def test_masked_loss_is_numpys_and_masked_positions_get_no_gradient(tc, exact_f3
     assert float(l0) == 0 and not np.asarray(g0).any()
 
 
+def test_fully_masked_rows_add_nothing_to_the_models_gradient():
+    """Through the whole model: a batch whose second row is all masked has the gradient of the first row
+    alone under the plain loss (rows are independent), so masked tokens contribute nothing."""
+    from flax import nnx
+
+    from jaxgpt.model import ModelConfig, build_model
+    from jaxgpt.step import make_loss_fn
+
+    cfg = ModelConfig(vocab_size=13, block_size=8, n_layer=2, n_head=2, n_embd=16)
+    graphdef, params = nnx.split(build_model(cfg, 0), nnx.Param)
+    params = nnx.to_pure_dict(params)
+    x = jax.random.randint(jax.random.key(1), (2, 8), 0, 13)
+    y = jnp.roll(x, -1, axis=1)
+    masked = y.at[1].set(-1)
+    g_masked = jax.grad(make_loss_fn(graphdef, masked=True))(params, x, masked)
+    g_row0 = jax.grad(make_loss_fn(graphdef))(params, x[:1], y[:1])
+    for a, b in zip(jax.tree.leaves(g_masked), jax.tree.leaves(g_row0)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    # and the targets behind the mask do not matter at all
+    g_other = jax.grad(make_loss_fn(graphdef, masked=True))(params, x.at[1].set(0), masked)
+    for a, b in zip(jax.tree.leaves(g_masked), jax.tree.leaves(g_other)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_grown_vocab_keeps_the_old_rows_and_is_the_same_every_time():
     params = {"wte": {"embedding": np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32)},
               "lm_head": {"kernel": np.ones((4, 10), np.float32)}}
