@@ -4,7 +4,6 @@ over long conversations, the embedding grown for the template's tokens, finetuni
 a capability test (reversal learned to >= 90% exact on held-out words), sample.py --chat."""
 
 import json
-import os
 import random
 
 import jax
