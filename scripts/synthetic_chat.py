@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 
 
@@ -41,6 +42,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     pairs = prompts(a.task, a.n, a.seed)
     held, train = pairs[:a.held_out], pairs[a.held_out:]
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     for path, part in ((a.out, train), (a.out.removesuffix(".jsonl") + ".held.jsonl", held)):
         if not part and path != a.out:
             continue
