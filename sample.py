@@ -9,6 +9,9 @@
 --top_p=0.9 nucleus sampling;
 --stream prints the first sample as it is generated; --stop=STRING ends each sample at
 STRING; --which=latest samples from the latest checkpoint instead of the best one.
+--chat (a chat-tuned model, docs/chat.md): a terminal chat, replies streamed, the history kept
+within the context window, Ctrl-D to leave; with --start=MESSAGE it answers that one message and
+exits (--system=TEXT: a system message).
 Statistics go to stderr: tokens generated, tokens/s of prefill and decoding (compilation
 excluded), compilation seconds, and the wall time from the script's start. Every flag is checked
 (SAMPLE_RULES) and the prompt file read before the model is loaded; a request whose arrays cannot
@@ -31,7 +34,8 @@ from jaxgpt.cli import run_cli
 from jaxgpt.errors import UserError
 from jaxgpt.parallel import launched_index
 from jaxgpt.loading import load
-from jaxgpt.sampling import SAMPLING_RULES, Engine, TextStream, cut_at_stop
+from jaxgpt.chat import Template
+from jaxgpt.sampling import SAMPLING_RULES, ChatSession, Engine, TextStream, cut_at_stop
 from jaxgpt.tokenizer import decode_text
 
 SEPARATOR = "---------------"
@@ -39,6 +43,7 @@ SEPARATOR = "---------------"
 
 _prompt = group("the prompt and the samples")
 _how = group("sampling")
+_chat = group("chat")
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,9 @@ class SampleConfig(ModelSource):
     seed: int = _how(1337, rng(0, 2**32, hi_open=True), "the sampling key derives from it")
     window_keep: int = _how(0, rng(0, note="(0 means block_size)"),
                             "past block_size, re-prefill from the last this many tokens (0 = exact crop)")
+    chat: bool = _chat(False, None, "chat with a chat-tuned model (docs/chat.md): a terminal chat, or with --start "
+                                    "one answer to that message")
+    system: str = _chat("", ANY, "chat: a system message opening the conversation")
 
 
 MAX_PROMPT_BYTES = 64 << 20
@@ -90,8 +98,10 @@ def sample_main(argv):
     prompt_text = read_prompt(sc.start)
     top_k = sc.top_k or None
     resume = sc.init_from == "resume"
-    graphdef, params, model_cfg, tok, _ = load(sc.out_dir if resume else sc.init_from, sc.which, run=resume,
-                                               meta_pkl=sc.meta_pkl)
+    graphdef, params, model_cfg, tok, meta = load(sc.out_dir if resume else sc.init_from, sc.which, run=resume,
+                                                  meta_pkl=sc.meta_pkl)
+    if sc.chat:
+        return chat_main(sc, prompt_text, graphdef, params, model_cfg, meta)
     prompt = tok.encode(prompt_text)
     stop = tok.encode(sc.stop) if sc.stop else None
     engine = Engine(graphdef, params, model_cfg.block_size, vocab_size=tok.vocab_size)
@@ -118,6 +128,43 @@ def sample_main(argv):
           f"{n / result.seconds:,.0f} tokens/s; compilation {result.compile_seconds:.2f} s (not counted); "
           f"wall time from start {time.perf_counter() - T_START:.2f} s", file=sys.stderr)
     return 0
+
+
+def chat_main(sc: SampleConfig, message: str, graphdef, params, model_cfg, meta) -> int:
+    """--chat: one answer to --start (when given), else a terminal chat until Ctrl-D (EOF)."""
+    tmpl = Template.from_meta(meta.get("tokenizer"))
+    engine = Engine(graphdef, params, model_cfg.block_size, vocab_size=tmpl.vocab_size)
+    session = ChatSession(engine, tmpl, model_cfg.block_size, system=sc.system, max_new_tokens=sc.max_new_tokens,
+                          temperature=sc.temperature, top_k=sc.top_k or None, top_p=sc.top_p,
+                          key=jax.random.key(sc.seed))
+    show = lambda text: print(text, end="", flush=True)  # noqa: E731
+    if "start" in getattr(sc, "_set", ()):  # one message, one answer: scriptable
+        session.reply(message, show)
+        print()
+        if session.dropped:
+            print(f"(the context leaves no room for the first {session.dropped} message(s): left out)", file=sys.stderr)
+        r = session.last
+        print(f"generated {r.tokens_generated} tokens in {r.seconds:.3f} s; compilation {r.compile_seconds:.2f} s; "
+              f"wall time from start {time.perf_counter() - T_START:.2f} s", file=sys.stderr)
+        return 0
+    print(f"chat with {sc.out_dir if sc.init_from == 'resume' else sc.init_from} ({model_cfg.block_size}-token "
+          f"context); Ctrl-D to leave", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if not line.strip():
+            continue
+        try:
+            session.reply(line, show)
+        except UserError as e:  # a message the model cannot read (e.g. a character a char model lacks): say so, go on
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        print()
+        if session.dropped:
+            print(f"(the oldest {session.dropped} message(s) no longer fit the context and are left out)", file=sys.stderr)
 
 
 def main(argv):

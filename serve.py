@@ -42,21 +42,24 @@ def serve_main(argv):
     sc = parse_args(argv, ServeConfig)
     validate_fields(sc)
     from jaxgpt import server
+    from jaxgpt.chat import Template, has_chat
     from jaxgpt.loading import load
     from jaxgpt.serving import SlotEngine
 
     t0 = time.perf_counter()
     resume = sc.init_from == "resume"
     source = sc.out_dir if resume else sc.init_from
-    graphdef, params, model_cfg, tok, _ = load(source, sc.which, run=resume, meta_pkl=sc.meta_pkl)
+    graphdef, params, model_cfg, tok, meta = load(source, sc.which, run=resume, meta_pkl=sc.meta_pkl)
+    # a chat-tuned model: POST /v1/chat/completions renders with the template it was trained with
+    template = Template.from_meta(meta["tokenizer"]) if has_chat(meta.get("tokenizer")) else None
     engine = SlotEngine(graphdef, params, model_cfg.block_size, slots=sc.slots, chunk=sc.chunk,
-                        vocab_size=tok.vocab_size)
+                        vocab_size=(template or tok).vocab_size)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     log(f"loaded {source} in {time.perf_counter() - t0:.1f} s; compiling (warm-up)...")
     seconds = engine.warm_up()
     name = sc.model_name or os.path.basename(os.path.normpath(source))
     srv = server.Server(engine, tok, model_name=name, queue_size=sc.queue, max_prompt=sc.max_prompt_tokens,
-                        max_tokens=sc.max_tokens, log=log)
+                        max_tokens=sc.max_tokens, log=log, template=template)
     log(f"warm-up: {engine.compiles} programs in {seconds:.1f} s; serving {name} ({sc.slots} slots, context "
         f"{model_cfg.block_size}) at http://{sc.host}:{sc.port}/")
     server.run(srv, sc.host, sc.port, log)

@@ -299,6 +299,8 @@ class Config(ModelKeys):
     dataset: str = _data("shakespeare_char", ANY, "names data/<dataset> and the download (shakespeare_char)")
     data_dir: str = _data("", directory_or_missing, "prepared data (train.bin, val.bin, meta.json); '' = data/<dataset>")
     input_file: str = _data("", ANY, "a text file or a directory to prepare when data_dir is not prepared yet")
+    chat: bool = _data(False, None, "input_file is conversation JSONL: prepare it with the chat template (docs/chat.md); "
+                                    "data_dir's own kind (chat or text) decides the loss either way")
     tokenizer: str = _data("char", choice("char", "gpt2"), "the tokenizer data_dir is prepared with (gpt2: BPE)")
     tokenizer_dir: str = _data("", ANY, "gpt2: a directory with vocab.json + merges.txt instead of tiktoken's files")
     include: str = _data("", ANY, "a directory input_file: comma-separated globs of the files to use ('' = all)")

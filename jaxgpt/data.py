@@ -101,26 +101,53 @@ def load_split(data_dir: str, split: str, meta: dict[str, Any]) -> np.ndarray:
     return tokens
 
 
-def batch_offsets(key: jax.Array, n_tokens: int, batch_size: int, block_size: int) -> jax.Array:
-    """Start offsets (B,) of the windows of one batch: the one source of batch randomness."""
-    return jax.random.randint(key, (batch_size,), 0, n_tokens - block_size)
+def batch_offsets(key: jax.Array, n_tokens: int, batch_size: int, block_size: int, starts=None) -> jax.Array:
+    """Start offsets (B,) of the windows of one batch: the one source of batch randomness. With
+    `starts` (chat data: the allowed window starts, see load_chat_split) one of them, at random."""
+    if starts is None:
+        return jax.random.randint(key, (batch_size,), 0, n_tokens - block_size)
+    i = jax.random.randint(key, (batch_size,), 0, starts.shape[0])
+    return starts[i] if isinstance(starts, jax.Array) else jnp.asarray(starts[np.asarray(i)])
 
 
-def get_batch(key: jax.Array, data, batch_size: int, block_size: int):
+def get_batch(key: jax.Array, data, batch_size: int, block_size: int, mask=None, starts=None):
     """Samples `batch_size` random windows; returns (x, y) of shape (B, T), y = x shifted by one.
 
     `data` is a jax array (pure, usable inside jit) or a numpy array / memmap (the offsets come
     from the same key, the windows are read on the host). Both give the same batch for a key.
+    Chat data: `mask` (the loss mask, as data) makes y -1 where the target is not trained on, and
+    windows start at `starts`.
     """
-    offsets = batch_offsets(key, data.shape[0], batch_size, block_size)  # (B,)
+    offsets = batch_offsets(key, data.shape[0], batch_size, block_size, starts)  # (B,)
     if isinstance(data, jax.Array):
         idx = offsets[:, None] + jnp.arange(block_size + 1)  # (B, T+1)
         chunk = data[idx].astype(jnp.int32)
+        if mask is not None:
+            return chunk[:, :-1], jnp.where(mask[idx][:, 1:] > 0, chunk[:, 1:], -1)
     else:
         offsets = np.asarray(offsets)
         idx = offsets[:, None] + np.arange(block_size + 1)
         chunk = np.asarray(data[idx]).astype(np.int32)
+        if mask is not None:
+            return chunk[:, :-1], np.where(np.asarray(mask[idx])[:, 1:] > 0, chunk[:, 1:], -1)
     return chunk[:, :-1], chunk[:, 1:]
+
+
+def load_chat_split(data_dir: str, split: str, meta: dict[str, Any], block_size: int):
+    """A chat split for training: (tokens, mask, starts, long) in memory, tokens and mask padded
+    with block_size + 1 <|bos|> tokens (mask 0) so every window start has a whole window; `starts`
+    and `long` (conversations longer than a window, split at user turns) as jaxgpt.chat.windows."""
+    from jaxgpt.chat import windows
+
+    tokens = load_split(data_dir, split, meta)
+    path = os.path.join(data_dir, f"{split}_mask.bin")
+    if not os.path.isfile(path) or os.path.getsize(path) != tokens.shape[0]:
+        raise UserError(f"{path} is missing or not one byte per token of {split}.bin; {_redo(data_dir)}")
+    mask = np.fromfile(path, dtype=np.uint8)
+    starts, long = windows(np.asarray(tokens), meta, block_size)
+    pad = block_size + 1
+    tokens = np.concatenate([tokens, np.full(pad, meta["chat"]["ids"]["bos"], tokens.dtype)])
+    return tokens, np.concatenate([mask, np.zeros(pad, np.uint8)]), starts, long
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,12 +155,13 @@ def get_batch(key: jax.Array, data, batch_size: int, block_size: int):
 
 
 def make_batch_fn(tokens: np.ndarray, batch_size: int, block_size: int, accum: int,
-                  sharding: NamedSharding) -> Callable:
+                  sharding: NamedSharding, mask: np.ndarray | None = None, starts: np.ndarray | None = None) -> Callable:
     """batch(key, i) -> (x, y), each (accum, B, T) (or (B, T) with accum=0), from fold_in(key, i).
 
     The batch is the same on any number of devices; it is laid out with `sharding`. A corpus
     that fits is copied to the devices once and cut there, inside jit; a larger one stays in
-    the memmap and each process reads only the rows of its own devices.
+    the memmap and each process reads only the rows of its own devices. Chat data (mask, starts:
+    load_chat_split) gives y = -1 where the loss mask is 0 (see get_batch).
     """
     if tokens.shape[0] < block_size + 1:  # one window: block_size inputs and the target after them
         name = getattr(tokens, "filename", None) or "a data split"
@@ -143,27 +171,31 @@ def make_batch_fn(tokens: np.ndarray, batch_size: int, block_size: int, accum: i
     squeeze = (lambda t: t[0]) if accum == 0 else (lambda t: t)
 
     if tokens.nbytes <= RESIDENT_BYTES:
-        dev = parallel.put(tokens, parallel.replicated(sharding.mesh))
+        repl = parallel.replicated(sharding.mesh)
+        dev = parallel.put(tokens, repl)
+        extra = () if mask is None else (parallel.put(mask, repl), parallel.put(starts, repl))
 
-        def cut(data, key, i):
+        def cut(data, key, i, *extra):
             keys = jax.random.split(jax.random.fold_in(key, i), n_micro)
-            xs, ys = jax.vmap(lambda k: get_batch(k, data, batch_size, block_size))(keys)
+            xs, ys = jax.vmap(lambda k: get_batch(k, data, batch_size, block_size, *extra))(keys)
             return squeeze(xs), squeeze(ys)
 
         stacked = jax.jit(cut, out_shardings=(sharding, sharding))
-        return lambda key, i: stacked(dev, key, i)
+        return lambda key, i: stacked(dev, key, i, *extra)
 
     n = tokens.shape[0]
     shape = (n_micro, batch_size, block_size) if accum else (batch_size, block_size)
 
     def host_batch(key, i):
         keys = jax.random.split(jax.random.fold_in(key, i), n_micro)
-        offsets = np.stack([np.asarray(batch_offsets(k, n, batch_size, block_size)) for k in keys])
+        offsets = np.stack([np.asarray(batch_offsets(k, n, batch_size, block_size, starts)) for k in keys])
         offsets = offsets if accum else offsets[0]  # (A, B) or (B,)
 
         def rows(index, shift):  # the block of one device: read only its rows from the memmap
-            starts = offsets[index[:-1]] + shift
-            block = np.asarray(tokens[starts[..., None] + np.arange(block_size)]).astype(np.int32)
+            first = offsets[index[:-1]] + shift
+            block = np.asarray(tokens[first[..., None] + np.arange(block_size)]).astype(np.int32)
+            if mask is not None and shift:
+                block = np.where(np.asarray(mask[first[..., None] + np.arange(block_size)]) > 0, block, -1)
             return block[..., index[-1]]
 
         return tuple(parallel.global_batch_from_host(lambda idx, s=s: rows(idx, s), shape, sharding)

@@ -52,17 +52,33 @@ def logits_of(x, w, tied: bool, softcap: float):
     return softcap * jnp.tanh(z / softcap) if softcap > 0 else z
 
 
-def head_loss(x, w, targets, *, tied: bool, softcap: float = 0.0, tc: int | None = None):
+def head_loss(x, w, targets, *, tied: bool, softcap: float = 0.0, tc: int | None = None, masked: bool = False):
     """Mean next-token cross-entropy of the head on hidden states x (B, T, C): float32 softmax and
     loss. tc: positions per chunk (default: chunk_len's rule); tc >= T computes the whole (B, T, V)
-    logits at once, as the model's forward does."""
+    logits at once, as the model's forward does. masked (chat data): targets < 0 are not trained
+    on, and the mean is over the others (0 when there are none)."""
     B, T, C = x.shape
     V = w.shape[0] if tied else w.shape[1]
     tc = chunk_len(B, T, V) if tc is None else min(tc, T)
     if tc >= T:
         logits = logits_of(x.reshape(B * T, C), w, tied, softcap)  # (B*T, V)
+        if masked:
+            return masked_mean(logits, targets.reshape(-1))
         return optax.softmax_cross_entropy_with_integer_labels(logits, targets.reshape(-1)).mean()
-    return _chunked_loss(x, w, targets, tc, tied, float(softcap))
+    return _chunked_loss(x, w, targets, tc, tied, float(softcap), masked)
+
+
+def masked_mean(logits, targets):
+    """Mean cross-entropy of float32 logits (N, V) over the rows whose target is >= 0 (0 if none)."""
+    valid = targets >= 0
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, targets, 0))
+    return jnp.sum(jnp.where(valid, losses, 0.0)) / jnp.maximum(jnp.sum(valid), 1).astype(F32)
+
+
+def n_counted(targets, masked: bool):
+    """The positions the mean is over: every one, or (masked) those with a target >= 0, at least 1."""
+    B, T = targets.shape
+    return jnp.maximum(jnp.sum(targets >= 0), 1).astype(F32) if masked else B * T
 
 
 def _padded(x, targets, tc: int):
@@ -76,12 +92,15 @@ def _padded(x, targets, tc: int):
     return x, targets, n
 
 
-def _chunk(x, targets, i, tc: int, T: int):
-    """Chunk i: hidden states (B*tc, C), targets (B*tc,), and which rows are real positions (B*tc,)."""
+def _chunk(x, targets, i, tc: int, T: int, masked: bool = False):
+    """Chunk i: hidden states (B*tc, C), targets (B*tc,), and which rows are real positions (B*tc,)
+    (masked: and have a target >= 0, which is then made a valid index)."""
     B, _, C = x.shape
     xc = jax.lax.dynamic_slice_in_dim(x, i * tc, tc, axis=1).reshape(B * tc, C)
     tcs = jax.lax.dynamic_slice_in_dim(targets, i * tc, tc, axis=1).reshape(B * tc)
     real = jnp.broadcast_to(i * tc + jnp.arange(tc) < T, (B, tc)).reshape(B * tc)
+    if masked:
+        real, tcs = real & (tcs >= 0), jnp.maximum(tcs, 0)
     return xc, tcs, real
 
 
@@ -91,35 +110,36 @@ def _row_losses(z, t):
     return lse - jnp.take_along_axis(z, t[:, None], axis=-1)[:, 0], lse
 
 
-def _loss_only(x, w, targets, tc, tied, softcap):
+def _loss_only(x, w, targets, tc, tied, softcap, masked=False):
     B, T, _ = x.shape
     xp, tp, n = _padded(x, targets, tc)
     wc = w.astype(x.dtype)  # once, not per chunk
 
     def body(total, i):
-        xc, tcs, real = _chunk(xp, tp, i, tc, T)
+        xc, tcs, real = _chunk(xp, tp, i, tc, T, masked)
         losses, _ = _row_losses(logits_of(xc, wc, tied, softcap), tcs)
         return total + jnp.sum(jnp.where(real, losses, 0.0)), None
 
     total, _ = jax.lax.scan(body, jnp.zeros((), F32), jnp.arange(n))
-    return total / (B * T)
+    return total / n_counted(targets, masked)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _chunked_loss(x, w, targets, tc, tied, softcap):
-    return _loss_only(x, w, targets, tc, tied, softcap)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _chunked_loss(x, w, targets, tc, tied, softcap, masked=False):
+    return _loss_only(x, w, targets, tc, tied, softcap, masked)
 
 
-def _chunked_loss_fwd(x, w, targets, tc, tied, softcap):
+def _chunked_loss_fwd(x, w, targets, tc, tied, softcap, masked=False):
     """The loss and, in the same pass over the chunks, its gradients dx and dw."""
     B, T, C = x.shape
     xp, tp, n = _padded(x, targets, tc)
     wc = w.astype(x.dtype)  # once, not per chunk
-    scale = 1.0 / (B * T)  # d(mean)/d(row loss)
+    count = n_counted(targets, masked)
+    scale = 1.0 / count  # d(mean)/d(row loss)
 
     def body(carry, i):
         total, dx, dw = carry
-        xc, tcs, real = _chunk(xp, tp, i, tc, T)
+        xc, tcs, real = _chunk(xp, tp, i, tc, T, masked)
         z = logits_of(xc, wc, tied, softcap)  # (B*tc, V) float32
         losses, lse = _row_losses(z, tcs)
         total = total + jnp.sum(jnp.where(real, losses, 0.0))
@@ -140,10 +160,10 @@ def _chunked_loss_fwd(x, w, targets, tc, tied, softcap):
 
     init = (jnp.zeros((), F32), jnp.zeros(xp.shape, x.dtype), jnp.zeros(w.shape, F32))
     (total, dx, dw), _ = jax.lax.scan(body, init, jnp.arange(n))
-    return total / (B * T), (dx[:, :T], dw.astype(w.dtype))
+    return total / count, (dx[:, :T], dw.astype(w.dtype))
 
 
-def _chunked_loss_bwd(tc, tied, softcap, res, g):
+def _chunked_loss_bwd(tc, tied, softcap, masked, res, g):
     dx, dw = res
     return (dx * g.astype(dx.dtype), dw * g.astype(dw.dtype), None)
 

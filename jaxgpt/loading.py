@@ -53,7 +53,27 @@ def has_checkpoint(out_dir: str) -> bool:
     return newest_meta(out_dir) is not None
 
 
-def base_params(w: pretrained.Weights, block_size: int, quant: str = "") -> tuple[dict, str]:
+def grow_vocab(params: dict, vocab_size: int | None) -> dict:
+    """params with the token embedding (and an untied head) grown to vocab_size rows when it has fewer:
+    room for a chat template's tokens (jaxgpt.chat). The new rows are the mean row plus noise of the
+    rows' spread, from a generator seeded by the old size: the same rows every time, so a LoRA base
+    (frozen, never checkpointed) grows the same way when a run resumes or its model is loaded."""
+    wte = np.asarray(params["wte"]["embedding"])
+    if not vocab_size or vocab_size <= wte.shape[0]:
+        return params
+
+    def grown(m):  # m (V0, C) -> (vocab_size, C)
+        noise = np.random.default_rng(m.shape[0]).standard_normal((vocab_size - m.shape[0], m.shape[1]))
+        return np.concatenate([m, (m.mean(0) + noise * m.std()).astype(m.dtype)])
+
+    out = {**params, "wte": {**params["wte"], "embedding": grown(wte)}}
+    if "lm_head" in params:  # an untied head's kernel (C, V0)
+        out["lm_head"] = {**params["lm_head"], "kernel": grown(np.asarray(params["lm_head"]["kernel"]).T).T}
+    return out
+
+
+def base_params(w: pretrained.Weights, block_size: int, quant: str = "",
+                vocab_size: int | None = None) -> tuple[dict, str]:
     """A frozen LoRA base's parameters and its fingerprint (lora.fingerprint of the float weights).
 
     quant ('nf4' | 'int8'): QLoRA. The blocks' Linear kernels (lora.quantizable) are quantized as
@@ -61,10 +81,11 @@ def base_params(w: pretrained.Weights, block_size: int, quant: str = "") -> tupl
     read table (a safetensors directory, pretrained.load_weights(lazy=True)) no more than one
     float layer (and the float embeddings, norms and biases, which stay float32) is ever held.
     Other sources were read whole before this (a nanoGPT ckpt.pt, pytorch_model.bin, a jaxgpt
-    out_dir); the float table is then dropped by the caller once the quantized base exists."""
+    out_dir); the float table is then dropped by the caller once the quantized base exists.
+    vocab_size: grow the embedding to it (grow_vocab; the fingerprint is the source's, before)."""
     if not quant:
         params = pretrained.to_params(w, block_size)
-        return params, lora.fingerprint(params)
+        return grow_vocab(params, vocab_size), lora.fingerprint(params)
     stats: dict = {}
 
     def tracked():
@@ -77,7 +98,7 @@ def base_params(w: pretrained.Weights, block_size: int, quant: str = "") -> tupl
             del x  # before the next layer is read: only the consumer may still hold this one
 
     params = quantize_stream(tracked(), lora.quantizable, quant)
-    return params, lora.fingerprint(stats=stats)
+    return grow_vocab(params, vocab_size), lora.fingerprint(stats=stats)
 
 
 def is_run_dir(path: str) -> bool:
@@ -142,7 +163,7 @@ def _load_run(out_dir: str, prefer: str, log=None):
         # a QLoRA base is quantized as when it trained, then dequantized by the merge: the model the
         # adapters were trained with, in float32
         frozen, digest = base_params(load_weights(base["source"], lazy=True), model_cfg.block_size,
-                                     model_cfg.base_quant)
+                                     model_cfg.base_quant, vocab_size=model_cfg.vocab_size)
         lora.check_base(base, digest=digest)
         params, model_cfg = lora.merge(lora.join(params, frozen), model_cfg)
         graphdef = abstract_model(model_cfg)[0]
@@ -172,7 +193,10 @@ def load_weights(source: str, lazy: bool = False, meta_pkl: str = "") -> pretrai
     _, params, model_cfg, _, meta = _load_run(os.path.expanduser(source), "best")
     if model_cfg.model_type != "gpt":
         raise UserError(f"{source} holds a {model_cfg.model_type} model; only GPT models can be a starting point")
-    model_cfg.check_gpt2_layout(f"starting from {source} (init_from, a LoRA base)")
+    tok = meta["tokenizer"]
+    if model_cfg.non_gpt2_options():  # no GPT-2 names for it: the run's own parameter tree
+        return pretrained.Weights({}, n_head=model_cfg.n_head, gelu=model_cfg.gelu, source=source, tokenizer_meta=tok,
+                                  params=jax.tree.map(np.asarray, params), model_config=model_cfg.to_dict())
     tensors = pretrained.from_params(jax.tree.map(np.asarray, params), model_cfg.n_layer, model_cfg.bias)
     if not model_cfg.bias:  # keep a bias-free model bias-free (from_params fills in zeros for export)
         tensors = {k: v for k, v in tensors.items() if not k.endswith(".bias")}

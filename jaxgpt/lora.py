@@ -108,7 +108,7 @@ def quantizable(path, x=None) -> bool:
     the tied output head), wpe, the LayerNorms and the biases stay float32, as the QLoRA paper
     keeps embeddings and head in 16 bits: an error there reaches every logit directly; the norms
     and biases are tiny."""
-    return path[-1] == "kernel"
+    return path[-1] == "kernel" and path[0] != "lm_head"  # a modern model's untied head stays float32 too
 
 
 def leaf_stat(x) -> tuple[tuple[int, ...], float]:

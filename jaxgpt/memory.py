@@ -200,7 +200,7 @@ def check(need: Callable[[Setting], int], current: Setting, *, resident: int, n_
 
 
 def checked_train_step(step, graphdef, optimizer, cfg, state, state_sh, mesh, key, *, checkpoint_copy: bool = False,
-                       log: Callable[[str], None] = print):
+                       log: Callable[[str], None] = print, masked: bool = False):
     """The compiled train step (the jitted `step` lowered with these arguments), after checking that
     it fits (see the module's docstring); a UserError naming settings that fit if it does not.
 
@@ -222,7 +222,7 @@ def checked_train_step(step, graphdef, optimizer, cfg, state, state_sh, mesh, ke
     def need(s: Setting) -> int:
         fn = step if s == current else make_train_step(
             graphdef, optimizer, dataclasses.replace(cfg, batch_size=s.batch_size, gradient_accumulation_steps=s.accum,
-                                                     remat=s.remat), state_sh, batch_sh, repl)
+                                                     remat=s.remat), state_sh, batch_sh, repl, masked=masked)
         batch = jax.ShapeDtypeStruct((s.accum, s.batch_size, cfg.block_size), jnp.int32, sharding=batch_sh)
         c = fn.lower(state, (batch, batch), key).compile()
         if s == current:

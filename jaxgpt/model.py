@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxgpt.config import Config, ModelKeys
 from jaxgpt.errors import UserError
-from jaxgpt.head import head_loss, logits_of, target_logprobs
+from jaxgpt.head import head_loss, logits_of, masked_mean, target_logprobs
 from jaxgpt.layers import Linear, dropout
 from jaxgpt.lora import LoRALinear, count
 from jaxgpt.runtime import resolve_dtype
@@ -487,13 +487,14 @@ class GPT(nnx.Module):
             x = _remat_blocks(self.h, x, keys[1:], REMAT_POLICIES[remat]())
         return self.ln_f(x)
 
-    def loss(self, idx, targets, dropout_key=None, chunk: int | None = None, remat: str = ""):
+    def loss(self, idx, targets, dropout_key=None, chunk: int | None = None, remat: str = "", masked: bool = False):
         """Training and evaluation: mean next-token cross-entropy of token ids (B, T) against
         targets (B, T), float32. Large logits are never held whole: jaxgpt.head computes the head
-        and the loss in chunks of `chunk` positions (default: its rule, by the logits' size)."""
+        and the loss in chunks of `chunk` positions (default: its rule, by the logits' size).
+        masked (chat data): targets < 0 are left out and the mean is over the rest."""
         w, tied = self._head_weight()
         return head_loss(self.hidden(idx, dropout_key, remat), w, targets, tied=tied,
-                         softcap=self.config.logit_softcap, tc=chunk)
+                         softcap=self.config.logit_softcap, tc=chunk, masked=masked)
 
     def token_logprobs(self, idx, targets, vocab: int | None = None):
         """Evaluation: log p(targets) (B, T) float32 given token ids idx (B, T), the log-softmax over
@@ -548,8 +549,10 @@ class Bigram(nnx.Module):
     def __call__(self, idx, dropout_key=None, remat: str = ""):
         return self.wte(idx).astype(F32)  # (B, T) -> (B, T, V); no blocks, nothing to checkpoint
 
-    def loss(self, idx, targets, dropout_key=None, chunk: int | None = None, remat: str = ""):
+    def loss(self, idx, targets, dropout_key=None, chunk: int | None = None, remat: str = "", masked: bool = False):
         """Mean next-token cross-entropy, float32 (the table is the logits: nothing to chunk)."""
+        if masked:
+            return masked_mean(self(idx).reshape(-1, self.config.vocab_size), targets.reshape(-1))
         return optax.softmax_cross_entropy_with_integer_labels(self(idx), targets).mean()
 
     def token_logprobs(self, idx, targets, vocab: int | None = None):

@@ -28,6 +28,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from jaxgpt import chat as chat_lib
 from jaxgpt import tokenizer as tok_lib
 from jaxgpt.data import SPLITS, load_meta
 from jaxgpt.cli import run_cli
@@ -39,6 +40,8 @@ SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/da
 DOWNLOADS = {"shakespeare_char": SHAKESPEARE_URL, "shakespeare": SHAKESPEARE_URL}
 # meta.json keys that describe the corpus; the rest is the tokenizer's meta.
 CORPUS_KEYS = ("dtype", "source", "train_tokens", "val_tokens", "documents", "skipped_files")
+# and those prepare_chat adds (the template itself, "chat", is the tokenizer's)
+CHAT_CORPUS_KEYS = ("conversations", "skipped_lines", "train_assistant_tokens", "val_assistant_tokens")
 # Always left out of a directory corpus: hidden files and directories (.git, .venv, ...), caches.
 DEFAULT_EXCLUDE = ("**/.*", "**/__pycache__")
 
@@ -514,6 +517,81 @@ def prepare(input_path: str, data_dir: str, tokenizer: str = "char", tokenizer_d
     return meta
 
 
+def prepare_chat(input_path: str, data_dir: str, tokenizer: str = "char", tokenizer_dir: str = "",
+                 include: Sequence[str] = (), exclude: Sequence[str] = (), val_fraction: float = 0.1,
+                 skip_bad_lines: bool = False, verbose: bool = True,
+                 tokenizer_meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Conversation JSONL (a file, or a directory's *.jsonl files by default) into data_dir's train.bin,
+    val.bin, their loss masks train_mask.bin and val_mask.bin (uint8, 1 = an assistant token trained on)
+    and meta.json, whose tokenizer metadata carries the chat template (jaxgpt.chat). val is the last
+    val_fraction of the conversations (at least one). A bad line is an error naming file:line, or with
+    skip_bad_lines is left out and counted. `tokenizer_meta`: a base model's tokenizer (and template)."""
+    if tokenizer not in tok_lib.KINDS:
+        raise UserError(f"unknown tokenizer {tokenizer!r}; choose one of: {', '.join(tok_lib.KINDS)}")
+    if tokenizer_meta and tokenizer_meta.get("tokenizer") != tokenizer:
+        raise UserError(f"the base model's tokenizer is {tokenizer_meta.get('tokenizer')!r}; "
+                        f"pass --tokenizer={tokenizer_meta.get('tokenizer')}")
+    if not 0 < val_fraction < 1:
+        raise UserError(f"val_fraction must be between 0 and 1, not {val_fraction}")
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise UserError(f"data_dir {data_dir} is a file, not a directory; pass a directory for the prepared data")
+    t0 = time.perf_counter()
+    corpus = find_corpus(input_path, include or ("**/*.jsonl",), exclude, data_dir)
+    convs = chat_lib.read_conversations(corpus.files, skip_bad_lines)
+    if not convs.items:
+        raise UserError(f"{input_path} holds no usable conversation ({len(convs.bad)} bad line(s)); give JSONL with "
+                        f'one {{"messages": [...]}} a line')
+    base = tok_lib.tokenizer_from_meta(chat_lib.plain_meta(tokenizer_meta)) if tokenizer_meta else None
+    if tokenizer == "char":
+        text = "".join(m["content"] for c in convs.items for m in c)
+        if base is not None:
+            kept = _drop_unknown_chars(text, base, verbose)
+            if len(kept) != len(text):
+                keep = set(base.chars)
+                convs.items = [[{**m, "content": "".join(ch for ch in m["content"] if ch in keep) or " "} for m in c]
+                               for c in convs.items]
+        base = base or CharTokenizer.from_text(text)
+    else:
+        base = base or tok_lib.load_bpe(tokenizer_dir)
+    tmpl = chat_lib.template_for(base, tokenizer_meta)
+    n_val = max(1, round(val_fraction * len(convs.items)))
+    if len(convs.items) - n_val < 1:
+        raise UserError(f"{input_path} has {len(convs.items)} conversation(s), too few to split into train and val "
+                        f"with val_fraction={val_fraction}; give more conversations")
+    dtype = token_dtype(tmpl.vocab_size)
+    parts = {"train": convs.items[:-n_val], "val": convs.items[-n_val:]}
+    os.makedirs(data_dir, exist_ok=True)
+    if os.path.exists(os.path.join(data_dir, "meta.json")):
+        os.remove(os.path.join(data_dir, "meta.json"))
+    counts, learned = {}, {}
+    for split, items in parts.items():
+        ids, mask = chat_lib.encode_conversations(items, tmpl, dtype)
+        if not mask.any():
+            raise UserError(f"the {split} conversations of {input_path} have no assistant token to train on (every "
+                            f"assistant message has weight 0); give conversations with answers")
+        ids.tofile(os.path.join(data_dir, f"{split}.bin.part"))
+        mask.tofile(os.path.join(data_dir, f"{split}_mask.bin.part"))
+        counts[split], learned[split] = len(ids), int(mask.sum())
+    for split in SPLITS:
+        for name in (f"{split}.bin", f"{split}_mask.bin"):
+            os.replace(os.path.join(data_dir, name + ".part"), os.path.join(data_dir, name))
+    meta = {**tmpl.meta(), "dtype": dtype.name, "source": corpus.source, "train_tokens": counts["train"],
+            "val_tokens": counts["val"], "documents": len(corpus.files), "skipped_files": corpus.skipped,
+            "conversations": len(convs.items), "skipped_lines": len(convs.bad),
+            "train_assistant_tokens": learned["train"], "val_assistant_tokens": learned["val"]}
+    with open(os.path.join(data_dir, "meta.json.part"), "w", encoding="utf-8") as f:
+        json.dump(meta, f, ensure_ascii=False)
+    os.replace(os.path.join(data_dir, "meta.json.part"), os.path.join(data_dir, "meta.json"))
+    if verbose:
+        if convs.bad:
+            print(f"skipped {len(convs.bad)} bad line(s), the first: {convs.bad[0]}")
+        print(f"prepared {data_dir}: chat, {tmpl.tokenizer.kind} vocab {tmpl.vocab_size:,} (template included), "
+              f"{len(convs.items):,} conversation(s), train {counts['train']:,} tokens ({learned['train']:,} "
+              f"assistant), val {counts['val']:,} tokens ({learned['val']:,} assistant) "
+              f"({time.perf_counter() - t0:.1f}s)")
+    return meta
+
+
 def is_prepared(data_dir: str) -> bool:
     return all(os.path.isfile(os.path.join(data_dir, f)) for f in ("meta.json", "train.bin", "val.bin"))
 
@@ -535,9 +613,16 @@ def download(url: str, path: str) -> None:
 
 def ensure_prepared(data_dir: str, dataset: str, input_file: str = "", tokenizer: str = "char",
                     tokenizer_dir: str = "", include: Sequence[str] = (), exclude: Sequence[str] = (),
-                    tokenizer_meta: dict[str, Any] | None = None) -> dict[str, Any]:
+                    tokenizer_meta: dict[str, Any] | None = None, chat: bool = False) -> dict[str, Any]:
     """Returns meta.json of data_dir, preparing it first from input_file (a file or directory) or
-    a download if needed; the other arguments are prepare's."""
+    a download if needed; the other arguments are prepare's (chat: input_file is conversation
+    JSONL, prepared by prepare_chat)."""
+    if chat and not is_prepared(data_dir):
+        if not input_file:
+            raise UserError(f"no prepared data in {data_dir}; pass the conversations with --input_file=FILE.jsonl or "
+                            f"prepare them with python -m jaxgpt.prepare --chat --input FILE.jsonl --data_dir {data_dir}")
+        prepare_chat(input_file, data_dir, tokenizer=tokenizer, tokenizer_dir=tokenizer_dir, include=include,
+                     exclude=exclude, tokenizer_meta=tokenizer_meta)
     if not is_prepared(data_dir):
         if not input_file:
             if dataset not in DOWNLOADS:
@@ -548,7 +633,10 @@ def ensure_prepared(data_dir: str, dataset: str, input_file: str = "", tokenizer
                 download(DOWNLOADS[dataset], input_file)
         prepare(input_file, data_dir, tokenizer=tokenizer, tokenizer_dir=tokenizer_dir, include=include,
                 exclude=exclude, tokenizer_meta=tokenizer_meta)
-    return load_meta(data_dir)
+    meta = load_meta(data_dir)
+    if chat and not chat_lib.has_chat(meta):
+        raise UserError(f"{data_dir} holds text, not conversations; pass a new --data_dir for the chat data")
+    return meta
 
 
 _prep = group("prepare")
@@ -571,6 +659,9 @@ class PrepareConfig:
                          multiple=True)
     val_fraction: float = _prep(0.1, rng(0, 1, lo_open=True, hi_open=True), "share of the corpus held out for val")
     workers: int = _prep(0, rng(0, 1024), "gpt2: tokenizer processes (0 = automatic)")
+    chat: bool = _prep(False, None, "input is conversation JSONL ({\"messages\": [...]} a line): writes the tokens "
+                                   "with the chat template and a loss mask (docs/chat.md)")
+    skip_bad_lines: bool = _prep(False, None, "chat: leave bad lines out (counted) instead of stopping at the first")
 
 
 def main(argv=None) -> None:
@@ -580,6 +671,11 @@ def main(argv=None) -> None:
         a = parse_args(args, PrepareConfig, prog="python -m jaxgpt.prepare")
         validate_fields(a)
         split = lambda s: [p.strip() for p in s.split(",") if p.strip()]  # noqa: E731
+        if a.chat:
+            prepare_chat(a.input, a.data_dir, tokenizer=a.tokenizer, tokenizer_dir=a.tokenizer_dir,
+                         include=split(a.include), exclude=split(a.exclude), val_fraction=a.val_fraction,
+                         skip_bad_lines=a.skip_bad_lines)
+            return 0
         prepare(a.input, a.data_dir, tokenizer=a.tokenizer, tokenizer_dir=a.tokenizer_dir, include=split(a.include),
                 exclude=split(a.exclude), val_fraction=a.val_fraction, workers=a.workers)
         return 0

@@ -82,6 +82,10 @@ class Weights:
     # why the model's tokenizer cannot be had, with the fix (a nanoGPT char ckpt.pt whose meta.pkl is
     # missing or bad): raised where the tokenizer is needed, so the weights alone (a LoRA base) still load
     tokenizer_error: str = ""
+    # a jaxgpt run in a layout GPT-2's table has no names for (rope, rmsnorm, swiglu, an untied head...):
+    # its own parameter tree (numpy) and ModelConfig as a dict; `tensors` is then empty
+    params: dict | None = None
+    model_config: dict | None = None
 
 
 def is_pretrained_source(init_from: str) -> bool:
@@ -423,6 +427,9 @@ def weights_config(w: Weights, **overrides):
     """The ModelConfig of a weights table; block_size, vocab_size, n_layer and n_embd from the shapes."""
     from jaxgpt.model import ModelConfig
 
+    if w.params is not None:
+        cfg = ModelConfig.from_dict({**w.model_config, "dropout": 0.0, "lora_rank": 0, "base_quant": ""})
+        return dataclasses.replace(cfg, **overrides)
     V, C = shape_of(w.tensors, "wte.weight")
     cfg = ModelConfig(model_type="gpt", vocab_size=int(V), block_size=int(shape_of(w.tensors, "wpe.weight")[0]),
                       n_layer=n_layers(w.tensors), n_head=w.n_head, n_embd=int(C), dropout=0.0,
@@ -444,6 +451,9 @@ def to_params(w: Weights, block_size: int | None = None) -> dict:
 def iter_params(w: Weights, block_size: int | None = None) -> Iterator[tuple[tuple, np.ndarray]]:
     """(path in jaxgpt's parameter tree, array) for every parameter, one at a time: with a
     LazyTensors table each is read as it is asked for, and this generator keeps none of them."""
+    if w.params is not None:
+        yield from _iter_tree(w, block_size)
+        return
     t = w.tensors
     context = shape_of(t, "wpe.weight")[0] if "wpe.weight" in t else 0
     if block_size is not None and context and block_size > context:
@@ -462,6 +472,25 @@ def iter_params(w: Weights, block_size: int | None = None) -> Iterator[tuple[tup
             if name.endswith(".bias") and not bias:
                 continue
             yield ("h", i, *path), _get(t, f"h.{i}.{name}", w.source)
+
+
+def _iter_tree(w: Weights, block_size: int | None):
+    """iter_params of a run's own parameter tree (Weights.params): wpe, if any, cropped to block_size."""
+    context = w.model_config["block_size"]
+    if block_size is not None and "wpe" in w.params and block_size > context:
+        raise UserError(f"block_size {block_size} is larger than the {w.source} model's context of "
+                        f"{context}; pass --block_size={context} or less")
+
+    def walk(tree, path):
+        for k, v in tree.items():
+            if isinstance(v, dict):
+                yield from walk(v, (*path, k))
+            elif path + (k,) == ("wpe", "embedding") and block_size is not None:
+                yield (*path, k), np.array(v[:block_size])
+            else:
+                yield (*path, k), v
+
+    yield from walk(w.params, ())
 
 
 def _get(t, name, source):

@@ -375,6 +375,47 @@ class TextStream:
         return new
 
 
+class ChatSession:
+    """A conversation with a chat-tuned model (jaxgpt.chat's template): the history, kept within the
+    context window, and one streamed reply per user message.
+
+        session = ChatSession(engine, Template.from_meta(meta), block_size, system="be brief")
+        text = session.reply("reverse apple", on_text=lambda t: print(t, end=""))
+
+    The prompt is the newest messages that fit the context less the reply's room, min(max_new_tokens,
+    block_size / 4) tokens (the system message kept while it fits: jaxgpt.chat.Template.fit); a reply
+    ends at <|end|>, after max_new_tokens, or at the end of the context. Turn i samples with fold_in(key, i)."""
+
+    def __init__(self, engine: Engine, template, block_size: int, *, system: str = "", max_new_tokens: int = 256,
+                 temperature: float = 0.8, top_k: int | None = 200, top_p: float = 1.0, key: jax.Array | None = None):
+        self.engine, self.template, self.block_size = engine, template, block_size
+        self.messages = [{"role": "system", "content": system}] if system.strip() else []
+        self.max_new, self.room = max_new_tokens, max(1, min(max_new_tokens, block_size // 4))
+        self.settings = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        self.key = jax.random.key(0) if key is None else key
+        self.turn, self.dropped = 0, 0
+
+    def reply(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
+        """The model's answer to one user message (streamed to on_text as it comes); both join the history."""
+        asked = self.messages + [{"role": "user", "content": text}]
+        prompt, self.dropped = self.template.fit(asked, self.block_size - self.room)  # a UserError: history unchanged
+        self.messages = asked
+        end = self.template.ids["end"]
+        stream = TextStream(lambda t: self.template.decode(t[:at] if (at := find_stop(t, [end])) >= 0 else t))
+        show = (lambda tokens: on_text(stream.update(tokens[0]))) if on_text else None  # noqa: E731
+        result = self.engine.generate(prompt, max_new_tokens=min(self.max_new, self.block_size - len(prompt)),
+                                      key=jax.random.fold_in(self.key, self.turn), stop=[self.template.ids["end"]],
+                                      on_chunk=show, **self.settings)
+        self.turn += 1
+        tokens = result.tokens[0, :int(result.lengths[0])]
+        answer = self.template.decode(tokens)
+        if on_text:
+            on_text(stream.update(tokens, final=True))
+        self.messages.append({"role": "assistant", "content": answer})
+        self.last = result
+        return answer
+
+
 def generate(graphdef, params, prompt: list[int], *, max_new_tokens: int, num_samples: int = 1,
              temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
              key: jax.Array, block_size: int, window_keep: int = 0) -> np.ndarray:

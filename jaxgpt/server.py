@@ -6,7 +6,9 @@
 
 Routes: POST /v1/completions (OpenAI's completions API: prompt as a string, a list of strings, a
 list of token ids or a list of those; max_tokens, temperature, top_p, n, stop, seed, stream,
-logprobs, echo; top_k as an extension), GET /v1/models, GET /health, and a page at / to try it.
+logprobs, echo; top_k as an extension), POST /v1/chat/completions for a model finetuned on
+conversations (messages rendered with its jaxgpt.chat template, the same sampling fields, replies
+ending at <|end|>; docs/chat.md), GET /v1/models, GET /health, and a page at / to try it.
 
 How a request runs. It is checked whole before anything is queued (a bad one is a 400 in
 OpenAI's error shape naming the field), then split into one job per prompt and choice. Jobs wait
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import json
 import math
 import os
@@ -95,6 +98,7 @@ class Job:
     shown: int = 0  # characters of the completion already streamed
     shown_tokens: int = 0  # tokens whose logprobs were streamed
     cancelled: bool = False
+    stop_token: int | None = None  # a chat reply ends at the template's <|end|>
 
 
 class Scheduler:
@@ -195,7 +199,7 @@ class Scheduler:
             if len(job.tokens) >= job.max_tokens:
                 break
             t = int(t)
-            if t == self.eot:
+            if t == self.eot or t == job.stop_token:
                 finish = "stop"
                 break
             job.tokens.append(t)
@@ -383,6 +387,60 @@ def parse_request(body: Any, tok, *, block_size: int, max_prompt: int, max_token
                    seed % (1 << 32), stream, logprobs, echo, bool((opts or {}).get("include_usage")))
 
 
+CHAT_KNOWN = (KNOWN - {"prompt", "echo", "logprobs", "suffix", "best_of"}) | {
+    "messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format", "tools", "tool_choice",
+    "parallel_tool_calls"}
+
+
+def parse_chat_request(body: Any, template, *, block_size: int, max_prompt: int, max_tokens_limit: int) -> Request:
+    """A /v1/chat/completions body: its messages rendered with the model's chat template (the prompt ends
+    with the assistant's turn start), the sampling fields as parse_request reads them."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object", None)
+    unknown = sorted(set(body) - CHAT_KNOWN)
+    if unknown:
+        raise BadRequest(f"unrecognized request argument: {unknown[0]}", unknown[0])
+    if template is None:
+        raise BadRequest("this model was not trained on conversations (it has no chat template); use /v1/completions, "
+                         "or finetune it on chat data (docs/chat.md)", "messages")
+    for name in ("tools", "tool_choice", "parallel_tool_calls", "response_format", "top_logprobs"):
+        if body.get(name) is not None:
+            raise BadRequest(f"{name} is not supported by this server; leave it out", name)
+    if body.get("logprobs") not in (None, False):
+        raise BadRequest("logprobs is not supported for chat by this server; leave it out", "logprobs")
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise BadRequest("messages is required: a list of {\"role\", \"content\"} objects", "messages")
+    plain = []
+    for i, m in enumerate(msgs):
+        role = m.get("role") if isinstance(m, dict) else None
+        role = "system" if role == "developer" else role  # OpenAI's newer name for the system role
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list):  # OpenAI's content parts: the text ones, joined
+            if not all(isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)
+                       for c in content):
+                raise BadRequest(f"messages[{i}].content: only text parts are supported", "messages")
+            content = "".join(c["text"] for c in content)
+        if role not in ("system", "user", "assistant") or not isinstance(content, str):
+            raise BadRequest(f"messages[{i}] must have a role (system, user or assistant) and a string content",
+                             "messages")
+        plain.append({"role": role, "content": content})
+    if "max_completion_tokens" in body:
+        if "max_tokens" in body and body["max_tokens"] != body["max_completion_tokens"]:
+            raise BadRequest("give max_tokens or max_completion_tokens, not both", "max_completion_tokens")
+        body = {**body, "max_tokens": body["max_completion_tokens"]}
+    prompt = template.prompt(plain)
+    if "max_tokens" not in body or body["max_tokens"] is None:  # a reply may run to the end of the context
+        body = {**body, "max_tokens": max(1, min(block_size - len(prompt), max_tokens_limit))}
+    if len(prompt) > min(block_size, max_prompt) - 1:
+        raise BadRequest(f"the messages are {len(prompt)} tokens with the chat template, more than this server's "
+                         f"limit of {min(block_size, max_prompt) - 1} (context {block_size}); send fewer or shorter "
+                         f"messages", "messages")
+    rest = {k: v for k, v in body.items() if k in KNOWN and k not in ("logprobs", "prompt")}
+    return parse_request({**rest, "prompt": prompt}, template, block_size=block_size, max_prompt=max_prompt,
+                         max_tokens_limit=max_tokens_limit)
+
+
 def _prompts(prompt, tok) -> list[list[int]]:
     vocab = tok.vocab_size
 
@@ -416,7 +474,11 @@ class Server:
     """The app's state: the engine, its scheduler and the model's name; `app` is the Starlette app."""
 
     def __init__(self, engine: SlotEngine, tokenizer, *, model_name: str, queue_size: int = 64,
-                 max_prompt: int = 0, max_tokens: int = 0, log: Callable[[str], None] = print):
+                 max_prompt: int = 0, max_tokens: int = 0, log: Callable[[str], None] = print, template=None):
+        """template: a chat model's jaxgpt.chat.Template (POST /v1/chat/completions renders with it, and it
+        is the tokenizer of both endpoints: its tokens never show in text); None: no chat."""
+        tokenizer = template or tokenizer
+        self.template = template
         self.engine, self.tok, self.model_name, self.log = engine, tokenizer, model_name, log
         self.block_size = engine.S
         self.max_prompt = min(max_prompt or engine.S, engine.S)
@@ -459,6 +521,12 @@ class Server:
                                                              "created": self.created, "owned_by": "jaxgpt"}]})
 
         async def completions(request):
+            return await handle(request, chat=False)
+
+        async def chat_completions(request):
+            return await handle(request, chat=True)
+
+        async def handle(request, chat: bool):
             if self.draining:
                 return error(BadRequest("the server is shutting down; retry on another one", None, 503,
                                         {"Retry-After": "5"}, kind="server_error"))
@@ -468,29 +536,35 @@ class Server:
                     body = json.loads(raw)
                 except (json.JSONDecodeError, UnicodeDecodeError) as e:
                     raise BadRequest(f"the request body is not valid JSON: {e}", None) from None
-                req = parse_request(body, self.tok, block_size=self.block_size, max_prompt=self.max_prompt,
-                                    max_tokens_limit=self.max_tokens)
+                parse = functools.partial(parse_chat_request, template=self.template) if chat else \
+                    functools.partial(parse_request, tok=self.tok)
+                req = parse(body, block_size=self.block_size, max_prompt=self.max_prompt,
+                            max_tokens_limit=self.max_tokens)
                 loop = asyncio.get_running_loop()
                 events: asyncio.Queue = asyncio.Queue()
                 post = lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)  # noqa: E731
                 jobs = [Job(p, i * req.n + j, self.engine.key(req.seed, j),
                             dict(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p),
-                            req.max_tokens, req.stops, req.logprobs, req.echo, post)
+                            req.max_tokens, req.stops, req.logprobs, req.echo, post,
+                            stop_token=self.template.ids["end"] if chat else None)
                         for i, p in enumerate(req.prompts) for j in range(req.n)]
                 self.scheduler.submit(jobs)
             except BadRequest as e:
                 return error(e)
-            head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
+            head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}",
+                    "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                     "model": self.model_name}
             prompt_tokens = sum(len(p) for p in req.prompts) * req.n
             if req.stream:
-                return StreamingResponse(self._stream(request, jobs, events, head, prompt_tokens, req),
+                if chat:
+                    head["object"] = "chat.completion.chunk"
+                return StreamingResponse(self._stream(request, jobs, events, head, prompt_tokens, req, chat),
                                          media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-            return await self._whole(request, jobs, events, head, prompt_tokens)
+            return await self._whole(request, jobs, events, head, prompt_tokens, chat)
 
         async def not_found(request, exc):
             code = getattr(exc, "status_code", 500)
-            msg = {404: f"no route {request.url.path}: try POST /v1/completions, GET /v1/models, GET /health or /",
+            msg = {404: f"no route {request.url.path}: try POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health or /",
                    405: f"{request.method} is not allowed on {request.url.path}"}.get(code, str(getattr(exc, "detail", "")))
             return JSONResponse(error_body(msg, None), status_code=code)
 
@@ -500,7 +574,8 @@ class Server:
                                 status_code=500)
 
         routes = [Route("/", page), Route("/health", health), Route("/v1/models", models),
-                  Route("/v1/completions", completions, methods=["POST"])]
+                  Route("/v1/completions", completions, methods=["POST"]),
+                  Route("/v1/chat/completions", chat_completions, methods=["POST"])]
         return Starlette(routes=routes, lifespan=lifespan,
                          exception_handlers={HTTPException: not_found, Exception: crashed})
 
@@ -514,7 +589,7 @@ class Server:
                     self.scheduler.cancel(jobs)
                     raise asyncio.CancelledError from None
 
-    async def _whole(self, request, jobs, events, head, prompt_tokens):
+    async def _whole(self, request, jobs, events, head, prompt_tokens, chat: bool = False):
         from starlette.responses import JSONResponse
 
         choices: dict[int, dict] = {}
@@ -538,19 +613,31 @@ class Server:
             lp = ev["logprobs"]
             if pre is not None and pre.get("logprobs") is not None:
                 lp = {k: pre["logprobs"][k] + (lp[k] if lp else []) for k in pre["logprobs"]}
+            if chat:  # OpenAI's chat shape: the reply as the assistant's message
+                out.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                            "finish_reason": ev["finish_reason"]})
+                continue
             out.append({"text": text, "index": i, "logprobs": lp, "finish_reason": ev["finish_reason"]})
         completion_tokens = sum(c["completion_tokens"] for c in choices.values())
         return JSONResponse({**head, "choices": out, "usage": {
             "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}})
 
-    async def _stream(self, request, jobs, events, head, prompt_tokens, req):
+    async def _stream(self, request, jobs, events, head, prompt_tokens, req, chat: bool = False):
         def sse(obj) -> str:
             return f"data: {json.dumps(obj)}\n\n"
+
+        def as_chat(c: dict) -> dict:  # a completion chunk's choice in the chat shape (delta)
+            delta = {"content": c["text"]} if c["finish_reason"] is None else {}
+            return {"index": c["index"], "delta": delta, "logprobs": None, "finish_reason": c["finish_reason"]}
 
         done = 0
         completion_tokens = 0
         try:
+            if chat:  # the assistant's role first, one chunk per choice, as OpenAI streams
+                for i in range(len(jobs)):
+                    yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                    "logprobs": None, "finish_reason": None}]})
             while done < len(jobs):
                 ev = await self._next(request, events, jobs)
                 if "error" in ev:
@@ -563,7 +650,7 @@ class Server:
                 else:
                     choice = {"text": ev["text"], "index": ev["index"], "logprobs": ev.get("logprobs"),
                               "finish_reason": None}
-                yield sse({**head, "choices": [choice]})
+                yield sse({**head, "choices": [as_chat(choice) if chat else choice]})
             if req.include_usage:
                 yield sse({**head, "choices": [], "usage": {"prompt_tokens": prompt_tokens,
                                                             "completion_tokens": completion_tokens,

@@ -18,12 +18,13 @@ from typing import Any, Callable
 import jax
 from jax.sharding import Mesh
 
+from jaxgpt import chat as chat_lib
 from jaxgpt import data as data_lib
 from jaxgpt import lora, parallel, prepare, pretrained
 from jaxgpt.checkpoint import Checkpointer, NoIntactCheckpoint, listed_steps
 from jaxgpt.config import GPT2_SIZES, Config
 from jaxgpt.errors import UserError
-from jaxgpt.loading import base_params, load_weights, newest_meta
+from jaxgpt.loading import base_params, grow_vocab, load_weights, newest_meta
 from jaxgpt.model import MODERN_KEYS, ModelConfig, model_config, with_attention
 from jaxgpt.runtime import resolve_dtype
 from jaxgpt.step import init_state, state_from_params
@@ -57,6 +58,7 @@ class Run:
     # (QLoRA: its Linear kernels quantized, as QTensors of device arrays)
     lora_base: dict | None = None  # LoRA: {"source": where the base comes from, "fingerprint": ..., "quant": ...}
     origin: str = "scratch"  # where the run's weights started (init_from of its first start), kept on resume
+    masked: bool = False  # chat data: the loss is over the assistant's tokens only (jaxgpt.chat)
 
 
 def padded_vocab(meta: dict[str, Any]) -> int:
@@ -161,23 +163,25 @@ def setup(cfg: Config, log=print) -> Run:
     include, exclude = cfg.globs()
     meta = parallel.process_zero_first(prepare.ensure_prepared, data_dir, cfg.dataset, cfg.input_file,
                                        tokenizer=cfg.tokenizer, tokenizer_dir=tokenizer_dir, include=include,
-                                       exclude=exclude, tokenizer_meta=base_tok)
+                                       exclude=exclude, tokenizer_meta=base_tok, chat=cfg.chat)
     if meta.get("tokenizer") != cfg.tokenizer:
         raise UserError(f"{data_dir} was prepared with the {meta.get('tokenizer')!r} tokenizer, not {cfg.tokenizer!r}; "
                         f"pass --tokenizer={meta.get('tokenizer')} or a --data_dir prepared for {cfg.tokenizer!r}")
-    tok_meta = {k: v for k, v in meta.items() if k not in prepare.CORPUS_KEYS}
+    tok_meta = {k: v for k, v in meta.items() if k not in (*prepare.CORPUS_KEYS, *prepare.CHAT_CORPUS_KEYS)}
     runtime = dict(dropout=cfg.dropout, dtype=cfg.dtype)
     init_params, lora_base = None, None
     if ckpt_meta is not None:  # the architecture is the checkpoint's (checked against cfg above)
         model_cfg = with_attention(dataclasses.replace(ModelConfig.from_dict(ckpt_meta["model_config"]), **runtime),
                                    cfg.attn_impl, log)
         if weights is not None:
-            init_params, digest = base_params(weights, model_cfg.block_size, model_cfg.base_quant)
+            init_params, digest = base_params(weights, model_cfg.block_size, model_cfg.base_quant,
+                                              vocab_size=model_cfg.vocab_size)
             lora_base = lora.check_base(ckpt_meta["lora_base"], digest=digest)
     elif weights is not None:
         if cfg.model_type != "gpt":
             raise UserError(f"init_from={cfg.init_from} loads a GPT; drop --model_type={cfg.model_type}")
-        if base_tok is not None and base_tok != tok_meta:
+        if base_tok is not None and (chat_lib.plain_meta(base_tok) != chat_lib.plain_meta(tok_meta) or (
+                chat_lib.has_chat(base_tok) and chat_lib.has_chat(tok_meta) and base_tok["chat"] != tok_meta["chat"])):
             raise UserError(f"{data_dir} was prepared with a different tokenizer than the base model in "
                             f"{cfg.init_from}; use a new --data_dir, which is then encoded with the base's tokenizer")
         lora_cfg = {}
@@ -186,12 +190,18 @@ def setup(cfg: Config, log=print) -> Run:
                             lora_targets=cfg.lora_targets, base_quant=cfg.base_quant)
         model_cfg = with_attention(pretrained.weights_config(weights, block_size=cfg.block_size, **runtime, **lora_cfg),
                                    cfg.attn_impl, log)
+        # chat data whose template's tokens the base has no rows for: its embedding grows (loading.grow_vocab)
+        vocab = padded_vocab(meta) if chat_lib.has_chat(meta) and meta["vocab_size"] > model_cfg.vocab_size else 0
+        if vocab:
+            log(f"note: the chat template's tokens need ids up to {meta['vocab_size'] - 1}; the base's embedding "
+                f"grows from {model_cfg.vocab_size} to {vocab} rows")
+            model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab)
         if lora_cfg:
-            init_params, digest = base_params(weights, cfg.block_size, cfg.base_quant)
+            init_params, digest = base_params(weights, cfg.block_size, cfg.base_quant, vocab_size=vocab or None)
             source = cfg.init_from if cfg.init_from in GPT2_SIZES else os.path.abspath(cfg.init_from)
             lora_base = {"source": source, "fingerprint": digest, "quant": cfg.base_quant or None}
         else:
-            init_params = pretrained.to_params(weights, cfg.block_size)
+            init_params = grow_vocab(pretrained.to_params(weights, cfg.block_size), vocab)
         if meta["vocab_size"] > model_cfg.vocab_size:
             raise UserError(f"the data's tokenizer has {meta['vocab_size']} tokens but the model in {cfg.init_from} "
                             f"only {model_cfg.vocab_size}; prepare the data with the model's tokenizer")
@@ -202,14 +212,26 @@ def setup(cfg: Config, log=print) -> Run:
     else:
         model_cfg = model_config(cfg, padded_vocab(meta), log)
     batches, eval_batches = {}, {}
+    masked = chat_lib.has_chat(meta)
     for split in data_lib.SPLITS:
-        tokens = data_lib.load_split(data_dir, split, meta)
+        extra = {}
+        if masked:  # windows start at conversations; the mask makes y = -1 off the assistant's tokens
+            tokens, mask, starts, long = data_lib.load_chat_split(data_dir, split, meta, cfg.block_size)
+            extra = dict(mask=mask, starts=starts)
+            if long:
+                log(f"note: {long} {split} conversation(s) are longer than block_size + 1 = {cfg.block_size + 1} "
+                    f"tokens: split into windows at user turns (docs/chat.md)")
+        else:
+            tokens = data_lib.load_split(data_dir, split, meta)
         batches[split] = data_lib.make_batch_fn(tokens, cfg.batch_size, cfg.block_size, cfg.gradient_accumulation_steps,
-                                                parallel.batch_sharding(mesh, 3))
+                                                parallel.batch_sharding(mesh, 3), **extra)
         eval_batches[split] = data_lib.make_batch_fn(tokens, cfg.batch_size, cfg.block_size, 0,
-                                                     parallel.batch_sharding(mesh, 2))
+                                                     parallel.batch_sharding(mesh, 2), **extra)
+    if masked:
+        log(f"chat data: the loss is over the assistant's tokens only ({meta.get('train_assistant_tokens', 0):,} "
+            f"of {meta['train_tokens']:,} train tokens)")
     origin = cfg.init_from if ckpt_meta is None else ckpt_meta.get("origin", ckpt_meta["train_config"]["init_from"])
-    return Run(cfg, model_cfg, tok_meta, batches, eval_batches, mesh, init_params, lora_base, origin)
+    return Run(cfg, model_cfg, tok_meta, batches, eval_batches, mesh, init_params, lora_base, origin, masked)
 
 
 def check_resume_compatible(cfg: Config, ckpt_meta: dict[str, Any]) -> None:

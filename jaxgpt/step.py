@@ -79,18 +79,22 @@ def abstract_state(model_cfg: ModelConfig, cfg: Config):
     return out["graphdef"], shapes, out["optimizer"]
 
 
-def model_loss(model, x, y, dropout_key=None, remat: str = ""):
+def model_loss(model, x, y, dropout_key=None, remat: str = "", masked: bool = False):
     """The mean loss of a model on inputs x and targets y (B, T): its `loss`, which for large
-    logits never holds them whole (jaxgpt.head); the cross_entropy of its logits in value."""
+    logits never holds them whole (jaxgpt.head); the cross_entropy of its logits in value.
+    masked (chat data): targets < 0 are not trained on; the mean is over the others."""
+    if masked:
+        return model.loss(x, y, dropout_key, remat=remat, masked=True)
     return model.loss(x, y, dropout_key, remat=remat)
 
 
-def make_loss_fn(graphdef, remat: str = "") -> Callable:
+def make_loss_fn(graphdef, remat: str = "", masked: bool = False) -> Callable:
     """loss_fn(params, x, y, dropout_key, frozen); remat: activation checkpointing of the blocks
-    (jaxgpt.model.REMAT_POLICIES; '' = none), which changes memory and speed, not the result."""
+    (jaxgpt.model.REMAT_POLICIES; '' = none), which changes memory and speed, not the result.
+    masked: the batches are chat data (y = -1 where the loss mask is 0, see jaxgpt.data.get_batch)."""
     def loss_fn(params, x, y, dropout_key=None, frozen=None):
         model = nnx.merge(graphdef, lora.join(params, frozen) if frozen else params)
-        return model_loss(model, x, y, dropout_key, remat)
+        return model_loss(model, x, y, dropout_key, remat, masked)
 
     return loss_fn
 
@@ -103,17 +107,18 @@ def advance_schedule(opt_state):
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Config,
-                    state_sharding=None, batch_sharding=None, out_sharding=None):
+                    state_sharding=None, batch_sharding=None, out_sharding=None, masked: bool = False):
     """The train step for batches of shape (A, B, T), A = gradient_accumulation_steps.
 
     `key` is the run's dropout key; the step derives its own with fold_in(key, state.step)
     and one more fold_in per micro-batch. Gradients are averaged over the micro-batches.
     The key always reaches the model, which applies each dropout whose rate is above 0 (the
     model's `dropout`, and LoRA's `lora_dropout` on the adapters' inputs) and ignores it otherwise.
+    masked: chat data, the loss over the assistant's tokens only (each micro-batch's mean over its own).
     metrics: the step's loss, each optimizer's learning rate (lr; lr_muon with optimizer=muon), the
     gradient's global norm (before clipping), first_nonfinite, and skipped (steps skipped so far).
     """
-    grad_fn = jax.value_and_grad(make_loss_fn(graphdef, cfg.remat))
+    grad_fn = jax.value_and_grad(make_loss_fn(graphdef, cfg.remat, masked))
     schedules = lr_schedules(cfg)
 
     def train_step(state: TrainState, batch, key):
@@ -173,9 +178,11 @@ def tracing_mesh(fn: Callable, sharding) -> Callable:
     return traced
 
 
-def make_eval_step(graphdef, param_sharding=None, batch_sharding=None, out_sharding=None, frozen_sharding=None):
-    """eval_step(params, (x, y), frozen) -> mean loss, without dropout (frozen: the state's, {} without LoRA)."""
-    loss_fn = make_loss_fn(graphdef)
+def make_eval_step(graphdef, param_sharding=None, batch_sharding=None, out_sharding=None, frozen_sharding=None,
+                   masked: bool = False):
+    """eval_step(params, (x, y), frozen) -> mean loss, without dropout (frozen: the state's, {} without LoRA;
+    masked: chat data, the mean over the assistant's tokens)."""
+    loss_fn = make_loss_fn(graphdef, masked=masked)
     fn = lambda params, batch, frozen: loss_fn(params, *batch, None, frozen)
     if param_sharding is None:
         return jax.jit(fn)

@@ -269,9 +269,11 @@ def _bpe_from_meta(meta: dict[str, Any]) -> BPETokenizer:
             raise UserError(f"the embedded BPE tokenizer in the metadata is damaged ({e!r}); "
                             f"prepare the data again") from None
         tok = BPETokenizer(enc)
-    if (tok.vocab_size, tok.eot) != (meta.get("vocab_size"), meta.get("eot")):
+    # a chat template's tokens (jaxgpt.chat) come after the encoding's: its size is the base's
+    size = meta["chat"].get("base_vocab_size") if isinstance(meta.get("chat"), dict) else meta.get("vocab_size")
+    if (tok.vocab_size, tok.eot) != (size, meta.get("eot")):
         raise UserError(f"the BPE files give {tok.vocab_size} tokens (end of text {tok.eot}) but the metadata "
-                        f"says {meta.get('vocab_size')} ({meta.get('eot')}); use the tokenizer it was made with")
+                        f"says {size} ({meta.get('eot')}); use the tokenizer it was made with")
     return tok
 
 

@@ -195,11 +195,13 @@ def build(run: Run, log=print) -> Training:
     describe(run, state, n_params, n_trainable, peak_src, log)
     repl = parallel.replicated(run.mesh)
     start = int(state.step)
-    train_step = make_train_step(graphdef, optimizer, cfg, state_sh, parallel.batch_sharding(run.mesh, 3), repl)
+    train_step = make_train_step(graphdef, optimizer, cfg, state_sh, parallel.batch_sharding(run.mesh, 3), repl,
+                                 masked=run.masked)
     if cfg.memory_check and create and start < cfg.max_iters:
         try:  # the step compiled as it will run, once it is known to fit (jaxgpt.memory)
             train_step = checked_train_step(train_step, graphdef, optimizer, cfg, state, state_sh, run.mesh,
-                                            keys["dropout"], checkpoint_copy=True, log=log)
+                                            keys["dropout"], checkpoint_copy=True, log=log,
+                                            masked=run.masked)
         except BaseException:  # refused (or interrupted while compiling): nothing was written
             latest.close()
             best.close()
@@ -207,7 +209,7 @@ def build(run: Run, log=print) -> Training:
     return Training(
         state=state, best_val=best_val, keys=keys, latest=latest, best=best, train_step=train_step,
         eval_step=make_eval_step(graphdef, state_sh.params, parallel.batch_sharding(run.mesh, 2), repl,
-                                 state_sh.frozen),
+                                 state_sh.frozen, masked=run.masked),
         start=start, last_saved=start,
         sync_steps=parallel.needs_step_sync(run.mesh), n_params=n_params, n_trainable=n_trainable,
         fpt=flops_per_token(run.model_cfg, n_params, n_trainable), peak=peak,

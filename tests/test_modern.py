@@ -17,7 +17,7 @@ from jaxgpt.config import Config, parse_args
 from jaxgpt.errors import UserError
 from jaxgpt.model import ModelConfig, build_model, num_params
 from jaxgpt.optim import lr_schedule, make_optimizer, muon_labels
-from jaxgpt.pretrained import export_hf
+from jaxgpt.pretrained import export_hf, weights_config
 from jaxgpt.loading import load, load_weights
 from jaxgpt.trainer import train
 
@@ -168,8 +168,9 @@ def test_muon_run_resumes_exactly_and_refuses_gpt2_layouts(tmp_path, corpus_file
     with pytest.raises(UserError, match="GPT-2's layout.*pos_emb=rope, norm=rmsnorm, qk_norm, mlp=relu2, "
                                         "untied_head, logit_softcap=2"):
         export_hf(jax.tree.map(np.asarray, pa), cfg_a, str(tmp_path / "hf"))
-    with pytest.raises(UserError, match="starting from .* needs GPT-2's layout"):
-        load_weights(str(tmp_path / "a" / "out"))
+    # a modern run is a starting point (init_from, a LoRA base) in its own layout
+    w = load_weights(str(tmp_path / "a" / "out"))
+    assert w.params is not None and weights_config(w).non_gpt2_options() == cfg_a.non_gpt2_options()
     # zero_init_proj alone is only an init: such a model keeps GPT-2's layout
     assert ModelConfig(zero_init_proj=True).non_gpt2_options() == []
 

@@ -15,7 +15,7 @@ STACK = [
     ("errors", "signals"),
     ("cli", "config", "rundir"),
     ("tokenizer", "layers", "parallel", "launch", "head"),
-    ("lora", "optim", "data"),
+    ("lora", "optim", "data", "chat"),
     ("model", "prepare"),
     ("step", "pretrained", "serving", "sampling", "evaluate", "benchmark", "checkpoint", "memory", "monitor"),
     ("loading",),
