@@ -38,6 +38,8 @@ from conftest import ROOT, WORDS, make_corpus, subprocess_env
 
 DOCS = ["README.md"] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
 SCRIPTS = ("train.py", "sample.py", "export.py", "bench.py", "eval.py")
+# helper scripts quick enough to run as shown (the others are marked with why not)
+QUICK_SCRIPTS = ("scripts/synthetic_chat.py",)
 # a 1-layer, 32-channel model for two steps, evaluated on one batch: what each training command gets
 MODEL = ["--model_size=", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
          "--gradient_accumulation_steps=1"]
@@ -124,7 +126,7 @@ def commands(doc: str) -> list[Command]:
 
 def program(argv: list[str]) -> tuple[str, list[str]] | None:
     """(what runs, its arguments) for the commands this file knows how to run, else None."""
-    if len(argv) >= 2 and argv[0] == "python" and argv[1] in SCRIPTS:
+    if len(argv) >= 2 and argv[0] == "python" and (argv[1] in SCRIPTS or argv[1] in QUICK_SCRIPTS):
         return argv[1], argv[2:]
     if len(argv) >= 3 and argv[:2] == ["python", "-m"] and argv[2] in ("jaxgpt.prepare", "jaxgpt.launch"):
         return argv[2], argv[3:]
@@ -239,7 +241,7 @@ def runnable(c: Command, inputs, hf_dir) -> list[str]:
         train.append(f"--input_file={inputs / 'corpus.txt'}")  # offline: never the download
     extra = {"train.py": train, "jaxgpt.launch": train, "sample.py": ["--max_new_tokens=8"],
              "bench.py": MODEL + ["--steps=2"] + (["--sample_tokens=8"] if any("sample_tokens" in a for a in args) else []),
-             "export.py": [], "eval.py": [], "jaxgpt.prepare": []}[prog]
+             "export.py": [], "eval.py": [], "jaxgpt.prepare": []}.get(prog, [])
     head = [sys.executable, "-m", prog] if prog.startswith("jaxgpt.") else [sys.executable, os.path.join(ROOT, prog)]
     return head + args + extra
 
