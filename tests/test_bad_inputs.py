@@ -432,7 +432,7 @@ def test_every_key_has_a_rule():
     for cls in entry_points().values():
         missing = [f.name for f in declared(cls) if f.name not in rules_of(cls) and f.type not in (bool, "bool")]
         assert not missing, f"{cls.__name__}: keys without a rule: {missing}"
-        validate_fields(cls(), {**rules_of(cls), **dict.fromkeys(("out_dir", "data_dir", "input", "nproc"),
+        validate_fields(cls(), {**rules_of(cls), **dict.fromkeys(("out_dir", "data_dir", "input", "nproc", "data"),
                                                                  lambda k, v: None)})  # defaults pass
 
 

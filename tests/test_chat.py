@@ -215,6 +215,7 @@ def test_masked_loss_is_numpys_and_masked_positions_get_no_gradient(tc, exact_f3
     assert float(l0) == 0 and not np.asarray(g0).any()
 
 
+@pytest.mark.slow
 def test_fully_masked_rows_add_nothing_to_the_models_gradient():
     """Through the whole model: a batch whose second row is all masked has the gradient of the first row
     alone under the plain loss (rows are independent), so masked tokens contribute nothing."""

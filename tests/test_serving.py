@@ -113,6 +113,7 @@ def test_echo_logprobs_are_the_models():
     e.leave(slot)
 
 
+@pytest.mark.slow
 def test_no_compilation_after_warm_up():
     e = engine()
     before = len(COMPILES)
