@@ -117,7 +117,7 @@ def test_logged_lr_is_the_applied_lr_after_skipped_steps(monkeypatch):
     real = step_lib.model_loss
     vocab = 11
     # a target id of vocab - 1 marks a batch whose loss is NaN
-    monkeypatch.setattr(step_lib, "model_loss", lambda model, x, targets, key, remat="": real(model, x, targets, key, remat)
+    monkeypatch.setattr(step_lib, "model_loss", lambda model, x, targets, key, remat="", masked=False: real(model, x, targets, key, remat, masked)
                         * jnp.where((targets == vocab - 1).any(), jnp.nan, 1.0))
     c = cfg(learning_rate=1e-2, min_lr=1e-3, warmup_iters=2, lr_decay_iters=8, weight_decay=0.0, grad_clip=0.0)
     model_cfg = ModelConfig(vocab_size=vocab, block_size=8, n_layer=1, n_head=2, n_embd=8)

@@ -150,7 +150,7 @@ def test_batch_that_devices_cannot_split():
 
 def nan_loss(monkeypatch):
     real = step_lib.model_loss
-    monkeypatch.setattr(step_lib, "model_loss", lambda model, x, targets, key, remat="": real(model, x, targets, key, remat) * jnp.nan)
+    monkeypatch.setattr(step_lib, "model_loss", lambda model, x, targets, key, remat="", masked=False: real(model, x, targets, key, remat, masked) * jnp.nan)
 
 
 @pytest.mark.slow
