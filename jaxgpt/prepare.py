@@ -434,6 +434,19 @@ def _discard(paths: dict[str, str]) -> None:
             os.remove(p + ".part")
 
 
+def check_options(tokenizer: str, tokenizer_meta: dict[str, Any] | None, val_fraction: float, data_dir: str) -> None:
+    """What text and chat preparation both check before reading anything: one UserError each."""
+    if tokenizer not in tok_lib.KINDS:
+        raise UserError(f"unknown tokenizer {tokenizer!r}; choose one of: {', '.join(tok_lib.KINDS)}")
+    if tokenizer_meta and tokenizer_meta.get("tokenizer") != tokenizer:
+        raise UserError(f"the base model's tokenizer is {tokenizer_meta.get('tokenizer')!r}; "
+                        f"pass --tokenizer={tokenizer_meta.get('tokenizer')}")
+    if not 0 < val_fraction < 1:
+        raise UserError(f"val_fraction must be between 0 and 1, not {val_fraction}")
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise UserError(f"data_dir {data_dir} is a file, not a directory; pass a directory for the prepared data")
+
+
 def prepare(input_path: str, data_dir: str, tokenizer: str = "char", tokenizer_dir: str = "",
             include: Sequence[str] = (), exclude: Sequence[str] = (), val_fraction: float = 0.1,
             workers: int = 0, verbose: bool = True, tokenizer_meta: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -454,17 +467,9 @@ def prepare(input_path: str, data_dir: str, tokenizer: str = "char", tokenizer_d
     `tokenizer_meta` encodes with a given tokenizer instead (a base model's, for fine-tuning); with a
     char vocabulary, characters outside it are dropped and counted.
     """
-    if tokenizer not in tok_lib.KINDS:
-        raise UserError(f"unknown tokenizer {tokenizer!r}; choose one of: {', '.join(tok_lib.KINDS)}")
-    if tokenizer_meta and tokenizer_meta.get("tokenizer") != tokenizer:
-        raise UserError(f"the base model's tokenizer is {tokenizer_meta.get('tokenizer')!r}; "
-                        f"pass --tokenizer={tokenizer_meta.get('tokenizer')}")
-    if not 0 < val_fraction < 1:
-        raise UserError(f"val_fraction must be between 0 and 1, not {val_fraction}")
+    check_options(tokenizer, tokenizer_meta, val_fraction, data_dir)
     if workers < 0:
         raise UserError(f"workers must be >= 0 (0: automatic), not {workers}")
-    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
-        raise UserError(f"data_dir {data_dir} is a file, not a directory; pass a directory for the prepared data")
     t0 = time.perf_counter()
     corpus = find_corpus(input_path, include, exclude, data_dir)
     tok = tok_lib.tokenizer_from_meta(tokenizer_meta) if tokenizer_meta else None
@@ -526,15 +531,7 @@ def prepare_chat(input_path: str, data_dir: str, tokenizer: str = "char", tokeni
     and meta.json, whose tokenizer metadata carries the chat template (jaxgpt.chat). val is the last
     val_fraction of the conversations (at least one). A bad line is an error naming file:line, or with
     skip_bad_lines is left out and counted. `tokenizer_meta`: a base model's tokenizer (and template)."""
-    if tokenizer not in tok_lib.KINDS:
-        raise UserError(f"unknown tokenizer {tokenizer!r}; choose one of: {', '.join(tok_lib.KINDS)}")
-    if tokenizer_meta and tokenizer_meta.get("tokenizer") != tokenizer:
-        raise UserError(f"the base model's tokenizer is {tokenizer_meta.get('tokenizer')!r}; "
-                        f"pass --tokenizer={tokenizer_meta.get('tokenizer')}")
-    if not 0 < val_fraction < 1:
-        raise UserError(f"val_fraction must be between 0 and 1, not {val_fraction}")
-    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
-        raise UserError(f"data_dir {data_dir} is a file, not a directory; pass a directory for the prepared data")
+    check_options(tokenizer, tokenizer_meta, val_fraction, data_dir)
     t0 = time.perf_counter()
     corpus = find_corpus(input_path, include or ("**/*.jsonl",), exclude, data_dir)
     convs = chat_lib.read_conversations(corpus.files, skip_bad_lines)
