@@ -4,8 +4,11 @@ GPT-2 weights in nanoGPT's ckpt.pt layout. Fixtures and the corpus are in confte
 
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import tempfile
 
 import jax
 import numpy as np
@@ -33,8 +36,62 @@ def log_rows(out_dir):
 
 
 def run_script(*args, cwd=ROOT, env=None):
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
-                          env=env or subprocess_env())
+    return run_python(list(args), cwd=cwd, env=env or subprocess_env(), timeout=300)
+
+
+ZYGOTE = os.path.join(ROOT, "tests", "zygote.py")
+_zygotes: dict = {}  # what the zygotes started with (the import-time environment) -> the process
+
+
+def _import_time_env(env: dict) -> tuple:
+    from zygote import IMPORT_TIME_ENV
+
+    return tuple(sorted((k, v) for k, v in env.items() if k.startswith(IMPORT_TIME_ENV)))
+
+
+def _read_reply(fd: int, buf: bytearray, timeout: float | None) -> dict:
+    while b"\n" not in buf:
+        if not select.select([fd], [], [], timeout)[0]:
+            raise TimeoutError
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            raise RuntimeError("the zygote process ended")
+        buf.extend(chunk)
+    line, _, rest = bytes(buf).partition(b"\n")
+    buf[:] = rest
+    return json.loads(line)
+
+
+def run_python(args: list[str], *, cwd=ROOT, env: dict | None = None, timeout: float = 300
+               ) -> subprocess.CompletedProcess:
+    """`python ARGS` (a script and its arguments, or -m MODULE ...) as subprocess.run(capture_output=True,
+    text=True) gives it, started as a fork of tests/zygote.py (the imports done once per pytest
+    worker) where the import-time environment allows, else as a fresh process."""
+    env = dict(os.environ if env is None else env)
+    if not args or not (args[0].endswith(".py") or args[0] == "-m"):
+        return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    key = _import_time_env(env)
+    z = _zygotes.get(key)
+    if z is None or z[0].poll() is not None:
+        proc = subprocess.Popen([sys.executable, ZYGOTE], cwd=ROOT, env=env, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, bufsize=0)
+        z = _zygotes[key] = (proc, bytearray())
+    proc, buf = z
+    with tempfile.TemporaryDirectory() as d:
+        out, err = os.path.join(d, "stdout"), os.path.join(d, "stderr")
+        req = {"argv": args, "cwd": str(cwd), "env": env, "stdout": out, "stderr": err}
+        proc.stdin.write((json.dumps(req) + "\n").encode())
+        pid = _read_reply(proc.stdout.fileno(), buf, 120)["pid"]
+        try:
+            code = _read_reply(proc.stdout.fileno(), buf, timeout)["returncode"]
+        except TimeoutError:
+            os.kill(pid, signal.SIGKILL)
+            _read_reply(proc.stdout.fileno(), buf, 60)
+            raise subprocess.TimeoutExpired([sys.executable, *args], timeout) from None
+        with open(out, encoding="utf-8", errors="replace") as f_out, \
+                open(err, encoding="utf-8", errors="replace") as f_err:
+            return subprocess.CompletedProcess([sys.executable, *args], code, f_out.read(), f_err.read())
 
 
 SEP = "---------------\n"  # what sample.py prints after each sample

@@ -16,8 +16,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -30,9 +28,10 @@ import bench as bench_script
 import export as export_script
 import sample as sample_script
 import train as train_script
-from conftest import entry_points, ROOT, make_corpus, subprocess_env, tiny_args
+from conftest import entry_points, make_corpus, subprocess_env, tiny_args
+from helpers import run_python
 from jaxgpt import prepare as prepare_lib
-from jaxgpt.config import Config, parse_args
+from jaxgpt.config import parse_args
 from jaxgpt.trainer import train
 
 
@@ -406,8 +405,7 @@ def test_bad_input(row: Row, run, tmp_path, capsys):
 
 def _run_row(row: Row, argv: list[str], capsys) -> tuple[int, str]:
     if row.subprocess:
-        cmd = [sys.executable, *row.script.split(), *argv]
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=subprocess_env())
+        r = run_python([*row.script.split(), *argv], timeout=120, env=subprocess_env())
         code, err = r.returncode, r.stderr
     else:
         capsys.readouterr()

@@ -27,7 +27,6 @@ import os
 import re
 import shlex
 import string
-import subprocess
 import sys
 import time
 
@@ -35,6 +34,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, WORDS, make_corpus, subprocess_env
+from helpers import run_python
 
 DOCS = ["README.md"] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
 SCRIPTS = ("train.py", "sample.py", "export.py", "bench.py", "eval.py")
@@ -259,6 +259,6 @@ def test_the_commands_of_a_document_run(doc, inputs, tmp_path, request):
     for c in (c for c in commands(doc) if not c.not_run):
         argv = runnable(c, inputs, hf_dir)
         t = time.perf_counter()
-        r = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        r = run_python(argv[1:], cwd=tmp_path, env=env, timeout=300)  # python ARGS, forked from tests/zygote.py
         assert r.returncode == 0, f"{c}\nran as: {shlex.join(argv)}\nexit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
         print(f"{time.perf_counter() - t:5.1f} s  {c}")

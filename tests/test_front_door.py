@@ -1,16 +1,13 @@
 """The front door: --help on every entry point, every key declared with a help line and a rule,
 docs/config.md generated from the declarations, and what --help and config files show."""
 
-import io
 import os
-import subprocess
-import sys
-from contextlib import redirect_stdout
 from dataclasses import fields
 
 import pytest
 
 from conftest import ROOT, entry_points, subprocess_env
+from helpers import run_python
 from jaxgpt.config import Config, declared, keys_markdown, parse_args, rules_of
 from jaxgpt.errors import ShowHelp, UserError
 
@@ -19,8 +16,7 @@ from jaxgpt.errors import ShowHelp, UserError
 @pytest.mark.slow
 def test_help_lists_every_key_with_its_default_and_exits_0(command):
     cls = entry_points()[command]
-    p = subprocess.run([sys.executable, *command.split(), "--help"], cwd=ROOT, capture_output=True, text=True,
-                       env=subprocess_env(JAX_PLATFORMS="cpu"), timeout=120)
+    p = run_python([*command.split(), "--help"], env=subprocess_env(JAX_PLATFORMS="cpu"), timeout=120)
     assert p.returncode == 0, p.stderr
     for f in declared(cls):
         assert f"--{f.name}={f.default!r}" in p.stdout, f"{command} --help misses {f.name}"

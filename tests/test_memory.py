@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, subprocess_env, tiny_args
+from helpers import run_python
 from jaxgpt import memory
 from jaxgpt.config import Config, parse_args
 from jaxgpt.errors import UserError
@@ -206,7 +207,7 @@ def test_train_py_and_bench_py_refuse_in_one_line_without_a_traceback(tmp_path, 
     for cmd in ([os.path.join(ROOT, "train.py"), *tiny_args(tmp_path, corpus_file)],
                 [os.path.join(ROOT, "bench.py"), "--config", os.path.join(ROOT, "configs", "shakespeare_char_cpu.py"),
                  "--n_layer=1", "--steps=1"]):
-        r = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+        r = run_python(cmd, timeout=300, env=env)
         assert r.returncode == 2, r.stderr[-2000:]
         err = [line for line in r.stderr.splitlines() if line.strip()]
         # the error is one line, the last; a warning of JAX's own (seen once in a busy session) may precede it

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, subprocess_env, tiny_args
-from helpers import evaluations
+from helpers import evaluations, run_python
 from jaxgpt.config import parse_args
 from jaxgpt.trainer import train
 
@@ -37,8 +37,7 @@ def job(nproc, script, argv, timeout=300):
 
 def script(name, argv):
     """The same script as one process (no launcher)."""
-    p = subprocess.run([sys.executable, name, *argv], cwd=ROOT, env=subprocess_env(JAX_PLATFORMS="cpu"),
-                       text=True, capture_output=True, timeout=300)
+    p = run_python([name, *argv], env=subprocess_env(JAX_PLATFORMS="cpu"), timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     return p.stdout
 

@@ -15,6 +15,7 @@ import export as export_script
 import sample as sample_script
 import train as train_script
 from conftest import ROOT, subprocess_env, tiny_args
+from helpers import run_python
 from jaxgpt import step as step_lib
 from jaxgpt.checkpoint import Checkpointer
 from jaxgpt.loading import load as load_model
@@ -142,8 +143,8 @@ def test_debug_flag_shows_the_traceback(capsys):
 @pytest.mark.slow  # processes, signals
 def test_batch_that_devices_cannot_split():
     # a CPU split into 2 devices (JAX on the CPU also on a machine with a GPU)
-    r = subprocess.run([sys.executable, "train.py", "--cpu_devices=2", "--batch_size=3"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120, env=subprocess_env(JAX_PLATFORMS="cpu"))
+    r = run_python(["train.py", "--cpu_devices=2", "--batch_size=3"], timeout=120,
+                   env=subprocess_env(JAX_PLATFORMS="cpu"))
     assert r.returncode == 2 and "batch_size 3 cannot be split over 2 devices" in r.stderr
     assert "Traceback" not in r.stderr
 

@@ -5,7 +5,6 @@ result; bad requests are 400s naming the field; a full queue is a 429; a client 
 frees its slot; echo + logprobs for lm-evaluation-harness; serve.py itself drains on SIGTERM."""
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -22,6 +21,7 @@ import pytest
 from flax import nnx
 
 from conftest import ROOT, make_corpus, subprocess_env, tiny_args
+from helpers import run_python
 from jaxgpt.model import ModelConfig, build_model
 from jaxgpt.sampling import Engine
 from jaxgpt.serving import SlotEngine
@@ -290,9 +290,8 @@ def test_serve_py_serves_a_run_and_drains_on_sigterm(char_run):
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
         r = client.completions.create(model="x", prompt="to be", max_tokens=20, temperature=0.8, seed=1337,
                                       extra_body={"top_k": 200})
-        out = subprocess.run([sys.executable, "sample.py", f"--out_dir={char_run}", "--start=to be", "--num_samples=1",
-                              "--max_new_tokens=20"], cwd=ROOT, env=subprocess_env(JAX_PLATFORMS="cpu"),
-                             capture_output=True, text=True, timeout=300)
+        out = run_python(["sample.py", f"--out_dir={char_run}", "--start=to be", "--num_samples=1",
+                          "--max_new_tokens=20"], env=subprocess_env(JAX_PLATFORMS="cpu"), timeout=300)
         assert out.stdout.split("\n---------------")[0] == "to be" + r.choices[0].text
         stream = client.completions.create(model="x", prompt="to", max_tokens=30, stream=True, seed=2)
         it = iter(stream)
