@@ -80,6 +80,39 @@ def test_a_request_draws_the_same_tokens_in_any_batch(solo):
     assert len({tuple(t) for t in solo}) == len(solo)
 
 
+def serve_together(e, requests):
+    """Runs requests through e, all waiting ones that fit joining together (one join_many) before
+    each chunk, as the server's scheduler admits them; returns each one's tokens."""
+    out, slot_of, waiting = {}, {}, list(range(len(requests)))
+    while waiting or slot_of:
+        admit, waiting = waiting[:len(e.free)], waiting[len(e.free):]
+        slots = e.join_many([dict(prompt=requests[i][0], key_data=e.key(requests[i][2], 0), **requests[i][1])
+                             for i in admit])
+        slot_of.update(zip(admit, slots))
+        out.update({i: [] for i in admit})
+        chunk = e.step()
+        for i, s in list(slot_of.items()):
+            out[i] += chunk.tokens[s].tolist()
+            if len(out[i]) >= requests[i][3]:
+                out[i] = out[i][:requests[i][3]]
+                e.leave(slot_of.pop(i))
+    return [out[i] for i in range(len(requests))]
+
+
+@pytest.mark.slow
+def test_prompts_prefilled_together_draw_what_they_draw_alone(solo):
+    """join_many prefills the waiting prompts together (one compiled call per prompt bucket, rows in
+    blocks, padding rows writing nothing): each request's tokens are the ones it draws alone, and its
+    slot's cache and logits are the same bits as after a join of its own."""
+    assert serve_together(engine(), REQUESTS) == solo
+    assert serve_together(engine(slots=7, chunk=3), REQUESTS[::-1])[::-1] == solo
+    many, one = engine(slots=7), engine(slots=7)
+    reqs = [dict(prompt=p, key_data=many.key(seed, 0), **kw) for p, kw, seed, _ in REQUESTS]
+    assert many.join_many(reqs) == [one.join(**r)[0] for r in reqs]
+    for a, b in zip(jax.tree.leaves(many.state), jax.tree.leaves(one.state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 @pytest.mark.slow
 def test_engine_generate_is_the_same_draw(solo):
     """Engine.generate (what sample.py calls) with key(seed): its sample 0 is the request's tokens."""
