@@ -309,8 +309,8 @@ class Engine:
         temperature, top_k, top_p = settings
         c0, t0 = engine.compile_seconds, time.perf_counter()
         key_data = np.asarray(jax.random.key_data(keys))
-        slots = [engine.join(prompt, key_data[i], temperature=temperature, top_k=top_k, top_p=top_p)[0]
-                 for i in range(N)]
+        slots = engine.join_many([dict(prompt=prompt, key_data=key_data[i], temperature=temperature, top_k=top_k,
+                                       top_p=top_p) for i in range(N)])  # prefilled together
         tokens = np.zeros((N, max_new_tokens), np.int32)
         done = 0
         try:

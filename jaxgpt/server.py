@@ -161,8 +161,8 @@ class Scheduler:
                         job = self.pending.popleft()
                         if not job.cancelled:
                             admit.append(job)
-                for job in admit:
-                    self._admit(job)
+                if admit:
+                    self._admit(admit)
                 for slot, job in list(self.running.items()):
                     if job.cancelled:
                         self._end(slot, job, None)
@@ -180,18 +180,27 @@ class Scheduler:
             for job in jobs:
                 job.post({"error": "the engine failed; see the server's log"})
 
-    def _admit(self, job: Job):
-        slot, pre = self.engine.join(job.prompt, job.key, **job.settings, echo=job.echo and job.logprobs is not None,
-                                     logprobs=job.logprobs is not None)
-        with self.cond:
-            self.running[slot] = job
-        job.prompt_lp = pre
-        self.stats["admitted"] += 1
-        if job.echo:
-            job.post({"index": job.index, "echo": True, "text": self.tok.decode(job.prompt),
-                      "logprobs": self._prompt_logprobs(job) if job.logprobs is not None else None})
-        if job.max_tokens == 0:
-            self._end(slot, job, "length")
+    def _admit(self, jobs: list[Job]):
+        """Prefills the jobs into free slots: those without echo's prompt logprobs together (one
+        engine.join_many, one compiled call per prompt bucket), the others one at a time."""
+        together = [job for job in jobs if not (job.echo and job.logprobs is not None)]
+        slots = self.engine.join_many([dict(prompt=job.prompt, key_data=job.key, **job.settings,
+                                            logprobs=job.logprobs is not None) for job in together])
+        slot_of = {id(job): slot for job, slot in zip(together, slots)}
+        for job in jobs:
+            if id(job) in slot_of:
+                slot, pre = slot_of[id(job)], None
+            else:
+                slot, pre = self.engine.join(job.prompt, job.key, **job.settings, echo=True, logprobs=True)
+            with self.cond:
+                self.running[slot] = job
+            job.prompt_lp = pre
+            self.stats["admitted"] += 1
+            if job.echo:
+                job.post({"index": job.index, "echo": True, "text": self.tok.decode(job.prompt),
+                          "logprobs": self._prompt_logprobs(job) if job.logprobs is not None else None})
+            if job.max_tokens == 0:
+                self._end(slot, job, "length")
 
     def _feed(self, slot: int, job: Job, chunk) -> None:
         finish = None

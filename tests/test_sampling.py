@@ -100,8 +100,11 @@ def test_chunk_size_changes_nothing(model, chunk):
 
 @pytest.mark.slow
 def test_sampled_tokens_follow_the_documented_keys(model):
-    """Token n of sample i is categorical(fold_in(key_i, n), logits / temperature), the logits
-    being the model's over the token's window: checked by redrawing every token by hand."""
+    """Token n of sample i is serving.draw_rows(fold_in(key_i, n), logits / temperature) (a draw from
+    softmax(logits / temperature), jax.random.categorical's distribution), the logits being the
+    model's over the token's window: checked by redrawing every token by hand."""
+    from jaxgpt.serving import draw_rows
+
     graphdef, params = model
     keys = jax.random.split(jax.random.key(11), 2)
     prompt, T = [4, 1, 7], 0.7
@@ -112,7 +115,7 @@ def test_sampled_tokens_follow_the_documented_keys(model):
         for j, (start, n) in enumerate(windows(len(prompt), 20, CFG.block_size, CFG.block_size)):
             logits = forward(graphdef)(params, jnp.asarray([ids[start:n]]))[0, -1]
             np.testing.assert_allclose(result.logits[i, j], logits, **TOL)
-            ids.append(int(jax.random.categorical(jax.random.fold_in(keys[i], n), logits / T)))
+            ids.append(int(draw_rows(jax.random.fold_in(keys[i], n)[None], (logits / T)[None])[0]))
         assert result.tokens[i].tolist() == ids[len(prompt):]
 
 

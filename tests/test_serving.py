@@ -80,6 +80,39 @@ def test_a_request_draws_the_same_tokens_in_any_batch(solo):
     assert len({tuple(t) for t in solo}) == len(solo)
 
 
+def serve_together(e, requests):
+    """Runs requests through e, all waiting ones that fit joining together (one join_many) before
+    each chunk, as the server's scheduler admits them; returns each one's tokens."""
+    out, slot_of, waiting = {}, {}, list(range(len(requests)))
+    while waiting or slot_of:
+        admit, waiting = waiting[:len(e.free)], waiting[len(e.free):]
+        slots = e.join_many([dict(prompt=requests[i][0], key_data=e.key(requests[i][2], 0), **requests[i][1])
+                             for i in admit])
+        slot_of.update(zip(admit, slots))
+        out.update({i: [] for i in admit})
+        chunk = e.step()
+        for i, s in list(slot_of.items()):
+            out[i] += chunk.tokens[s].tolist()
+            if len(out[i]) >= requests[i][3]:
+                out[i] = out[i][:requests[i][3]]
+                e.leave(slot_of.pop(i))
+    return [out[i] for i in range(len(requests))]
+
+
+@pytest.mark.slow
+def test_prompts_prefilled_together_draw_what_they_draw_alone(solo):
+    """join_many prefills the waiting prompts together (one compiled call per prompt bucket, rows in
+    blocks, padding rows writing nothing): each request's tokens are the ones it draws alone, and its
+    slot's cache and logits are the same bits as after a join of its own."""
+    assert serve_together(engine(), REQUESTS) == solo
+    assert serve_together(engine(slots=7, chunk=3), REQUESTS[::-1])[::-1] == solo
+    many, one = engine(slots=7), engine(slots=7)
+    reqs = [dict(prompt=p, key_data=many.key(seed, 0), **kw) for p, kw, seed, _ in REQUESTS]
+    assert many.join_many(reqs) == [one.join(**r)[0] for r in reqs]
+    for a, b in zip(jax.tree.leaves(many.state), jax.tree.leaves(one.state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 @pytest.mark.slow
 def test_engine_generate_is_the_same_draw(solo):
     """Engine.generate (what sample.py calls) with key(seed): its sample 0 is the request's tokens."""
@@ -160,3 +193,44 @@ def test_the_bisection_filter_keeps_what_sorting_keeps(V):
     for i in range(24):
         want = kept_by_sorting(rows[i], int(ks[i]), float(ps[i])) & np.isfinite(rows[i])
         np.testing.assert_array_equal(got[i], want, err_msg=f"row {i}: k={ks[i]}, p={ps[i]}")
+
+
+def wilson_hilferty(dof: int, z: float = 4.75) -> float:
+    """The chi-square quantile of `dof` degrees of freedom at the normal's z (4.75: 1e-6 one-sided)."""
+    return dof * (1 - 2 / (9 * dof) + z * (2 / (9 * dof)) ** 0.5) ** 3
+
+
+@pytest.mark.parametrize("case", ["sparse", "dense", "filtered"])
+def test_draws_follow_the_distribution(case):
+    """sample_rows draws token i with probability softmax(scaled, filtered logits)_i (serving.draw_rows,
+    two-level inverse CDF): the counts of 200,000 draws pass a chi-square test at significance 1e-6,
+    and a token of probability 0 (-inf, filtered out) is never drawn. The keys are fixed, so the test
+    gives the same counts every run; 300 entries make 18 blocks of 17."""
+    from jaxgpt.serving import sample_rows
+
+    V, N, batch = 300, 200_000, 20_000
+    rng = np.random.default_rng(1)
+    if case == "sparse":  # a few tokens spread over the blocks, one rare
+        row = np.full(V, -np.inf, np.float32)
+        at = rng.choice(V, 12, replace=False)
+        row[at] = np.log(np.r_[0.002, rng.uniform(0.2, 1.0, 11)]).astype(np.float32)
+        t, k, p = 1.0, 0, 1.0
+    else:
+        row = (rng.standard_normal(V) * 0.6).astype(np.float32)
+        t, k, p = (0.7, 0, 1.0) if case == "dense" else (1.3, 40, 0.6)
+    scaled = row.astype(np.float64) / t
+    keep = kept_by_sorting(row / np.float32(t), k, p) & np.isfinite(row)
+    probs = np.where(keep, np.exp(scaled - scaled[keep].max()), 0.0)
+    probs /= probs.sum()
+    settings = [jnp.full(batch, v, d) for v, d in ((t, jnp.float32), (k, jnp.int32), (p, jnp.float32))]
+    draw = jax.jit(lambda keys: sample_rows(keys, jnp.broadcast_to(jnp.asarray(row), (batch, V)), *settings))
+    base = jax.random.key(7)
+    counts = np.zeros(V)
+    for b in range(N // batch):
+        keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(b * batch, (b + 1) * batch))
+        counts += np.bincount(np.asarray(draw(keys)), minlength=V)
+    assert counts[~keep].sum() == 0, f"drew tokens of probability 0: {np.flatnonzero(counts * ~keep)}"
+    expected = probs[keep] * N
+    assert expected.min() >= 5  # the chi-square test's condition
+    chi2 = float(((counts[keep] - expected) ** 2 / expected).sum())
+    assert chi2 < wilson_hilferty(int(keep.sum()) - 1), f"chi-square {chi2:.1f} over {keep.sum() - 1} dof"
