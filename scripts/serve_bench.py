@@ -6,10 +6,11 @@ Hugging Face transformers' batched generate (PyTorch, CPU) on the same model as 
 
 For each C in --streams: C clients start together, each streaming one completion of --new tokens
 after a --prompt-token prompt (temperatures, top_p and prompt lengths mixed across clients; no stop,
-so every client gets all its tokens). Prints aggregate tokens/s (all tokens / wall time), p50/p99
+so every client gets all its tokens), one warm-up round then --rounds measured ones. Prints
+aggregate tokens/s (all tokens / wall time, the median round's), p50/p99
 time to first token, mean time per output token after the first, and the compilations after
 warm-up (jax's compile events, counted while the clients run). Then transformers' generate at
-batch C with the same lengths (do_sample, top_k=0), tokens/s. Random weights: the speed of a model
+batch C with the same lengths (do_sample, top_k=0), tokens/s (the median of --rounds). Random weights: the speed of a model
 does not depend on its values. The server runs in this process (uvicorn on a thread), as serve.py
 would run it, minus the model loading.
 """
@@ -96,7 +97,8 @@ def bench_server(args, spec):
         else None)
     rows = {}
     for C in args.streams:
-        for rep in range(2):  # the first round warms the HTTP path; the second is measured
+        rounds = []
+        for rep in range(1 + args.rounds):  # the first round warms the HTTP path; the others are measured
             out: list = []
             start = threading.Barrier(C)
             n0 = len(compiles)
@@ -112,15 +114,18 @@ def bench_server(args, spec):
             for t in threads:
                 t.join()
             wall = time.perf_counter() - t0
-            tokens = sum(o[3] for o in out)
-            ttft = [o[1] - o[0] for o in out]
-            tpot = [(o[2] - o[1]) / max(1, o[3] - 1) for o in out]
-            rows[C] = dict(tps=tokens / wall, p50=statistics.median(ttft), p99=pct(ttft, 99),
-                           tpot=statistics.mean(tpot), compiles=len(compiles) - n0, tokens=tokens)
+            if rep:
+                rounds.append(dict(tps=sum(o[3] for o in out) / wall, ttft=[o[1] - o[0] for o in out],
+                                   tpot=[(o[2] - o[1]) / max(1, o[3] - 1) for o in out], compiles=len(compiles) - n0))
+        ttft = [x for r in rounds for x in r["ttft"]]
+        rows[C] = dict(tps=statistics.median(r["tps"] for r in rounds), p50=statistics.median(ttft), p99=pct(ttft, 99),
+                       tpot=statistics.mean(x for r in rounds for x in r["tpot"]),
+                       compiles=sum(r["compiles"] for r in rounds), spread=[r["tps"] for r in rounds])
         r = rows[C]
         print(f"server, {C:3d} streams: {r['tps']:9,.1f} tokens/s; time to first token p50 {r['p50'] * 1e3:7.1f} ms, "
               f"p99 {r['p99'] * 1e3:7.1f} ms; {r['tpot'] * 1e3:6.1f} ms per output token; "
-              f"{r['compiles']} compilations after warm-up", flush=True)
+              f"{r['compiles']} compilations after warm-up; rounds {', '.join(f'{x:,.0f}' for x in r['spread'])}",
+              flush=True)
     uv.should_exit = True
     return rows
 
@@ -142,9 +147,12 @@ def bench_transformers(args, spec):
                   attention_mask=torch.ones_like(ids))
         with torch.no_grad():
             model.generate(ids, **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
-            t0 = time.perf_counter()
-            model.generate(ids, **kw)
-        out[C] = C * args.new / (time.perf_counter() - t0)
+            rates = []
+            for _ in range(args.rounds):  # the median round, as for the server
+                t0 = time.perf_counter()
+                model.generate(ids, **kw)
+                rates.append(C * args.new / (time.perf_counter() - t0))
+        out[C] = statistics.median(rates)
         print(f"transformers generate, batch {C:3d}: {out[C]:9,.1f} tokens/s", flush=True)
     return out
 
@@ -157,6 +165,8 @@ def main():
     p.add_argument("--new", type=int, default=0, help="new tokens per stream (0: block_size - prompt, at most 100)")
     p.add_argument("--chunk", type=int, default=8)
     p.add_argument("--no_peer", action="store_true", help="leave out transformers' generate")
+    p.add_argument("--rounds", type=int, default=5, help="measured rounds per C (after one warm-up round): "
+                   "tokens/s is their median, the time-to-first-token percentiles over all of them")
     args = p.parse_args()
     spec = MODELS[args.model]
     args.new = args.new or min(100, spec["block_size"] - args.prompt)

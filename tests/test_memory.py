@@ -6,6 +6,7 @@ with each remat policy the loss and gradients equal the plain step's, for full, 
 training and the modern options, and on 2 devices under dp and fsdp (a subprocess)."""
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -47,6 +48,7 @@ VARIANTS = {
 }
 
 
+@functools.cache  # the plain step's result is the reference of every policy: computed once per variant
 def loss_and_grads(variant: str, remat: str):
     flags, rank, quant = VARIANTS[variant]
     # C = 64 keeps every kernel a whole number of NF4 blocks; dropout on, so the recomputed
