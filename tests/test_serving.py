@@ -52,14 +52,20 @@ def serve(e, requests, arrive=None):
                 out[i] = []
                 waiting.remove(i)
         if slot_of:
-            chunk = e.step()
-            for i, s in list(slot_of.items()):
-                out[i] += chunk.tokens[s].tolist()
-                if len(out[i]) >= requests[i][3]:
-                    out[i] = out[i][:requests[i][3]]
-                    e.leave(slot_of.pop(i))
+            step_and_collect(e, requests, slot_of, out)
         step += 1
     return [out[i] for i in range(len(requests))]
+
+
+def step_and_collect(e, requests, slot_of, out):
+    """One decode chunk: each running request (index -> slot in slot_of) gets its tokens in out;
+    one that has its max tokens (requests[i][3]) leaves its slot."""
+    chunk = e.step()
+    for i, s in list(slot_of.items()):
+        out[i] += chunk.tokens[s].tolist()
+        if len(out[i]) >= requests[i][3]:
+            out[i] = out[i][:requests[i][3]]
+            e.leave(slot_of.pop(i))
 
 
 @pytest.fixture(scope="module")
@@ -90,12 +96,7 @@ def serve_together(e, requests):
                              for i in admit])
         slot_of.update(zip(admit, slots))
         out.update({i: [] for i in admit})
-        chunk = e.step()
-        for i, s in list(slot_of.items()):
-            out[i] += chunk.tokens[s].tolist()
-            if len(out[i]) >= requests[i][3]:
-                out[i] = out[i][:requests[i][3]]
-                e.leave(slot_of.pop(i))
+        step_and_collect(e, requests, slot_of, out)
     return [out[i] for i in range(len(requests))]
 
 
