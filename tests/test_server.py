@@ -4,6 +4,7 @@ to the non-streamed text; n > 1; stop; 32 concurrent requests from 8 threads eac
 result; bad requests are 400s naming the field; a full queue is a 429; a client that goes away
 frees its slot; echo + logprobs for lm-evaluation-harness; serve.py itself drains on SIGTERM."""
 
+import gc
 import json
 import signal
 import socket
@@ -255,6 +256,19 @@ def test_a_client_that_goes_away_frees_its_slot():
         assert h["busy"] == 0 and h.get("disconnected") == 1 and time.time() - t0 < 1.0, h
     finally:
         s.close()
+
+
+def test_what_was_built_before_serving_is_kept_out_of_full_collections():
+    """The heap the server starts with (jax, the model, its programs) is frozen while it serves, so
+    that a full garbage collection does not stop every thread to scan it; given back at the end."""
+    before = gc.get_freeze_count()
+    s = Live()
+    try:
+        assert gc.get_freeze_count() > before
+        assert s.post({"prompt": "to", "max_tokens": 2, "seed": 1})[0] == 200
+    finally:
+        s.close()
+    assert gc.get_freeze_count() == 0
 
 
 @pytest.fixture(scope="module")
