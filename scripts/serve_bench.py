@@ -12,13 +12,15 @@ time to first token, mean time per output token after the first, and the compila
 warm-up (jax's compile events, counted while the clients run). Then transformers' generate at
 batch C with the same lengths (do_sample, top_k=0), tokens/s (the median of --rounds). Random weights: the speed of a model
 does not depend on its values. The server runs in this process (uvicorn on a thread), as serve.py
-would run it, minus the model loading.
+would run it, minus the model loading; the clients run in a process of their own.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import socket
 import statistics
@@ -59,6 +61,25 @@ def stream_one(url: str, body: dict, out: list, start: threading.Barrier):
     out.append((t0, first, time.perf_counter(), len(text)))
 
 
+def client_round(url: str, C: int, prompt: int, new: int, V: int):
+    """C clients streaming at once (threads; temperatures, top_p and prompt lengths mixed across
+    them): each one's (start, first token, end, characters), and the round's wall time."""
+    out: list = []
+    start = threading.Barrier(C)
+    threads = []
+    for i in range(C):
+        P = max(1, prompt - (i % 4) * max(1, prompt // 4))  # mixed prompt lengths
+        body = {"prompt": [(7 * i + j) % V for j in range(P)], "max_tokens": new, "stream": True,
+                "temperature": [0.7, 1.0, 0.0, 1.3][i % 4], "top_p": [1.0, 0.9][i % 2], "seed": i}
+        threads.append(threading.Thread(target=stream_one, args=(url, body, out, start)))
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out, time.perf_counter() - t0
+
+
 def pct(xs, q):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, max(0, round(q / 100 * len(xs)) - 1))]
@@ -96,24 +117,15 @@ def bench_server(args, spec):
         lambda event, secs, **kw: compiles.append(kw.get("fun_name")) if event.endswith("backend_compile_duration")
         else None)
     rows = {}
+    # the clients run in a process of their own, as real clients do: in the server's process their
+    # threads would take turns with the server's for Python's interpreter lock
+    clients = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    clients.submit(time.sleep, 0).result()  # started before the rounds
     for C in args.streams:
         rounds = []
         for rep in range(1 + args.rounds):  # the first round warms the HTTP path; the others are measured
-            out: list = []
-            start = threading.Barrier(C)
             n0 = len(compiles)
-            threads = []
-            for i in range(C):
-                P = max(1, args.prompt - (i % 4) * max(1, args.prompt // 4))  # mixed prompt lengths
-                body = {"prompt": [(7 * i + j) % V for j in range(P)], "max_tokens": args.new, "stream": True,
-                        "temperature": [0.7, 1.0, 0.0, 1.3][i % 4], "top_p": [1.0, 0.9][i % 2], "seed": i}
-                threads.append(threading.Thread(target=stream_one, args=(url, body, out, start)))
-            t0 = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            wall = time.perf_counter() - t0
+            out, wall = clients.submit(client_round, url, C, args.prompt, args.new, V).result()
             if rep:
                 rounds.append(dict(tps=sum(o[3] for o in out) / wall, ttft=[o[1] - o[0] for o in out],
                                    tpot=[(o[2] - o[1]) / max(1, o[3] - 1) for o in out], compiles=len(compiles) - n0))
@@ -126,6 +138,7 @@ def bench_server(args, spec):
               f"p99 {r['p99'] * 1e3:7.1f} ms; {r['tpot'] * 1e3:6.1f} ms per output token; "
               f"{r['compiles']} compilations after warm-up; rounds {', '.join(f'{x:,.0f}' for x in r['spread'])}",
               flush=True)
+    clients.shutdown()
     uv.should_exit = True
     return rows
 

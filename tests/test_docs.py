@@ -166,6 +166,13 @@ def test_commands_not_run_still_name_real_files_and_keys():
     assert not bad, "\n".join(bad)
 
 
+def test_the_readme_is_a_front_door_of_at_most_300_lines():
+    """What does not fit belongs in docs/ (linked from the README)."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        n = len(f.read().splitlines())
+    assert n <= 300, f"README.md has {n} lines; move details to docs/"
+
+
 def test_the_configs_table_has_a_row_for_every_config():
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         rows = set(re.findall(r"^\| `(configs/[\w.]+\.py)` \|", f.read(), re.M))
