@@ -84,7 +84,7 @@ def test_every_request_length_matches_uncached_greedy(kind, P, n_new, keep):
     block = CFG.block_size
     prompt = [int(t) for t in np.random.default_rng(P).integers(0, CFG.vocab_size, P)]
     result = shared_engine(kind).generate(prompt, max_new_tokens=n_new, num_samples=2, temperature=0.0,
-                             key=jax.random.key(0), window_keep=keep, logits=True)
+                                          key=jax.random.key(0), window_keep=keep, logits=True)
     ref_tokens, ref_logits = uncached_greedy(graphdef, params, prompt, n_new, block, keep or block)
     assert result.tokens.shape == (2, n_new) and result.decoded == n_new
     assert result.lengths.tolist() == [n_new, n_new] and result.tokens_generated == 2 * n_new
