@@ -181,11 +181,12 @@ def kept_by_sorting(row: np.ndarray, k: int, p: float) -> np.ndarray:
     return keep
 
 
-@pytest.mark.parametrize("V", [29, 300])
+@pytest.mark.parametrize("V", [29, 300, 700])
 def test_the_bisection_filter_keeps_what_sorting_keeps(V):
-    """serving.filter_rows finds top_k's and top_p's thresholds by bisection over the values'
-    order instead of a sort: it keeps exactly the tokens a sort-based filter keeps, ties and
-    negative, -inf and repeated values included."""
+    """serving.filter_rows finds top_p's thresholds, and top_k's past TOP_K_SORTED (256), by
+    bisection over the values' order instead of a sort, and top_k's up to it from lax.top_k: it
+    keeps exactly the tokens a sort-based filter keeps, ties and negative, -inf and repeated values
+    included, with rows of both kinds of top_k in one batch."""
     from jaxgpt.serving import filter_rows
 
     rng = np.random.default_rng(V)
@@ -193,7 +194,8 @@ def test_the_bisection_filter_keeps_what_sorting_keeps(V):
     rows[3, :10] = rows[3, 10]  # a tie at the edge
     rows[5] = np.round(rows[5])  # many ties
     rows[7, ::3] = -np.inf
-    ks = rng.choice([0, 1, 2, 5, 17, V, V + 4], 24).astype(np.int32)
+    ks = rng.choice([0, 1, 2, 5, 17, 255, 256, 257, 400, V - 1, V, V + 4], 24).astype(np.int32)
+    ks[:2] = [256, 257] if V > 257 else ks[:2]  # both ways of finding top_k's threshold in one call
     ps = rng.choice([1.0, 0.95, 0.5, 0.1, 1e-3], 24).astype(np.float32)
     got = np.isfinite(np.asarray(filter_rows(jnp.asarray(rows), jnp.where(ks > 0, ks, V), jnp.asarray(ps))))
     for i in range(24):
