@@ -85,7 +85,7 @@ class Job:
     """One choice of one request: a prompt decoded in one slot."""
     prompt: list[int]
     index: int  # the choice's index in the response
-    key: np.ndarray  # its PRNG key data
+    key: np.ndarray | None  # its PRNG key data; None: the engine thread derives it from `draw` on admission
     settings: dict  # temperature, top_k, top_p
     max_tokens: int
     stops: list[str]
@@ -100,6 +100,7 @@ class Job:
     shown_tokens: int = 0  # tokens whose logprobs were streamed
     cancelled: bool = False
     stop_token: int | None = None  # a chat reply ends at the template's <|end|>
+    draw: tuple[int, int] = (0, 0)  # (seed, choice): its key is fold_in(key(seed), choice), sample.py's sample `choice`
 
 
 class Scheduler:
@@ -184,6 +185,9 @@ class Scheduler:
     def _admit(self, jobs: list[Job]):
         """Prefills the jobs into free slots: those without echo's prompt logprobs together (one
         engine.join_many, one compiled call per prompt bucket), the others one at a time."""
+        derive = [job for job in jobs if job.key is None]  # one engine call for the batch, off the event loop
+        for job, key in zip(derive, self.engine.keys([job.draw for job in derive])):
+            job.key = key
         together = [job for job in jobs if not (job.echo and job.logprobs is not None)]
         slots = self.engine.join_many([dict(prompt=job.prompt, key_data=job.key, **job.settings,
                                             logprobs=job.logprobs is not None) for job in together])
@@ -560,10 +564,10 @@ class Server:
                 loop = asyncio.get_running_loop()
                 events: asyncio.Queue = asyncio.Queue()
                 post = lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)  # noqa: E731
-                jobs = [Job(p, i * req.n + j, self.engine.key(req.seed, j),
+                jobs = [Job(p, i * req.n + j, None,
                             dict(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p),
                             req.max_tokens, req.stops, req.logprobs, req.echo, post,
-                            stop_token=self.template.ids["end"] if chat else None)
+                            stop_token=self.template.ids["end"] if chat else None, draw=(req.seed, j))
                         for i, p in enumerate(req.prompts) for j in range(req.n)]
                 self.scheduler.submit(jobs)
             except BadRequest as e:

@@ -428,12 +428,27 @@ class SlotEngine:
                           donate=(1,))
         return time.perf_counter() - t0
 
+    def keys(self, draws: list[tuple[int, int]]) -> np.ndarray:
+        """The key data of each (seed, index) draw: fold_in(key(seed), index), as
+        Engine.generate(key=key(seed)) gives its sample `index`. One compiled call per N draws (the
+        rows padded to the slots), so a batch of requests costs one dispatch, not one each."""
+        def fn(params, seeds, index):
+            return jax.vmap(lambda s, i: jax.random.key_data(jax.random.fold_in(jax.random.key(s), i)))(seeds, index)
+
+        def padded(xs, dtype):
+            return np.pad(np.asarray(xs, dtype), (0, self.N - len(xs)))
+
+        prog = self._program("keys", (), fn, padded([], np.uint32), padded([], np.int32))
+        out = [np.zeros((0,) + self.state["keys"].shape[1:], np.uint32)]
+        for b in range(0, len(draws), self.N):
+            part = draws[b:b + self.N]
+            rows = prog(self.params, padded([s for s, _ in part], np.uint32), padded([i for _, i in part], np.int32))
+            out.append(np.asarray(rows)[:len(part)])
+        return np.concatenate(out)
+
     def key(self, seed: int, index: int) -> np.ndarray:
-        """The key data of sample `index` of a request with this seed: fold_in(key(seed), index),
-        as Engine.generate(key=key(seed)) gives its sample `index`."""
-        k = self._run("key", (), lambda params, s, i: jax.random.key_data(jax.random.fold_in(jax.random.key(s), i)),
-                      np.uint32(seed), np.int32(index))
-        return np.asarray(k)
+        """The key data of one draw: keys([(seed, index)])[0]."""
+        return self.keys([(seed, index)])[0]
 
     def _request(self, prompt: list[int], key_data, temperature: float = 1.0, top_k: int | None = 0,
                  top_p: float = 1.0, logprobs: bool = False) -> dict:

@@ -166,6 +166,17 @@ def test_no_compilation_after_warm_up():
     assert e.compiles == len(e.buckets) * 3 + 2  # prefill with and without echo and a chunk per bucket, init, key
 
 
+def test_keys_of_many_draws_are_sample_scripts_keys():
+    """The server derives every request's key in one call per N draws: each is fold_in(key(seed),
+    choice), what sample.py --seed=seed uses for its sample `choice`, across block edges and seeds."""
+    e = SlotEngine(GRAPHDEF, PARAMS, CFG.block_size, slots=4, chunk=4, vocab_size=VOCAB, min_bucket=8)
+    draws = [(s, i) for s in (0, 1, 1337, 2**31 + 5, 2**32 - 1) for i in (0, 1, 3)]  # 15 draws: 4 calls of 4 rows
+    want = [jax.random.key_data(jax.random.fold_in(jax.random.key(np.uint32(s)), i)) for s, i in draws]
+    np.testing.assert_array_equal(e.keys(draws), np.stack(want))
+    np.testing.assert_array_equal(e.key(7, 2), e.keys([(5, 0), (7, 2)])[1])
+    assert e.keys([]).shape == (0,) + tuple(want[0].shape)
+
+
 def kept_by_sorting(row: np.ndarray, k: int, p: float) -> np.ndarray:
     """The reference filter, by sorting: the top k values (ties with the k-th kept), then the
     smallest set of the most likely whose probability reaches p (ties at its edge kept)."""
