@@ -85,7 +85,7 @@ class Job:
     """One choice of one request: a prompt decoded in one slot."""
     prompt: list[int]
     index: int  # the choice's index in the response
-    key: np.ndarray | None  # its PRNG key data; None: the engine thread derives it from `draw` on admission
+    draw: tuple[int, int]  # (seed, choice): its key is fold_in(key(seed), choice), sample.py's sample `choice`
     settings: dict  # temperature, top_k, top_p
     max_tokens: int
     stops: list[str]
@@ -100,7 +100,6 @@ class Job:
     shown_tokens: int = 0  # tokens whose logprobs were streamed
     cancelled: bool = False
     stop_token: int | None = None  # a chat reply ends at the template's <|end|>
-    draw: tuple[int, int] = (0, 0)  # (seed, choice): its key is fold_in(key(seed), choice), sample.py's sample `choice`
 
 
 class Scheduler:
@@ -185,18 +184,16 @@ class Scheduler:
     def _admit(self, jobs: list[Job]):
         """Prefills the jobs into free slots: those without echo's prompt logprobs together (one
         engine.join_many, one compiled call per prompt bucket), the others one at a time."""
-        derive = [job for job in jobs if job.key is None]  # one engine call for the batch, off the event loop
-        for job, key in zip(derive, self.engine.keys([job.draw for job in derive])):
-            job.key = key
+        key = dict(zip(map(id, jobs), self.engine.keys([job.draw for job in jobs])))  # one engine call for the batch
         together = [job for job in jobs if not (job.echo and job.logprobs is not None)]
-        slots = self.engine.join_many([dict(prompt=job.prompt, key_data=job.key, **job.settings,
+        slots = self.engine.join_many([dict(prompt=job.prompt, key_data=key[id(job)], **job.settings,
                                             logprobs=job.logprobs is not None) for job in together])
         slot_of = {id(job): slot for job, slot in zip(together, slots)}
         for job in jobs:
             if id(job) in slot_of:
                 slot, pre = slot_of[id(job)], None
             else:
-                slot, pre = self.engine.join(job.prompt, job.key, **job.settings, echo=True, logprobs=True)
+                slot, pre = self.engine.join(job.prompt, key[id(job)], **job.settings, echo=True, logprobs=True)
             with self.cond:
                 self.running[slot] = job
             job.prompt_lp = pre
@@ -564,10 +561,10 @@ class Server:
                 loop = asyncio.get_running_loop()
                 events: asyncio.Queue = asyncio.Queue()
                 post = lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)  # noqa: E731
-                jobs = [Job(p, i * req.n + j, None,
+                jobs = [Job(p, i * req.n + j, (req.seed, j),
                             dict(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p),
                             req.max_tokens, req.stops, req.logprobs, req.echo, post,
-                            stop_token=self.template.ids["end"] if chat else None, draw=(req.seed, j))
+                            stop_token=self.template.ids["end"] if chat else None)
                         for i, p in enumerate(req.prompts) for j in range(req.n)]
                 self.scheduler.submit(jobs)
             except BadRequest as e:
